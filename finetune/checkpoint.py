@@ -1,0 +1,147 @@
+"""Self-contained model checkpoints: a folder holding ``model.safetensors`` and ``checkpoint.json``.
+
+``checkpoint.json`` carries everything inference needs: the backbone name and kwargs, the head config,
+class names in index order, preprocessing, metrics, the recipe and library versions. Loading never runs
+pickled code: weights come from safetensors, metadata from JSON.
+
+Folders are written atomically: into a temporary sibling, then swapped in by renames, so a crash leaves
+either the old checkpoint or the new one (a leftover ``NAME.old`` is picked up by :func:`resolve_checkpoint`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune._version import __version__
+from finetune.errors import FinetuneError
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "checkpoint.json"
+
+
+def library_versions() -> dict[str, str]:
+    import timm
+
+    return {"finetune": __version__, "torch": torch.__version__, "timm": timm.__version__}
+
+
+def write_dir_atomic(path: str | Path, write: "callable") -> Path:
+    """Create folder ``path`` by calling ``write(tmp_dir)`` on a temporary sibling, then swapping it in."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        _fsync_dir_files(tmp)
+        old = path.with_name(path.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _fsync_dir_files(folder: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: str | Path, model, meta: dict[str, Any]) -> Path:
+    """Write ``model`` (a :class:`~finetune.models.FinetuneModel`) and ``meta`` as a checkpoint folder.
+
+    ``meta`` should hold ``classes`` and ``preprocessing``; the backbone, head, format version and library
+    versions are filled in here.
+    """
+    from safetensors.torch import save_file
+
+    model = getattr(model, "module", model)  # unwrap DDP
+    full_meta = {
+        "format_version": FORMAT_VERSION,
+        "backbone": model.backbone_name,
+        "backbone_kwargs": getattr(model, "backbone_kwargs", {}),
+        "head": model.head_config,
+        "num_classes": len(meta["classes"]),
+        "versions": library_versions(),
+        **meta,
+    }
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
+
+    return write_dir_atomic(path, write)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder for ``path``: the folder itself, a run folder's ``checkpoints/best``, or the
+    ``.old`` copy left if a crash interrupted a swap."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints" / "best"):
+        if (candidate / META_FILE).is_file():
+            return candidate
+        old = candidate.with_name(candidate.name + ".old")
+        if (old / META_FILE).is_file():
+            return old
+    raise FinetuneError(f"no checkpoint at {path} (expected a folder with {META_FILE} and {WEIGHTS_FILE})")
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    folder = resolve_checkpoint(path)
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise FinetuneError(f"{folder / META_FILE} is not valid JSON: {e}") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise FinetuneError(
+            f"checkpoint {folder} has format version {version!r}; this finetune {__version__} reads version "
+            f"{FORMAT_VERSION} (upgrade finetune to read newer checkpoints)"
+        )
+    for key in ("backbone", "head", "classes", "preprocessing"):
+        if key not in meta:
+            raise FinetuneError(f"checkpoint {folder} lacks '{key}' in {META_FILE}")
+    return meta
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
+    """Rebuild the model of a checkpoint folder (or a run folder) without network or pickled code.
+
+    Returns:
+        ``(model, meta)``: the :class:`~finetune.models.FinetuneModel` in eval mode and the checkpoint metadata.
+    """
+    from safetensors.torch import load_file
+
+    from finetune.models import create_model
+
+    folder = resolve_checkpoint(path)
+    meta = read_meta(folder)
+    model = create_model(meta["backbone"], meta["num_classes"], head=meta["head"], pretrained=False,
+                         **meta.get("backbone_kwargs", {}))
+    state = load_file(str(folder / WEIGHTS_FILE), device=str(map_location))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise FinetuneError(f"checkpoint {folder} does not fit its model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(map_location).eval(), meta

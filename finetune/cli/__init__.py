@@ -1,0 +1,51 @@
+"""The `finetune` command: one module per sub-command.
+
+Each sub-command module exposes ``add_parser(subparsers)``, which adds its parser and sets
+``func`` to a callable taking the parsed ``argparse.Namespace`` and returning an exit status.
+Modules import their heavy dependencies (torch, timm) inside ``func`` so ``--help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from finetune._version import __version__
+from finetune.errors import FinetuneError
+
+# Sub-command modules, in the order `finetune --help` lists them.
+COMMANDS = ("train", "validate", "eval", "predict", "export", "data", "models")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finetune",
+        description="Fine-tune timm backbones with a SpinalNet, linear or MLP head on a folder of images.",
+    )
+    parser.add_argument("--version", action="version", version=f"finetune {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"finetune.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"finetune.cli.{name}":
+                raise
+            continue  # a sub-command not built yet
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except FinetuneError as e:
+        print(f"finetune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"finetune {args.command}: interrupted", file=sys.stderr)
+        return 130

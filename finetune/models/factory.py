@@ -1,0 +1,147 @@
+"""``create_model``: a timm backbone with its classifier replaced by a finetune head."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import timm
+import torch
+from timm.models import group_parameters
+from torch import nn
+
+from finetune.errors import FinetuneError
+from finetune.models.heads import create_head
+from finetune.models.weights import (
+    SOURCES_HINT,
+    Pretrained,
+    hub_offline_unless_reachable,
+    list_offline_weights,
+    load_backbone_state,
+    offline_weights,
+    read_state_dict,
+)
+
+HeadSpec = Union[str, Mapping[str, Any]]
+
+
+class FinetuneModel(nn.Module):
+    """Images → logits: ``head(backbone(x))``.
+
+    Attributes:
+        backbone: the timm model made with ``num_classes=0``; it returns pooled features.
+        head: the classification head, from :mod:`finetune.models.heads`.
+        backbone_name: the timm model name.
+        head_config: ``{"name": ..., **options}``, enough to rebuild the head.
+        backbone_kwargs: the extra ``timm.create_model`` arguments, enough to rebuild the backbone.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        backbone_name: str,
+        head_config: dict[str, Any],
+        backbone_kwargs: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.backbone_name = backbone_name
+        self.head_config = dict(head_config)
+        self.backbone_kwargs = dict(backbone_kwargs or {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    @property
+    def num_features(self) -> int:
+        return self.backbone.num_features
+
+    def data_config(self) -> dict[str, Any]:
+        """The backbone's preprocessing: input_size, interpolation, mean, std, crop_pct, crop_mode (timm's)."""
+        return timm.data.resolve_model_data_config(self.backbone)
+
+    def stages(self) -> list[list[str]]:
+        """The backbone's stages in input-to-output order, each a list of parameter names (prefixed
+        ``backbone.``), from timm's ``group_matcher(coarse=True)``."""
+        return backbone_stages(self.backbone, prefix="backbone.")
+
+
+def backbone_stages(backbone: nn.Module, prefix: str = "") -> list[list[str]]:
+    """Parameter names of a timm model grouped by stage, input to output, from its ``group_matcher``."""
+    if not hasattr(backbone, "group_matcher"):
+        return [[prefix + n for n, _ in backbone.named_parameters()]]
+    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+    return [[prefix + n for n in names] for _, names in sorted(groups.items())]
+
+
+def parse_head(head: HeadSpec) -> dict[str, Any]:
+    """``"spinal"`` or ``{"name": "spinal", "width": 512}`` → ``{"name": ..., **options}``."""
+    if isinstance(head, str):
+        return {"name": head}
+    if isinstance(head, Mapping) and isinstance(head.get("name"), str):
+        return dict(head)
+    raise FinetuneError(f"head must be a name or a mapping with a 'name' key, got {head!r}")
+
+
+def create_model(
+    backbone: str,
+    num_classes: int,
+    head: HeadSpec = "spinal",
+    pretrained: Pretrained = False,
+    **backbone_kwargs: Any,
+) -> FinetuneModel:
+    """Build a timm backbone (pooled features out) topped by a finetune head.
+
+    Args:
+        backbone: any timm model name (``timm.list_models()``).
+        num_classes: number of output classes.
+        head: a head name (``spinal``, ``linear``, ``mlp``) or ``{"name": ..., **options}``.
+        pretrained: ``False``/``None`` (random init), ``True`` (timm hub weights), ``"offline"`` (weights
+            shipped in a Python package, see :func:`finetune.models.weights.list_offline_weights`), or the
+            path of a local ``.safetensors``/``.pth``/``.pt``/``.bin`` file.
+        **backbone_kwargs: passed to ``timm.create_model`` (``drop_path_rate``, ``img_size``, …).
+
+    Returns:
+        A :class:`FinetuneModel`.
+    """
+    if num_classes < 1:
+        raise FinetuneError(f"num_classes must be at least 1, got {num_classes}")
+    head_config = parse_head(head)
+    if backbone not in timm.list_models() and not timm.is_model(backbone):
+        raise FinetuneError(f"unknown timm backbone '{backbone}' (see `finetune models PATTERN`)")
+
+    net = _create_backbone(backbone, pretrained, backbone_kwargs)
+    options = {k: v for k, v in head_config.items() if k != "name"}
+    net_head = create_head(head_config["name"], net.num_features, num_classes, **options)
+    return FinetuneModel(net, net_head, backbone, head_config, backbone_kwargs)
+
+
+def _create_backbone(name: str, pretrained: Pretrained, kwargs: dict[str, Any]) -> nn.Module:
+    if pretrained is True:
+        try:
+            with hub_offline_unless_reachable():
+                return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+        except RuntimeError as e:  # timm: "No pretrained weights exist for this model"
+            raise FinetuneError(f"timm has no pretrained weights for '{name}': {e}; {SOURCES_HINT}") from None
+        except Exception as e:
+            if type(e).__module__.startswith(("huggingface_hub", "requests", "urllib3", "httpx")) or isinstance(e, OSError):
+                raise FinetuneError(
+                    f"cannot download timm weights for '{name}' (no network and not in the local cache); {SOURCES_HINT}"
+                ) from None
+            raise
+
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    if pretrained in (False, None):
+        return model
+    if isinstance(pretrained, str) and pretrained == "offline":
+        source = offline_weights(name)
+        if source is None:
+            known = ", ".join(list_offline_weights()) or "none"
+            raise FinetuneError(f"no offline weights are registered for '{name}' (offline weights exist for: {known})")
+        load_backbone_state(model, source.load(), source=f"package {source.package}")
+        return model
+    if isinstance(pretrained, (str, Path)):
+        load_backbone_state(model, read_state_dict(pretrained), source=str(pretrained))
+        return model
+    raise FinetuneError(f"pretrained must be true, false, 'offline' or a weights file path, got {pretrained!r}")
