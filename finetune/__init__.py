@@ -2,4 +2,17 @@
 from finetune._version import __version__
 from finetune.errors import FinetuneError
 
-__all__ = ["__version__", "FinetuneError"]
+__all__ = ["__version__", "FinetuneError", "create_model", "load"]
+
+
+def __getattr__(name):
+    # lazy, so `import finetune` (and `finetune --help`) doesn't import torch and timm
+    if name == "load":
+        from finetune.inference import load
+
+        return load
+    if name == "create_model":
+        from finetune.models import create_model
+
+        return create_model
+    raise AttributeError(f"module 'finetune' has no attribute {name!r}")

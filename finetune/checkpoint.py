@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -32,7 +32,7 @@ def library_versions() -> dict[str, str]:
     return {"finetune": __version__, "torch": torch.__version__, "timm": timm.__version__}
 
 
-def write_dir_atomic(path: str | Path, write: "callable") -> Path:
+def write_dir_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Create folder ``path`` by calling ``write(tmp_dir)`` on a temporary sibling, then swapping it in."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,31 +68,38 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(path: str | Path, model, meta: dict[str, Any]) -> Path:
+def save_checkpoint(path: str | Path, model, meta: dict[str, Any], extra: Optional[Callable[[Path], None]] = None) -> Path:
     """Write ``model`` (a :class:`~finetune.models.FinetuneModel`) and ``meta`` as a checkpoint folder.
 
     ``meta`` should hold ``classes`` and ``preprocessing``; the backbone, head, format version and library
-    versions are filled in here.
+    versions are filled in here. ``extra(tmp_dir)``, when given, writes more files into the same folder
+    before it is swapped in (the runner's resumable training state).
     """
+
+    def write(tmp: Path) -> None:
+        write_model_files(tmp, model, meta)
+        if extra is not None:
+            extra(tmp)
+
+    return write_dir_atomic(path, write)
+
+
+def write_model_files(folder: Path, model, meta: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     model = getattr(model, "module", model)  # unwrap DDP
     full_meta = {
         "format_version": FORMAT_VERSION,
         "backbone": model.backbone_name,
-        "backbone_kwargs": getattr(model, "backbone_kwargs", {}),
+        "backbone_kwargs": model.backbone_kwargs,
         "head": model.head_config,
         "num_classes": len(meta["classes"]),
         "versions": library_versions(),
         **meta,
     }
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-
-    def write(tmp: Path) -> None:
-        save_file(state, str(tmp / WEIGHTS_FILE))
-        (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
-
-    return write_dir_atomic(path, write)
+    save_file(state, str(folder / WEIGHTS_FILE))
+    (folder / META_FILE).write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

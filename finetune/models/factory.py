@@ -61,6 +61,19 @@ class FinetuneModel(nn.Module):
         """The backbone's preprocessing: input_size, interpolation, mean, std, crop_pct, crop_mode (timm's)."""
         return timm.data.resolve_model_data_config(self.backbone)
 
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The backbone's timm group matcher with names prefixed ``backbone.``; the head falls in the last
+        group. Lets timm's layer-wise lr decay and ``group_parameters`` work on the whole model."""
+        matcher = self.backbone.group_matcher(coarse=coarse) if hasattr(self.backbone, "group_matcher") else {}
+        return {
+            key: _prefix_pattern(rules) if isinstance(rules, str) else [(_prefix_pattern(p), order) for p, order in rules]
+            for key, rules in matcher.items()
+        }
+
+    def no_weight_decay(self) -> set[str]:
+        skip = self.backbone.no_weight_decay() if hasattr(self.backbone, "no_weight_decay") else set()
+        return {f"backbone.{name}" for name in skip}
+
     def stages(self) -> list[list[str]]:
         """The backbone's stages in input-to-output order, each a list of parameter names (prefixed
         ``backbone.``), from timm's ``group_matcher(coarse=True)``."""
@@ -73,6 +86,11 @@ def backbone_stages(backbone: nn.Module, prefix: str = "") -> list[list[str]]:
         return [[prefix + n for n, _ in backbone.named_parameters()]]
     groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
     return [[prefix + n for n in names] for _, names in sorted(groups.items())]
+
+
+def _prefix_pattern(pattern: str) -> str:
+    # re.match anchors every alternative of timm's patterns at the name's start: keep that under the prefix
+    return r"^backbone\.(?:" + pattern.removeprefix("^") + ")"
 
 
 def parse_head(head: HeadSpec) -> dict[str, Any]:

@@ -1,0 +1,152 @@
+"""`finetune data`: inspect a dataset, write a split manifest, write the embedded sample dataset."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+INSPECT_EPILOG = """\
+--json prints one object with the keys: root, layout ("pre-split", "folder" or "manifest"),
+split_folders, classes, counts (split -> class -> usable images; "all" for an unsplit folder),
+num_images, image_size (width/height min, median, max), modes, bad_files ([{path, reason}]) and
+duplicates ([{paths, splits, leak}]).
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "data",
+        help="inspect, split or create datasets",
+        description="Inspect a dataset, write a split manifest, or write the embedded sample dataset.",
+    )
+    parser.set_defaults(func=lambda args: _print_help(parser))
+    commands = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="report layout, classes, counts, image sizes, bad files and duplicates",
+        epilog=INSPECT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    inspect.add_argument("root", type=Path, help="dataset folder or manifest CSV")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _add_max_pixels(inspect)
+    inspect.set_defaults(func=_inspect)
+
+    split = commands.add_parser(
+        "split",
+        help="write a split manifest (CSV path,class,split) for a dataset folder",
+        description="Split a folder of class folders into train/val/test (seeded, stratified) or freeze a "
+        "pre-split one, scan it, and write the manifest of usable images. Without --val/--test/"
+        "--train-per-class, the card's protocol applies, else 0.15/0.15.",
+    )
+    split.add_argument("root", type=Path, help="dataset folder")
+    split.add_argument("--out", type=Path, required=True, metavar="MANIFEST", help="manifest CSV to write")
+    split.add_argument("--val", type=float, help="val fraction (of each class, or of the rest after --train-per-class)")
+    split.add_argument("--test", type=float, help="test fraction of each class")
+    split.add_argument("--train-per-class", type=int, metavar="N", help="N training images per class, the rest test")
+    split.add_argument(
+        "--exclude", nargs="+", action="extend", default=[], metavar="NAME",
+        help="classes to leave out (in addition to the card's)"
+    )
+    split.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    split.add_argument("--card", help="dataset card (name in datasets/ or YAML path) giving the protocol")
+    split.add_argument("--no-scan", action="store_true", help="do not decode every image to find bad files")
+    split.add_argument("--report", type=Path, help="bad-file report CSV (default: MANIFEST with .bad.csv)")
+    _add_max_pixels(split)
+    split.set_defaults(func=_split)
+
+    sample = commands.add_parser("sample", help="write an embedded sample dataset as a PNG class-folder dataset")
+    sample.add_argument("name", choices=["digits"], help="digits: scikit-learn's 1,797 handwritten 8×8 digits")
+    sample.add_argument("out", type=Path, help="folder to create")
+    sample.add_argument("--size", type=int, default=32, help="side of the upscaled square images (default 32)")
+    sample.set_defaults(func=_sample)
+
+
+def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        help="reject images with more pixels as decompression bombs "
+        "(default: finetune.data.DEFAULT_MAX_PIXELS, Pillow's own limit of 89,478,485)",
+    )
+
+
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 0
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from finetune.data import DEFAULT_MAX_PIXELS, inspect_dataset
+
+    _log_to_stderr()  # progress and warnings; stdout stays pure JSON with --json
+    report = inspect_dataset(args.root, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+    print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else _format_inspect(report))
+    return 0
+
+
+def _format_inspect(report: dict) -> str:
+    folders = ", ".join(f"{d}/" for d in report["split_folders"].values())
+    lines = [f"root: {report['root']}", f"layout: {report['layout']}" + (f" ({folders})" if folders else "")]
+    splits = list(report["counts"])
+    totals = ", ".join(f"{s} {sum(report['counts'][s].values())}" for s in splits)
+    lines.append(f"classes: {len(report['classes'])}; usable images: {report['num_images']} ({totals})")
+    size = report["image_size"]
+    if size:
+        for axis in ("width", "height"):
+            s = size[axis]
+            lines.append(f"{axis}: min {s['min']}, median {s['median']:g}, max {s['max']}")
+    lines.append("modes: " + ", ".join(f"{mode} {n}" for mode, n in report["modes"].items()))
+    width = max(len(c) for c in ["class", *report["classes"]])
+    lines.append("")
+    lines.append(f"{'class':<{width}}  " + "  ".join(f"{s:>6}" for s in splits))
+    for c in report["classes"]:
+        lines.append(f"{c:<{width}}  " + "  ".join(f"{report['counts'][s][c]:>6}" for s in splits))
+    lines.append("")
+    lines.append(f"bad files: {len(report['bad_files'])}")
+    lines.extend(f"  {b['path']}: {b['reason']}" for b in report["bad_files"])
+    leaks = sum(d["leak"] for d in report["duplicates"])
+    lines.append(f"duplicates: {len(report['duplicates'])} group(s) of byte-identical files, {leaks} across splits")
+    lines.extend(f"  {'LEAK ' if d['leak'] else ''}{' = '.join(d['paths'])}" for d in report["duplicates"])
+    return "\n".join(lines)
+
+
+def _split(args: argparse.Namespace) -> int:
+    from finetune.data import DEFAULT_MAX_PIXELS, prepare_manifest
+
+    _log_to_stderr()
+    report = None if args.no_scan else args.report or args.out.with_name(args.out.stem + ".bad.csv")
+    manifest, bad = prepare_manifest(
+        args.root,
+        card=args.card,
+        val=args.val,
+        test=args.test,
+        train_per_class=args.train_per_class,
+        exclude=args.exclude,
+        seed=args.seed,
+        scan=not args.no_scan,
+        report_path=report,
+        max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+    )
+    manifest.write_csv(args.out)
+    counts = ", ".join(f"{s} {sum(c.values())}" for s, c in manifest.counts().items())
+    print(f"wrote {args.out}: {len(manifest.classes)} classes; {counts}")
+    if args.out.resolve().parent != manifest.root.resolve():
+        print(f"paths in it are relative to {manifest.root}: give that root along with the manifest")
+    if report is not None:
+        print(f"bad files: {len(bad)}, listed in {report}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from finetune.data import write_digits
+
+    out = write_digits(args.out, size=args.size)
+    print(f"digits sample ({args.size}×{args.size} PNGs, one folder per digit) in {out}")
+    return 0

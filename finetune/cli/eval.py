@@ -1,0 +1,96 @@
+"""`finetune eval CHECKPOINT --data ROOT|MANIFEST`: metrics, confusion matrices and report.html."""
+from __future__ import annotations
+
+from pathlib import Path
+
+SPLIT_HELP = (
+    "which images of --data to evaluate: train, val, test (default) or all. A folder is split the way the "
+    "checkpoint's run split it: with the run's manifest.csv when all its files are under ROOT, else with "
+    "the recipe's split options (seed, val, test, card)."
+)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="evaluate a checkpoint: metrics, per-class table, confusion matrices, report.html",
+        description="Evaluate a checkpoint on labelled images and write metrics.json, per_class.csv, "
+                    "confusion_matrix.csv/.png, most_confused.csv, misclassified.csv and report.html.",
+    )
+    p.add_argument("checkpoint", help="checkpoint folder (or a run folder: its best checkpoint)")
+    p.add_argument("--data", required=True, metavar="ROOT|MANIFEST", help="image folder or manifest CSV")
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"), help=SPLIT_HELP)
+    p.add_argument("--out", metavar="DIR",
+                   help="output folder (default: RUN_DIR/eval-SPLIT for a run's checkpoint, else CHECKPOINT-eval-SPLIT)")
+    p.add_argument("--allow-subset", action="store_true",
+                   help="evaluate the classes the data shares with the checkpoint when their classes differ")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from finetune.checkpoint import load_checkpoint, resolve_checkpoint
+    from finetune.evaluation import align_classes, evaluate
+    from finetune.inference import resolve_device
+
+    folder = resolve_checkpoint(args.checkpoint)
+    run_dir = run_folder(folder)
+    device = resolve_device(args.device)
+    model, meta = load_checkpoint(folder, map_location=device)
+    manifest = load_manifest(args.data, meta, run_dir)
+    mapping = align_classes(manifest.classes, meta["classes"], allow_subset=args.allow_subset)
+    splits = manifest.splits() if args.split == "all" else [args.split]
+    items = [(path, mapping[label]) for split in splits for path, label in manifest.items(split) if label in mapping]
+    subset = len(mapping) < len(meta["classes"])
+    out = Path(args.out) if args.out else (
+        run_dir / f"eval-{args.split}" if run_dir else folder.with_name(f"{folder.name}-eval-{args.split}")
+    )
+    metrics = evaluate(
+        model, items, class_names=meta["classes"], preprocessing=meta["preprocessing"], out_dir=out,
+        device=device, batch_size=args.batch_size, num_workers=args.num_workers, run_dir=run_dir,
+        labels=sorted(mapping.values()) if subset else None, progress=True,
+        details={
+            "checkpoint": str(folder), "model": f"{meta['backbone']} + {meta['head']['name']} head",
+            "data": str(args.data), "split": args.split,
+            "classes evaluated": f"{len(mapping)} of {len(meta['classes'])}",
+        },
+    )
+    print(
+        f"{metrics['num_samples']} images: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+        f"balanced accuracy {metrics['balanced_accuracy']:.4f}, top-5 {metrics['top5_accuracy']:.4f}, "
+        f"ECE {metrics['ece']:.4f}"
+        + (f" ({metrics['num_unreadable']} unreadable image(s) left out)" if metrics["num_unreadable"] else "")
+    )
+    print(f"wrote {out}/ (open {out / 'report.html'})")
+    return 0
+
+
+def run_folder(checkpoint: Path) -> Path | None:
+    """The run folder a checkpoint folder sits in (``RUN_DIR/checkpoints/NAME``), if it is one."""
+    run_dir = checkpoint.parent.parent
+    return run_dir if checkpoint.parent.name == "checkpoints" and (run_dir / "metrics.csv").is_file() else None
+
+
+def load_manifest(data: str, meta: dict, run_dir: Path | None):
+    """The manifest of ``data``, split as the checkpoint's training run split it (see ``--split``)."""
+    from finetune.data import Manifest, prepare_manifest
+    from finetune.errors import FinetuneError
+
+    root = Path(data)
+    if not root.exists():
+        raise FinetuneError(f"no such data folder or manifest: {root}")
+    if root.is_file():
+        return Manifest.read_csv(root)
+    run_manifest = run_dir / "manifest.csv" if run_dir else None
+    if run_manifest is not None and run_manifest.is_file():
+        manifest = Manifest.read_csv(run_manifest, root=root)
+        if all((root / r.path).exists() for r in manifest.rows):
+            return manifest
+    options = (meta.get("recipe") or {}).get("data") or {}
+    manifest, _ = prepare_manifest(
+        root, card=options.get("card"), val=options.get("val"), test=options.get("test"),
+        train_per_class=options.get("train_per_class"), exclude=tuple(options.get("exclude") or ()),
+        seed=options.get("seed", 0), scan=False,
+    )
+    return manifest

@@ -1,0 +1,287 @@
+"""Recipes: typed configuration validated once, at the edge.
+
+A recipe is a YAML file with sections ``data``, ``model``, ``optimizer``, ``schedule``, ``stages``,
+``training`` and ``output``. :func:`load_recipe` reads it, applies ``key.path=value`` overrides, validates
+it against :class:`Recipe` and checks what needs the model (stage selections, head options). Every
+error names the key path and nothing is written. Below this module, functions take plain arguments.
+
+The top-level ``optimizer`` and ``schedule`` are defaults that each stage's own ``optimizer`` /
+``schedule`` keys override field by field.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from finetune.errors import FinetuneError
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Metric = Literal["accuracy", "macro_f1", "balanced_accuracy", "loss"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataConfig(_Section):
+    root: Optional[str] = None  # an image folder (pre-split or one folder to split)
+    manifest: Optional[str] = None  # a split manifest CSV instead of splitting root
+    card: Optional[str] = None  # a dataset card in datasets/ giving the split protocol
+    sample: Optional[Literal["digits"]] = None  # build this bundled sample at root when missing
+    val: Optional[float] = Field(None, ge=0, lt=1)
+    test: Optional[float] = Field(None, ge=0, lt=1)
+    train_per_class: Optional[int] = Field(None, ge=1)
+    exclude: list[str] = Field(default_factory=list)
+    seed: int = 0  # the split seed
+    input_size: Optional[Union[int, tuple[int, int]]] = None  # default: the backbone's
+    mean: Optional[tuple[float, float, float]] = None
+    std: Optional[tuple[float, float, float]] = None
+    interpolation: Optional[Literal["nearest", "bilinear", "bicubic", "area", "lanczos"]] = None
+    crop_pct: Optional[float] = Field(None, gt=0, le=1)
+    train_transforms: Optional[list[dict[str, Any]]] = None  # albumentations specs; None: timm-like default
+    eval_transforms: Optional[list[dict[str, Any]]] = None
+    balance: Literal["none", "sampler", "loss"] = "none"
+    class_weights: Literal["inverse", "effective"] = "inverse"  # formula when balance: loss
+    num_workers: Union[int, Literal["auto"]] = "auto"
+
+    @model_validator(mode="after")
+    def _source(self):
+        if not (self.root or self.manifest or self.card):
+            raise ValueError("give data.root, data.manifest or data.card")
+        return self
+
+
+class ModelConfig(_Section):
+    backbone: str
+    pretrained: Union[bool, str] = False  # true (timm hub), "offline", or a weights file
+    head: Union[str, dict[str, Any]] = "spinal"
+    backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(_Section):
+    name: str = "adamw"  # any timm optimizer (timm.optim.list_optimizers())
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    layer_decay: Optional[float] = Field(None, gt=0, le=1)  # layer-wise lr decay from the head down
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from timm.optim import list_optimizers
+
+        if name.lower() not in list_optimizers():
+            raise ValueError(f"unknown optimizer '{name}' (see timm.optim.list_optimizers())")
+        return name.lower()
+
+
+class ScheduleConfig(_Section):
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0, ge=0)
+    warmup_lr: float = Field(1e-6, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    step_epochs: int = Field(7, ge=1)  # step: decay every N epochs (the seed's StepLR 7 / 0.1)
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class StageConfig(_Section):
+    name: Optional[str] = None
+    epochs: int = Field(ge=0)
+    # what trains: "head", "last:N" (head + last N backbone stages), "all", or regexes over parameter names
+    train: Union[str, list[str]] = "all"
+    optimizer: OptimizerConfig
+    schedule: ScheduleConfig
+    # BatchNorm mode while training. auto: layers in frozen parts stay in eval mode (their running
+    # statistics don't drift), layers in trained parts train. eval: every BatchNorm keeps its pretrained
+    # statistics (often better on small datasets far from ImageNet). train: every BatchNorm trains.
+    batchnorm: Literal["auto", "eval", "train"] = "auto"
+    feature_cache: Union[bool, Literal["auto"]] = "auto"  # head-only stages train from cached features
+    feature_cache_views: int = Field(0, ge=0)  # augmented views cached per image (0: no augmentation)
+
+    @field_validator("train")
+    @classmethod
+    def _selection(cls, train):
+        items = [train] if isinstance(train, str) else train
+        if not items:
+            raise ValueError("train must select something: head, last:N, all or regexes")
+        for item in items:
+            if item.startswith("last:") and not re.fullmatch(r"last:\d+", item):
+                raise ValueError(f"'{item}' must be last:N with N a whole number")
+            if item not in ("head", "all") and not item.startswith("last:"):
+                try:
+                    re.compile(item)
+                except re.error as e:
+                    raise ValueError(f"'{item}' is not a valid regex: {e}") from None
+        return train
+
+
+class TrainingConfig(_Section):
+    batch_size: int = Field(32, ge=1)
+    eval_batch_size: Optional[int] = Field(None, ge=1)
+    accumulation: int = Field(1, ge=1)  # micro-batches per optimizer step
+    clip_grad: Optional[float] = Field(None, gt=0)  # max gradient norm
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    ema: Optional[float] = Field(None, gt=0, lt=1)  # EMA decay; evaluate and select on the EMA weights
+    early_stopping: Optional[int] = Field(None, ge=1)  # patience in epochs, within a stage
+    select: Metric = "accuracy"  # validation metric that picks the best checkpoint
+    precision: Precision = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    device: str = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    cache_dir: Optional[str] = None  # feature cache; default ~/.cache/finetune (or $FINETUNE_CACHE)
+    cache_max_gb: float = Field(10.0, gt=0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got '{device}'")
+        return device
+
+
+class OutputConfig(_Section):
+    dir: str = "runs/{name}"
+    evaluate_test: bool = True  # evaluate the best checkpoint on the test split at the end
+
+
+class Recipe(_Section):
+    name: str = "run"
+    data: DataConfig
+    model: ModelConfig
+    stages: list[StageConfig] = Field(min_length=1)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.0.c=value`` override to the raw recipe dict; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise FinetuneError(f"override '{assignment}' must look like key.path=value")
+    path, value = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    node: Any = raw
+    for i, key in enumerate(keys):
+        last = i == len(keys) - 1
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise FinetuneError(f"override {path}: {where} is not an index of a list of {len(node)}")
+            key = int(key)
+        elif not isinstance(node, dict):
+            raise FinetuneError(f"override {path}: {'.'.join(keys[:i])} is not a section")
+        if last:
+            node[key] = yaml.safe_load(value)
+        else:
+            if isinstance(node, dict) and key not in node:
+                node[key] = {}
+            node = node[key]
+
+
+def _merge_stage_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for section in ("optimizer", "schedule"):
+        default = raw.pop(section, None) or {}
+        if not isinstance(default, dict):
+            raise FinetuneError(f"{section}: must be a mapping")
+        for stage in raw.get("stages") or []:
+            if isinstance(stage, dict):
+                own = stage.get(section) or {}
+                if not isinstance(own, dict):
+                    continue  # let the schema report it with its path
+                stage[section] = {**default, **own}
+    return raw
+
+
+def _format_error(e: ValidationError, source: str) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(recipe)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        got = err.get("input")
+        shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{loc}: {msg}{shown}")
+    extra = f" (+{len(lines) - 1} more: {'; '.join(lines[1:])})" if len(lines) > 1 else ""
+    return f"{source}: {lines[0]}{extra}"
+
+
+def parse_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a raw recipe dict (after overrides) into a :class:`Recipe`, then check it against the model."""
+    if not isinstance(raw, dict):
+        raise FinetuneError(f"{source}: a recipe must be a YAML mapping")
+    try:
+        recipe = Recipe.model_validate(_merge_stage_defaults(raw))
+    except ValidationError as e:
+        raise FinetuneError(_format_error(e, source)) from None
+    check_against_model(recipe, source)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> tuple[Recipe, dict[str, Any]]:
+    """Read, override and validate a recipe file.
+
+    Returns:
+        ``(recipe, raw)``: the typed recipe and the resolved raw dict (as saved into the run folder).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FinetuneError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise FinetuneError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    recipe = parse_recipe(raw, source=str(path))
+    return recipe, resolved_dict(recipe)
+
+
+def resolved_dict(recipe: Recipe) -> dict[str, Any]:
+    return recipe.model_dump(mode="json")
+
+
+def check_against_model(recipe: Recipe, source: str = "recipe") -> None:
+    """Check what the schema alone can't: the backbone exists, head options exist, and every stage's
+    ``train`` selection matches parameters of the model. Builds the model on the meta device (no memory,
+    no weights)."""
+    import timm
+    import torch
+
+    from finetune.models import create_model, head_options, parse_head
+    from finetune.training.freeze import select_trainable
+
+    backbone = recipe.model.backbone
+    if not timm.is_model(backbone):
+        raise FinetuneError(f"{source}: model.backbone: unknown timm backbone '{backbone}'")
+    try:
+        head = parse_head(recipe.model.head)
+        allowed = head_options(head["name"])
+    except FinetuneError as e:
+        raise FinetuneError(f"{source}: model.head: {e}") from None
+    for option in head:
+        if option != "name" and option not in allowed:
+            raise FinetuneError(
+                f"{source}: model.head.{option}: head '{head['name']}' has no option '{option}' (options: {', '.join(allowed)})"
+            )
+    try:
+        with torch.device("meta"):
+            model = create_model(backbone, 2, head=head, pretrained=False, **recipe.model.backbone_kwargs)
+    except FinetuneError as e:
+        raise FinetuneError(f"{source}: model: {e}") from None
+    except TypeError as e:
+        raise FinetuneError(f"{source}: model.backbone_kwargs: {e}") from None
+    for i, stage in enumerate(recipe.stages):
+        try:
+            select_trainable(model, stage.train)
+        except FinetuneError as e:
+            raise FinetuneError(f"{source}: stages.{i}.train: {e}") from None

@@ -1,0 +1,134 @@
+"""Image decoding: every file becomes an H×W×3 uint8 RGB array, or an `ImageDecodeError` with a reason.
+
+All decoding in finetune goes through `load_image` (training, evaluation, the pre-training scan), so
+the scan finds exactly the files that training could not read.
+
+Conversions, by Pillow mode:
+
+* ``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGB``: Pillow's ``convert("RGB")``;
+  greyscale is replicated into the three channels.
+* Anything with alpha (``RGBA``, ``LA``, ``PA``, ``RGBa``, ``La``) and anything with a transparency key
+  (palette or greyscale PNG/GIF with ``tRNS``): composited onto a **white** background. Dropping alpha
+  instead (what ``convert("RGB")`` does) exposes whatever colour the invisible pixels happen to hold,
+  often black or noise; white is what the image looks like on a page.
+* ``I;16*`` and ``I`` (16-bit PNG and TIFF greyscale): scaled from 0..65535 to 0..255 (``value // 257``)
+  rather than clipped at 255, which would turn most of the image white.
+
+The EXIF orientation tag is applied (``ImageOps.exif_transpose``) before conversion.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from finetune.errors import FinetuneError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+"""Suffixes recognised as images, compared case-insensitively (``.JPG`` counts)."""
+
+DEFAULT_MAX_PIXELS = 89_478_485
+"""Largest width × height accepted: Pillow's own ``Image.MAX_IMAGE_PIXELS`` (1 GiB / 4 / 3, about
+0.25 GiB as 8-bit RGB). Larger images are rejected as possible decompression bombs before any pixel is
+decoded. Pillow itself refuses images over twice its ``Image.MAX_IMAGE_PIXELS`` whatever is asked here,
+so raise that too for limits above 178,956,970."""
+
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+class ImageDecodeError(FinetuneError):
+    """An image file that cannot be used, with the reason.
+
+    Attributes:
+        path: The file.
+        reason: Why it cannot be used, e.g. ``"empty file (0 bytes)"``.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+
+def is_image_file(name: str) -> bool:
+    """Whether a file name has an image suffix (case-insensitive) and is not hidden."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file as an H×W×3 uint8 RGB array (see the module docstring for conversions).
+
+    Args:
+        path: Image file.
+        max_pixels: Largest width × height accepted (default `DEFAULT_MAX_PIXELS`).
+
+    Returns:
+        A writable, C-contiguous H×W×3 uint8 array.
+
+    Raises:
+        ImageDecodeError: The file is missing, empty, not an image, truncated or corrupt, or too large.
+    """
+    return decode_image(read_file(path), path, max_pixels)[0]
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """A file's bytes, or `ImageDecodeError` (``"cannot read file: ..."``) when it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ImageDecodeError(path, f"cannot read file: {e.strerror or e}") from e
+
+
+def decode_image(data: bytes, path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
+    """Decode an image file's bytes; `load_image` for callers that already hold the bytes.
+
+    Args:
+        data: The file's content.
+        path: The file's name, for error messages.
+        max_pixels: Largest width × height accepted.
+
+    Returns:
+        The H×W×3 uint8 RGB array and the file's original Pillow mode (``"L"``, ``"CMYK"`` ...).
+
+    Raises:
+        ImageDecodeError: The data is empty, not an image, truncated or corrupt, or too large.
+    """
+    if not data:
+        raise ImageDecodeError(path, "empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(path, _too_large(width, height, max_pixels))
+            mode = img.mode
+            return _to_rgb(ImageOps.exif_transpose(img)), mode
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(path, f"too many pixels (decompression bomb?): {e}") from e
+    except UnidentifiedImageError as e:
+        raise ImageDecodeError(path, "not an image (unrecognised format)") from e
+    except Exception as e:
+        # Decoder plugins raise many types on malformed input (OSError, SyntaxError, ValueError,
+        # struct.error, IndexError...); all of them mean the same thing here: the file is unusable.
+        raise ImageDecodeError(path, f"corrupt image data: {e}") from e
+
+
+def _too_large(width: int, height: int, max_pixels: int) -> str:
+    return f"too many pixels (decompression bomb?): {width}×{height} = {width * height:,} > limit {max_pixels:,}"
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    if img.mode in _SIXTEEN_BIT_MODES:
+        grey = (np.clip(np.asarray(img, dtype=np.int64), 0, 65535) // 257).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if img.mode in _ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        img = background
+    return np.array(img.convert("RGB"))

@@ -1,0 +1,135 @@
+"""Class imbalance: per-class counts, loss weights from counts, and a class-balanced sampler."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from finetune.errors import FinetuneError
+
+
+def class_counts(labels: Sequence[int], num_classes: int) -> np.ndarray:
+    """Number of samples of each class.
+
+    Args:
+        labels: Class index of every sample.
+        num_classes: Number of classes (classes without samples count 0).
+
+    Returns:
+        int64 array of length ``num_classes``.
+
+    Raises:
+        FinetuneError: A label outside ``[0, num_classes)``.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise FinetuneError(f"labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    return np.bincount(labels, minlength=num_classes)
+
+
+def class_weights(counts: Sequence[int] | np.ndarray, mode: str = "inverse", beta: float = 0.999) -> torch.Tensor:
+    """Per-class loss weights (e.g. ``CrossEntropyLoss(weight=...)``) from class counts.
+
+    With ``n_c`` images of class ``c``:
+
+    * ``inverse``: ``w_c ∝ 1 / n_c``.
+    * ``effective``: ``w_c ∝ (1 - beta) / (1 - beta ** n_c)``, the inverse of the "effective number of
+      samples" (Cui et al., *Class-Balanced Loss Based on Effective Number of Samples*, CVPR 2019).
+      ``beta → 0`` gives equal weights, ``beta → 1`` approaches ``inverse``.
+
+    Weights are then scaled so that their mean over the classes that have samples is 1, which keeps the
+    loss on the scale of an unweighted one. A class without samples gets weight 0 (it is never a target).
+
+    Args:
+        counts: Samples per class (`class_counts`).
+        mode: ``"inverse"`` or ``"effective"``.
+        beta: The effective-number hyper-parameter, in [0, 1).
+
+    Returns:
+        float32 tensor of length ``len(counts)``.
+
+    Raises:
+        FinetuneError: Unknown mode, ``beta`` outside [0, 1), negative counts or no sample at all.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if (counts < 0).any() or not counts.any():
+        raise FinetuneError("class counts must be non-negative with at least one sample")
+    present = counts > 0
+    weights = np.zeros_like(counts)
+    if mode == "inverse":
+        weights[present] = 1.0 / counts[present]
+    elif mode == "effective":
+        if not 0 <= beta < 1:
+            raise FinetuneError(f"beta must lie in [0, 1), got {beta}")
+        weights[present] = (1.0 - beta) / (1.0 - beta ** counts[present])
+    else:
+        raise FinetuneError(f"unknown class weight mode {mode!r} (expected 'inverse' or 'effective')")
+    weights *= present.sum() / weights.sum()
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+class BalancedSampler(Sampler[int]):
+    """Draws every class equally often, whatever its size.
+
+    Each epoch, ``num_samples`` draws are shared equally among the classes that have samples (the
+    remainder going to randomly chosen classes); within a class, its samples are drawn in a random order
+    without replacement, starting a new random order when they run out, so a sample is drawn at most
+    once more than any other of its class. The draws are then shuffled. The order depends only on
+    ``seed`` and the epoch given to `set_epoch`.
+
+    For distributed training every rank builds the same sampler with its ``rank``: each epoch's draws
+    are padded to a multiple of ``num_replicas`` (by drawing that many more) and rank ``r`` takes every
+    ``num_replicas``-th draw starting at ``r``.
+
+    Args:
+        labels: Class index of every sample (e.g. `ImageDataset.labels`).
+        num_samples: Draws per epoch over all ranks; defaults to ``len(labels)``.
+        seed: Sampling seed.
+        num_replicas: Number of distributed ranks.
+        rank: This rank.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int],
+        *,
+        num_samples: int | None = None,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.size == 0:
+            raise FinetuneError("BalancedSampler needs at least one sample")
+        if not 0 <= rank < num_replicas:
+            raise FinetuneError(f"rank must lie in [0, {num_replicas}), got {rank}")
+        num_samples = len(labels) if num_samples is None else num_samples
+        if num_samples < 1:
+            raise FinetuneError(f"num_samples must be positive, got {num_samples}")
+        self._by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+        self.total = math.ceil(num_samples / num_replicas) * num_replicas
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose draws `__iter__` yields."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.total // self.num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        per_class = np.full(len(self._by_class), self.total // len(self._by_class))
+        per_class[rng.choice(len(self._by_class), self.total % len(self._by_class), replace=False)] += 1
+        draws = []
+        for members, quota in zip(self._by_class, per_class):
+            rounds = max(1, math.ceil(quota / len(members)))
+            draws.append(np.concatenate([rng.permutation(members) for _ in range(rounds)])[:quota])
+        order = rng.permutation(np.concatenate(draws))
+        return iter(order[self.rank :: self.num_replicas].tolist())

@@ -1,0 +1,149 @@
+"""Train and eval pipelines built with albumentations.
+
+A pipeline maps an H×W×3 uint8 RGB array (from `load_image`) to a normalised float32 3×H×W tensor. It is
+an ``albumentations.Compose``, called the albumentations way: ``transform(image=array)["image"]``.
+
+Ops are named albumentations transforms with their keyword arguments, as a recipe writes them::
+
+    ops = [
+        {"name": "Resize", "height": 230, "width": 230},
+        {"name": "Rotate", "limit": 15, "p": 1.0},   # albumentations' default p is 0.5
+        {"name": "RandomCrop", "height": 224, "width": 224},
+        {"name": "HorizontalFlip"},
+    ]
+
+which is the SpinalNet seed's Bird-225 and Caltech-101 train pipeline (``Resize((230, 230)) →
+RandomRotation(15) → RandomCrop(224) → RandomHorizontalFlip``); its eval pipeline is
+``[{"name": "Resize", "height": 224, "width": 224}]``.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from finetune.errors import FinetuneError
+
+INTERPOLATIONS = {
+    "nearest": cv2.INTER_NEAREST,
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
+"""Interpolation names (timm's ``pretrained_cfg["interpolation"]`` values among them) → OpenCV flags."""
+
+_APPENDED = ("Normalize", "ToTensorV2")
+
+
+def build_transform(
+    train: bool,
+    *,
+    input_size: int | Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bicubic",
+    crop_pct: float = 0.875,
+    ops: Sequence[Mapping] | None = None,
+) -> A.Compose:
+    """Build a train or eval pipeline ending in ``Normalize(mean, std)`` and ``ToTensorV2``.
+
+    Without ``ops``, the defaults follow timm: train is ``RandomResizedCrop(input_size)`` (scale 0.08-1,
+    ratio 3/4-4/3) then ``HorizontalFlip``; eval resizes to ``input_size / crop_pct`` (the shorter side
+    for a square input, both sides otherwise) then ``CenterCrop(input_size)``.
+
+    Args:
+        train: Build the train pipeline (else eval); used only when ``ops`` is None.
+        input_size: The backbone's input: ``224``, ``(H, W)`` or timm's ``(3, H, W)``.
+        mean: Per-channel mean on the 0-1 scale, usually the backbone's ``pretrained_cfg["mean"]``.
+        std: Per-channel std on the 0-1 scale.
+        interpolation: ``nearest``, ``bilinear``, ``bicubic``, ``area`` or ``lanczos``; used by the default
+            ops and by any op in ``ops`` that takes an ``interpolation`` and does not set one.
+        crop_pct: Eval centre-crop fraction of the default ops.
+        ops: albumentations transforms as ``{"name": ..., **kwargs}`` mappings, replacing the defaults.
+            An ``interpolation`` given as a name is mapped to its OpenCV flag. They must bring the image to
+            ``input_size``.
+
+    Returns:
+        The pipeline: ``transform(image=uint8_rgb_array)["image"]`` is a float32 3×H×W tensor.
+
+    Raises:
+        FinetuneError: Unknown interpolation; an op that is not an albumentations transform, has a bad
+            argument, or is Normalize/ToTensorV2 (appended already); ops that do not produce
+            ``input_size``.
+    """
+    height, width = _size(input_size)
+    flag = _interpolation(interpolation)
+    if ops is None:
+        ops = _default_ops(train, height, width, crop_pct)
+    steps = [_op(i, spec, flag) for i, spec in enumerate(ops)]
+    _check_output_size(A.Compose(steps), height, width)
+    return A.Compose([*steps, A.Normalize(mean=tuple(mean), std=tuple(std)), A.ToTensorV2()])
+
+
+def _size(input_size: int | Sequence[int]) -> tuple[int, int]:
+    size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)[-2:]
+    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+        raise FinetuneError(f"input_size must be an int, (H, W) or (C, H, W), got {input_size!r}")
+    return size
+
+
+def _interpolation(name: str) -> int:
+    if name not in INTERPOLATIONS:
+        raise FinetuneError(f"unknown interpolation {name!r} (expected one of: {', '.join(INTERPOLATIONS)})")
+    return INTERPOLATIONS[name]
+
+
+def _default_ops(train: bool, height: int, width: int, crop_pct: float) -> list[dict]:
+    if train:
+        return [{"name": "RandomResizedCrop", "size": (height, width)}, {"name": "HorizontalFlip"}]
+    scale = (math.floor(height / crop_pct), math.floor(width / crop_pct))
+    resize = (
+        {"name": "SmallestMaxSize", "max_size": scale[0]}
+        if height == width
+        else {"name": "Resize", "height": scale[0], "width": scale[1]}
+    )
+    return [resize, {"name": "CenterCrop", "height": height, "width": width}]
+
+
+def _op(index: int, spec: Mapping, default_interpolation: int) -> A.BasicTransform:
+    """Instantiate one ``{"name": ..., **kwargs}`` spec, with albumentations' strict argument checks."""
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+        raise FinetuneError(f"transform op {index}: expected a mapping with a 'name' key, got {spec!r}")
+    name, kwargs = spec["name"], {k: v for k, v in spec.items() if k != "name"}
+    what = f"transform op {index} ({name})"
+    cls = getattr(A, name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, A.BasicTransform)):
+        raise FinetuneError(f"{what}: not an albumentations transform")
+    if name in _APPENDED:
+        raise FinetuneError(f"{what}: Normalize and ToTensorV2 are appended already; set mean/std instead")
+    if "interpolation" in inspect.signature(cls).parameters:
+        interpolation = kwargs.get("interpolation", default_interpolation)
+        kwargs["interpolation"] = _interpolation(interpolation) if isinstance(interpolation, str) else interpolation
+    try:
+        return cls(**kwargs, strict=True)
+    except (TypeError, ValueError) as e:
+        raise FinetuneError(f"{what}: {_one_line(e)}") from e
+
+
+def _check_output_size(pipeline: A.Compose, height: int, width: int) -> None:
+    """Run the ops once on a larger, non-square probe image and check they end at the input size."""
+    probe = np.zeros((2 * height + 7, 2 * width + 3, 3), np.uint8)
+    try:
+        out = pipeline(image=probe)["image"]
+    except Exception as e:
+        raise FinetuneError(f"transform ops fail on a {probe.shape[0]}×{probe.shape[1]} image: {_one_line(e)}") from e
+    if out.shape[:2] != (height, width):
+        raise FinetuneError(
+            f"transform ops produce {out.shape[0]}×{out.shape[1]} images, the backbone expects {height}×{width}"
+        )
+
+
+def _one_line(e: Exception) -> str:
+    """An exception message on one line, without pydantic's 'For further information' links."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip() and "errors.pydantic.dev" not in line]
+    return "; ".join(lines)

@@ -1,0 +1,272 @@
+"""Predictions from a checkpoint alone: ``predictor = finetune.load(CHECKPOINT)``.
+
+A :class:`Predictor` holds the model and the checkpoint's class names and preprocessing, and turns image
+files, PIL images or RGB arrays into top-k labels with probabilities::
+
+    predictor = finetune.load("runs/birds/checkpoints/best")
+    pred = predictor.predict("robin.jpg", topk=3)
+    pred.label, pred.probability      # the most probable class
+    pred.labels, pred.probabilities   # the top 3
+
+Loading reads ``checkpoint.json`` and ``model.safetensors`` only: no recipe, no training data, no network
+and no pickled code. :func:`predict_probabilities` is the batched loop underneath, shared with evaluation.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from finetune.errors import FinetuneError
+
+ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top-k classes of one image.
+
+    Attributes:
+        labels: class names, most probable first (empty when the image could not be read).
+        probabilities: their probabilities.
+        path: the image file, or ``None`` for an in-memory image.
+        error: why the image could not be read, else ``None``.
+    """
+
+    labels: list[str] = field(default_factory=list)
+    probabilities: list[float] = field(default_factory=list)
+    path: str | None = None
+    error: str | None = None
+
+    @property
+    def label(self) -> str | None:
+        """The most probable class (``None`` for an unreadable image)."""
+        return self.labels[0] if self.labels else None
+
+    @property
+    def probability(self) -> float | None:
+        """The probability of :attr:`label`."""
+        return self.probabilities[0] if self.probabilities else None
+
+
+class Predictor:
+    """A model with its class names and preprocessing, ready to classify images.
+
+    Args:
+        model: the network (images → logits); put in eval mode and moved to ``device``.
+        classes: class names in index order.
+        preprocessing: the checkpoint's preprocessing (``input_size``, ``mean``, ``std``,
+            ``interpolation``, ``crop_pct``, optional ``eval_transforms``).
+        device: where the model runs.
+
+    Attributes:
+        model: the ``nn.Module``.
+        classes: class names in index order.
+        preprocessing: as given.
+        transform: the eval pipeline, ``transform(image=uint8_rgb_array)["image"]`` → 3×H×W tensor.
+        device: the ``torch.device``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        classes: Sequence[str],
+        preprocessing: Mapping[str, Any],
+        device: str | torch.device = "cpu",
+    ):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.classes = list(classes)
+        self.preprocessing = dict(preprocessing)
+        self.transform = eval_transform(self.preprocessing)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Predictor:
+        """Load a checkpoint folder (or a run folder, whose best checkpoint is used)."""
+        from finetune.checkpoint import load_checkpoint
+
+        device = resolve_device(device)
+        model, meta = load_checkpoint(path, map_location=device)
+        return cls(model, classes=meta["classes"], preprocessing=meta["preprocessing"], device=device)
+
+    def predict(
+        self,
+        images: ImageSource | Sequence[ImageSource],
+        *,
+        topk: int = 1,
+        batch_size: int = 32,
+        num_workers: int = 0,
+    ) -> Prediction | list[Prediction]:
+        """Classify one image or a list of images.
+
+        Args:
+            images: an image file path, a PIL image, an H×W×3 (or H×W) uint8 RGB array, or a list of
+                these (an N×H×W×3 array counts as a list).
+            topk: how many classes to return per image (at most the number of classes).
+            batch_size: images per forward pass.
+            num_workers: DataLoader workers decoding files in parallel.
+
+        Returns:
+            A :class:`Prediction` for a single image, else a list of them in input order. A file that
+            cannot be read gives a prediction with ``error`` set instead of raising.
+        """
+        single = isinstance(images, (str, os.PathLike, Image.Image)) or (
+            isinstance(images, np.ndarray) and images.ndim in (2, 3)
+        )
+        sources = [images] if single else list(images)
+        if topk < 1:
+            raise FinetuneError(f"topk must be at least 1, got {topk}")
+        k = min(topk, len(self.classes))
+        indices, probs, errors = predict_probabilities(
+            self.model, sources, self.transform, device=self.device, batch_size=batch_size, num_workers=num_workers
+        )
+        results = [Prediction(path=_path_of(s), error=errors.get(i)) for i, s in enumerate(sources)]
+        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        for row, i in enumerate(indices):
+            results[i] = Prediction(
+                labels=[self.classes[c] for c in top[row]],
+                probabilities=[float(probs[row, c]) for c in top[row]],
+                path=results[i].path,
+            )
+        return results[0] if single else results
+
+
+def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Predictor:
+    """Load a checkpoint folder (or a run folder) as a :class:`Predictor`; ``device="auto"`` picks CUDA
+    when available."""
+    return Predictor.from_checkpoint(path, device=device)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` → ``cuda`` when available, else ``cpu``; anything else as ``torch.device``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise FinetuneError(f"unknown device {device!r}: {e}") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise FinetuneError(f"device {device!r} asked for, but CUDA is not available (use cpu or auto)")
+    return resolved
+
+
+def eval_transform(preprocessing: Mapping[str, Any]) -> Callable:
+    """The eval pipeline a checkpoint's ``preprocessing`` describes."""
+    from finetune.data import build_transform
+
+    return build_transform(
+        False,
+        input_size=preprocessing["input_size"],
+        mean=preprocessing["mean"],
+        std=preprocessing["std"],
+        interpolation=preprocessing.get("interpolation", "bicubic"),
+        crop_pct=preprocessing.get("crop_pct", 0.875),
+        ops=preprocessing.get("eval_transforms"),
+    )
+
+
+def predict_probabilities(
+    model: nn.Module,
+    sources: Sequence[ImageSource],
+    transform: Callable,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Softmax probabilities of ``model`` for every readable image of ``sources``, in batches.
+
+    Args:
+        model: images → logits, already on ``device`` and in eval mode.
+        sources: image file paths, PIL images or uint8 RGB arrays.
+        transform: the eval pipeline (:func:`eval_transform`).
+        device: where the model runs.
+        batch_size: images per forward pass.
+        num_workers: DataLoader workers decoding images.
+        amp_dtype: autocast dtype (``torch.bfloat16``/``torch.float16``), or ``None`` for full precision.
+        progress: wraps the batch iterator, e.g. ``tqdm``.
+
+    Returns:
+        ``(indices, probabilities, errors)``: the positions in ``sources`` of the images read (ascending),
+        their ``float32`` probabilities (``len(indices)×C``), and position → reason for those that could
+        not be read.
+    """
+    device = torch.device(device)
+    loader = DataLoader(
+        _SourceDataset(sources, transform), batch_size=batch_size, num_workers=num_workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda",
+    )
+    indices: list[np.ndarray] = []
+    probs: list[np.ndarray] = []
+    errors: dict[int, str] = {}
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    with torch.inference_mode():
+        for batch_indices, images, batch_errors in (progress(loader) if progress else loader):
+            errors.update(batch_errors)
+            if not len(batch_indices):
+                continue
+            with autocast:
+                logits = model(images.to(device, non_blocking=True))
+            probs.append(logits.float().softmax(dim=1).cpu().numpy())
+            indices.append(np.asarray(batch_indices, dtype=np.int64))
+    if not probs:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32), errors
+    return np.concatenate(indices), np.concatenate(probs), errors
+
+
+class _SourceDataset(Dataset):
+    """``(index, tensor, None)`` for a readable image, ``(index, None, reason)`` for one that is not."""
+
+    def __init__(self, sources: Sequence[ImageSource], transform: Callable):
+        self.sources = sources
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int):
+        from finetune.data import ImageDecodeError
+
+        try:
+            image = _to_array(self.sources[index])
+        except ImageDecodeError as e:
+            return index, None, e.reason
+        return index, self.transform(image=image)["image"], None
+
+
+def _collate(batch):
+    kept = [(i, x) for i, x, _ in batch if x is not None]
+    errors = {i: reason for i, x, reason in batch if x is None}
+    if not kept:
+        return [], torch.empty(0), errors
+    return [i for i, _ in kept], torch.stack([x for _, x in kept]), errors
+
+
+def _to_array(source: ImageSource) -> np.ndarray:
+    from finetune.data import load_image
+
+    if isinstance(source, (str, os.PathLike)):
+        return load_image(source)
+    if isinstance(source, Image.Image):
+        return np.asarray(source.convert("RGB"))
+    if isinstance(source, np.ndarray):
+        if source.ndim == 2:
+            source = np.repeat(source[:, :, None], 3, axis=2)
+        if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
+            raise FinetuneError(f"an image array must be H×W×3 (or H×W) uint8 RGB, got {source.shape} {source.dtype}")
+        return np.ascontiguousarray(source)
+    raise FinetuneError(f"cannot read an image from a {type(source).__name__}: give a path, a PIL image or an array")
+
+
+def _path_of(source: ImageSource) -> str | None:
+    return str(Path(source)) if isinstance(source, (str, os.PathLike)) else None

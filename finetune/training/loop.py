@@ -1,0 +1,188 @@
+"""The training loop: one epoch of updates, and prediction for validation.
+
+One code path for fp32, bf16 and fp16: ``autocast`` is a no-op when ``amp_dtype`` is None, and the
+GradScaler is enabled only for fp16 (bf16 has fp32's range and needs no loss scaling).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from finetune.errors import FinetuneError
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """``auto`` → the local rank's CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FinetuneError(f"training.device is {device} but no CUDA device is available (use auto or cpu)")
+    if device == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for ``precision`` on ``device``; None means fp32 (no autocast).
+
+    auto: bf16 on CUDA devices that support it, else fp16 (with a GradScaler); fp32 on the CPU.
+    bf16/fp16 on the CPU are used only when asked for.
+    """
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def make_grad_scaler(device: torch.device, amp_dtype: Optional[torch.dtype]) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    samples: int
+    seconds: float
+    skipped: int
+    updates: int
+
+    @property
+    def images_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    *,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype],
+    scaler: torch.amp.GradScaler,
+    accumulation: int = 1,
+    clip_grad: Optional[float] = None,
+    scheduler=None,
+    first_update: int = 0,
+    ema=None,
+    ema_model: Optional[nn.Module] = None,
+    channels_last: bool = False,
+    where: str = "",
+    progress: Optional[Callable[[int, float, float], None]] = None,
+) -> EpochStats:
+    """Train ``model`` for one pass over ``loader`` (batches of ``(inputs, labels, skipped)``).
+
+    Every ``accumulation`` micro-batches make exactly one optimizer step: gradients are unscaled before
+    clipping, the scheduler steps per update, and the EMA follows each update of ``ema_model`` (the whole
+    model, when ``model`` is only its trained part; default ``model``).
+
+    Raises:
+        FinetuneError: on a non-finite loss, naming ``where`` (stage and epoch) and the step.
+    """
+    start = time.perf_counter()
+    n_batches = len(loader)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    first_bad = torch.full((), -1, device=device, dtype=torch.int64)
+    samples = skipped = 0
+    updates = first_update
+    optimizer.zero_grad(set_to_none=True)
+    for step, (inputs, labels, batch_skipped) in enumerate(loader):
+        skipped += batch_skipped
+        if labels.numel() == 0:
+            continue
+        inputs = inputs.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if channels_last and inputs.ndim == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        boundary = (step + 1) % accumulation == 0 or step + 1 == n_batches
+        # DDP: only the micro-batch that ends an update all-reduces gradients
+        sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(device, amp_dtype):
+                logits = model(inputs)
+                loss = loss_fn(logits.float(), labels)
+            scaler.scale(loss / accumulation).backward()
+        # record the first non-finite step on the device; checked at the sync points below
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+        loss_sum += loss.detach().double() * labels.numel()
+        correct += (logits.argmax(1) == labels).sum()
+        samples += labels.numel()
+        if boundary:
+            if clip_grad is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], clip_grad
+                )
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            updates += 1
+            if scheduler is not None:
+                scheduler.step_update(num_updates=updates)
+            if ema is not None:
+                ema.update(ema_model if ema_model is not None else model, step=updates)
+        if progress is not None and (step % 10 == 0 or step + 1 == n_batches):
+            _check_finite(first_bad, where)  # a CPU-GPU sync point, so only every 10 steps
+            progress(step + 1, loss.item(), optimizer.param_groups[0]["lr"])
+    _check_finite(first_bad, where)
+    return EpochStats(
+        loss=(loss_sum / max(samples, 1)).item(),
+        accuracy=correct.item() / max(samples, 1),
+        samples=samples,
+        seconds=time.perf_counter() - start,
+        skipped=skipped,
+        updates=updates - first_update,
+    )
+
+
+def _check_finite(first_bad: torch.Tensor, where: str) -> None:
+    bad = int(first_bad.item())
+    if bad >= 0:
+        raise FinetuneError(f"non-finite loss at {where}, step {bad + 1}; stopped, the last good checkpoint is kept")
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype] = None,
+    channels_last: bool = False,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Class probabilities for every sample of ``loader``.
+
+    Returns:
+        ``(labels, probabilities, skipped)``: int array (N,), float32 array (N, C), unreadable files.
+    """
+    was_training = model.training
+    model.eval()
+    all_labels, all_probs, skipped = [], [], 0
+    for inputs, labels, batch_skipped in loader:
+        skipped += batch_skipped
+        if labels.numel() == 0:
+            continue
+        inputs = inputs.to(device, non_blocking=True)
+        if channels_last and inputs.ndim == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(inputs)
+        all_probs.append(logits.float().softmax(1).cpu())
+        all_labels.append(labels)
+    model.train(was_training)
+    if not all_labels:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32), skipped
+    return torch.cat(all_labels).numpy(), torch.cat(all_probs).numpy(), skipped

@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny learnable image folder and a tiny recipe for fast end-to-end runs on CPU."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY_CLASSES = ("circle", "square", "stripes")
+
+
+def write_tiny_folder(root: Path, per_class: int = 12, size: int = 36, seed: int = 0) -> Path:
+    """One folder of 3 classes whose images differ by a simple pattern plus noise, so a model can learn."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    patterns = {
+        "circle": ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2),
+        "square": (abs(yy - size / 2) < size / 4) & (abs(xx - size / 2) < size / 4),
+        "stripes": (xx // 4) % 2 == 0,
+    }
+    for label, mask in patterns.items():
+        for i in range(per_class):
+            img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+            img[mask] = rng.integers(180, 255, 3)
+            path = root / label / f"{i:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(path)
+    return root
+
+
+@pytest.fixture
+def tiny_folder(tmp_path) -> Path:
+    return write_tiny_folder(tmp_path / "tiny")
+
+
+TINY_RECIPE = {
+    "name": "tiny",
+    "data": {"val": 0.25, "test": 0.25, "input_size": 32, "num_workers": 0,
+             "train_transforms": [{"name": "Resize", "height": 32, "width": 32}, {"name": "HorizontalFlip"}],
+             "eval_transforms": [{"name": "Resize", "height": 32, "width": 32}]},
+    "model": {"backbone": "test_resnet", "pretrained": False, "head": {"name": "spinal", "width": 16}},
+    "optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.0},
+    "schedule": {"name": "cosine"},
+    "stages": [
+        {"name": "head", "epochs": 1, "train": "head", "feature_cache": False},
+        {"name": "all", "epochs": 2, "train": "all"},
+    ],
+    "training": {"batch_size": 8, "seed": 0, "device": "cpu"},
+}
+
+
+@pytest.fixture
+def tiny_recipe(tiny_folder, tmp_path):
+    """A fresh raw recipe dict on ``tiny_folder`` with a private feature-cache folder."""
+    raw = copy.deepcopy(TINY_RECIPE)
+    raw["data"]["root"] = str(tiny_folder)
+    raw["training"]["cache_dir"] = str(tmp_path / "cache")
+    return raw
+
+
+@pytest.fixture
+def make_tiny_folder():
+    """``write_tiny_folder(root, per_class=12, size=36, seed=0)`` as a fixture."""
+    return write_tiny_folder

@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from finetune.data import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, load_image
+from finetune.errors import FinetuneError
+
+
+def test_image_extensions_cover_the_common_formats_in_lower_case():
+    assert IMAGE_EXTENSIONS == {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def test_every_good_kind_decodes_to_uint8_rgb(odd_good_file):
+    image = load_image(odd_good_file)
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    assert image.flags.writeable and image.flags.c_contiguous
+
+
+def test_every_bad_kind_raises_decode_error_with_its_reason(odd_bad_file):
+    path, reason = odd_bad_file
+    with pytest.raises(ImageDecodeError) as info:
+        load_image(path)
+    assert reason in info.value.reason
+    assert isinstance(info.value, FinetuneError)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_raises_decode_error(tmp_path):
+    with pytest.raises(ImageDecodeError, match="cannot read file"):
+        load_image(tmp_path / "gone.jpg")
+
+
+def test_greyscale_is_replicated_into_three_equal_channels(odd_root):
+    image = load_image(odd_root / "kinds/grey.png")
+    assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
+
+
+def test_rgba_transparent_pixels_become_white_and_opaque_keep_colour(odd_root):
+    image = load_image(odd_root / "kinds/rgba.png")
+    assert (image[:, :10] == 255).all()  # fully transparent blue -> white background
+    assert (image[:, 10:] == (0, 255, 0)).all()
+
+
+def test_palette_transparency_becomes_white(odd_root):
+    image = load_image(odd_root / "kinds/palette_transparent.png")
+    assert (image[:, :10] == 255).all()  # transparent palette index
+    assert (image[:, 10:] == (0, 0, 255)).all()
+
+
+def test_cmyk_red_decodes_to_rgb_red(odd_root):
+    image = load_image(odd_root / "kinds/cmyk.jpg").astype(int)
+    assert np.abs(image - (255, 0, 0)).max() <= 3
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    ramp = np.array([[0, 257, 32768, 65535]], np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    image = load_image(tmp_path / "ramp16.png")
+    assert image[0, :, 0].tolist() == [0, 1, 127, 255]
+
+
+def test_exif_orientation_is_applied(odd_root):
+    image = load_image(odd_root / "kinds/exif_rotated.jpg").astype(int)
+    assert image.shape == (30, 20, 3)  # stored 30 wide and 20 high, displayed rotated a quarter turn
+    assert np.abs(image[2, 10] - (255, 0, 0)).max() < 20  # the stored left half (red) is now on top
+    assert np.abs(image[-3, 10] - (0, 0, 255)).max() < 20
+
+
+def test_image_over_the_pixel_limit_is_rejected_before_decoding(make_image, tmp_path):
+    path = make_image(tmp_path / "big.png", size=(40, 40))
+    assert load_image(path, max_pixels=1600).shape == (40, 40, 3)
+    with pytest.raises(ImageDecodeError, match=r"too many pixels .*40×40 = 1,600 > limit 1,599"):
+        load_image(path, max_pixels=1599)
+
+
+def test_header_only_bomb_is_rejected_at_the_default_limit(tmp_path, header_only_png):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(header_only_png(10_000, 10_000))  # 1e8 pixels: over our limit, under Pillow's error limit
+    with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ImageDecodeError, match="too many pixels"):
+        load_image(path)
+    assert 10_000 * 10_000 > DEFAULT_MAX_PIXELS

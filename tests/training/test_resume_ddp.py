@@ -1,0 +1,117 @@
+"""Exact resume after SIGKILL, and DDP on 2 CPU processes (gloo), through the real command line."""
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+
+FINETUNE = [sys.executable, "-m", "finetune"]
+VOLATILE = {"seconds", "images_per_s"}
+
+
+def comparable_rows(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return [{k: v for k, v in row.items() if k not in VOLATILE} for row in csv.DictReader(f)]
+
+
+def weights(run_dir, which="last"):
+    return load_file(str(run_dir / "checkpoints" / which / "model.safetensors"))
+
+
+@pytest.fixture
+def resume_recipe(tiny_recipe, tmp_path, make_tiny_folder):
+    make_tiny_folder(tmp_path / "more", per_class=30, size=48)
+    tiny_recipe["data"]["root"] = str(tmp_path / "more")
+    tiny_recipe["data"]["input_size"] = 48
+    tiny_recipe["data"]["train_transforms"] = [{"name": "RandomResizedCrop", "size": [48, 48], "scale": [0.5, 1.0]},
+                                               {"name": "HorizontalFlip"}]
+    tiny_recipe["data"]["eval_transforms"] = [{"name": "Resize", "height": 48, "width": 48}]
+    tiny_recipe["stages"] = [
+        {"name": "head", "epochs": 1, "train": "head"},  # from the feature cache
+        {"name": "all", "epochs": 5, "train": "all", "schedule": {"warmup_epochs": 1}},
+    ]
+    tiny_recipe["training"].update({"batch_size": 4, "ema": 0.9})
+    tiny_recipe["output"] = {"evaluate_test": False}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    return path
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights_and_metrics(resume_recipe, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run([*FINETUNE, "train", str(resume_recipe), "--out", str(full), "--quiet"], check=True, env=env,
+                   capture_output=True)
+
+    proc = subprocess.Popen([*FINETUNE, "train", str(resume_recipe), "--out", str(killed), "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill during the third epoch (stage "all", epoch 2)
+        if (killed / "metrics.csv").exists() and len((killed / "metrics.csv").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    interrupted_rows = len(comparable_rows(killed))
+    assert interrupted_rows < 6, "the run finished before it could be killed"
+
+    subprocess.run([*FINETUNE, "train", "--resume", str(killed), "--quiet"], check=True, env=env, capture_output=True)
+    assert comparable_rows(killed) == comparable_rows(full)
+    for which in ("last", "best"):
+        a, b = weights(full, which), weights(killed, which)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (which, k)
+
+
+def test_resume_refuses_a_folder_without_a_run(tmp_path):
+    out = subprocess.run([*FINETUNE, "train", "--resume", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "nothing to resume" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
+                    reason="torchrun not installed")
+def test_ddp_on_two_cpu_processes_trains_and_reports_metrics_over_the_whole_validation_set(resume_recipe, tmp_path):
+    """Documented DDP behaviour: each rank takes batch_size images per step (global batch = batch_size x 2),
+    every validation image is counted exactly once, and only rank 0 writes the run folder. So the val
+    accuracy logged for the best epoch equals a single-process evaluation of the best checkpoint."""
+    raw = yaml.safe_load(resume_recipe.read_text())
+    raw["stages"][1]["epochs"] = 2
+    raw["training"]["ema"] = None
+    resume_recipe.write_text(yaml.safe_dump(raw))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "finetune", "train",
+                          str(resume_recipe), "--out", str(run), "--quiet"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = comparable_rows(run)
+    assert len(rows) == 3
+
+    from finetune.checkpoint import load_checkpoint
+    from finetune.data import Manifest, build_transform
+    import numpy as np
+    from PIL import Image
+
+    model, meta = load_checkpoint(run / "checkpoints" / "best")
+    manifest = Manifest.read_csv(run / "manifest.csv", root=raw["data"]["root"])
+    p = meta["preprocessing"]
+    transform = build_transform(False, input_size=p["input_size"], mean=p["mean"], std=p["std"],
+                                interpolation=p["interpolation"], crop_pct=p["crop_pct"], ops=raw["data"]["eval_transforms"])
+    items = manifest.items("val")
+    x = torch.stack([transform(image=np.asarray(Image.open(path).convert("RGB")))["image"] for path, _ in items])
+    with torch.no_grad():
+        acc = (model(x).argmax(1).numpy() == np.array([label for _, label in items])).mean()
+    summary = yaml.safe_load((run / "summary.json").read_text())
+    assert acc == pytest.approx(summary["best_val"]["accuracy"], abs=1e-6)

@@ -1,0 +1,135 @@
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.checkpoint import load_checkpoint
+from finetune.config import parse_recipe
+from finetune.errors import FinetuneError
+from finetune.training.runner import run_training
+
+
+def train(raw, run_dir):
+    return run_training(parse_recipe(raw), raw, run_dir=run_dir, quiet=True)
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_run_writes_the_whole_run_folder(tiny_recipe, tmp_path):
+    run = tmp_path / "run"
+    summary = train(tiny_recipe, run)
+    for name in ("recipe.yaml", "manifest.csv", "metrics.csv", "per_class_recall.csv", "training_curves.png",
+                 "summary.json", "checkpoints/last/model.safetensors", "checkpoints/best/checkpoint.json",
+                 "eval/metrics.json"):
+        assert (run / name).exists(), name
+    rows = read_metrics(run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [int(r["stage"]) for r in rows] == [0, 1, 1]
+    assert set(rows[0]) >= {"lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "images_per_s", "seconds"}
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["best_metric"]["name"] == "accuracy"
+    assert 1 <= saved["best_epoch"] <= 3
+    assert saved["train_seconds"] > 0
+    assert set(saved["test"]) >= {"accuracy", "macro_f1"}
+    assert summary["test"] == saved["test"]
+
+
+def test_best_checkpoint_is_self_contained_for_inference(tiny_recipe, tmp_path):
+    train(tiny_recipe, tmp_path / "run")
+    model, meta = load_checkpoint(tmp_path / "run" / "checkpoints" / "best")
+    assert meta["classes"] == ["circle", "square", "stripes"]
+    assert meta["backbone"] == "test_resnet" and meta["head"]["name"] == "spinal"
+    assert meta["preprocessing"]["input_size"] == [3, 32, 32]
+    assert {"accuracy", "macro_f1"} <= set(meta["metrics"])
+    assert meta["recipe"]["model"]["backbone"] == "test_resnet"
+    assert {"finetune", "torch", "timm"} <= set(meta["versions"])
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_best_is_chosen_by_the_selected_metric(tiny_recipe, tmp_path):
+    tiny_recipe["training"]["select"] = "loss"
+    train(tiny_recipe, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    losses = [float(r["val_loss"]) for r in rows]
+    assert summary["best_epoch"] == 1 + losses.index(min(losses))
+    assert summary["best_metric"]["value"] == pytest.approx(min(losses), rel=1e-5)
+
+
+def test_head_stage_freezes_backbone_weights_and_batchnorm_statistics(tiny_recipe, tmp_path):
+    tiny_recipe["stages"] = [{"name": "head", "epochs": 2, "train": "head", "feature_cache": False}]
+    tiny_recipe["output"] = {"evaluate_test": False}
+    recipe = parse_recipe(tiny_recipe)
+    from finetune.models import create_model
+
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    train(tiny_recipe, run)
+    after = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+    # the run seeds 0 before creating the model: rebuild the same initial weights
+    torch.manual_seed(recipe.training.seed)
+    before = create_model("test_resnet", 3, head=recipe.model.head).state_dict()
+    backbone_keys = [k for k in before if k.startswith("backbone.")]
+    assert any("running_mean" in k for k in backbone_keys)
+    for k in backbone_keys:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("head."))
+
+
+def test_unchanged_model_run_is_reproducible_with_a_fixed_seed(tiny_recipe, tmp_path):
+    tiny_recipe["output"] = {"evaluate_test": False}
+    train(tiny_recipe, tmp_path / "a")
+    train(tiny_recipe, tmp_path / "b")
+    a = load_file(str(tmp_path / "a" / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "last" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_zero_epoch_stage_is_skipped_and_ema_accumulation_clipping_early_stopping_run(tiny_recipe, tmp_path):
+    tiny_recipe["stages"].insert(1, {"name": "none", "epochs": 0, "train": "all"})
+    tiny_recipe["stages"][-1]["epochs"] = 4
+    tiny_recipe["training"].update({"ema": 0.9, "accumulation": 2, "clip_grad": 1.0, "early_stopping": 1,
+                                    "label_smoothing": 0.1, "select": "macro_f1"})
+    tiny_recipe["output"] = {"evaluate_test": False}
+    train(tiny_recipe, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert {int(r["stage"]) for r in rows} == {0, 2}
+    assert len([r for r in rows if r["stage"] == "2"]) <= 4
+
+
+def test_existing_run_folder_is_not_overwritten(tiny_recipe, tmp_path):
+    tiny_recipe["output"] = {"evaluate_test": False}
+    tiny_recipe["stages"] = tiny_recipe["stages"][:1]
+    train(tiny_recipe, tmp_path / "run")
+    before = (tmp_path / "run" / "metrics.csv").read_text()
+    with pytest.raises(FinetuneError, match="already holds a run"):
+        train(tiny_recipe, tmp_path / "run")
+    assert (tmp_path / "run" / "metrics.csv").read_text() == before
+
+
+def test_non_finite_loss_stops_naming_stage_epoch_step_and_keeps_last_checkpoint(tiny_recipe, tmp_path):
+    tiny_recipe["output"] = {"evaluate_test": False}
+    tiny_recipe["stages"][1]["optimizer"] = {"lr": 1e30, "name": "momentum"}
+    run = tmp_path / "run"
+    with pytest.raises(FinetuneError, match=r"non-finite loss at stage 1 \(all\), epoch \d+, step \d+"):
+        train(tiny_recipe, run)
+    state = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert all(int(r["stage"]) == 0 or float(r["train_loss"]) == float(r["train_loss"]) for r in read_metrics(run))
+
+
+def test_train_without_recipe_uses_staged_defaults(tiny_folder, tmp_path):
+    from finetune.cli import main
+
+    run = tmp_path / "run"
+    code = main(["train", "--data", str(tiny_folder), "--backbone", "test_resnet", "--head", "linear",
+                 "--out", str(run), "--quiet", "--set", "data.input_size=32", "--set", "data.num_workers=0",
+                 "--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1", "--set", "stages.2.epochs=1",
+                 "--set", f"training.cache_dir={tmp_path / 'cache'}"])
+    assert code == 0
+    assert [r["stage"] for r in read_metrics(run)] == ["0", "1", "2"]
