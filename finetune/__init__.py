@@ -2,7 +2,7 @@
 from finetune._version import __version__
 from finetune.errors import FinetuneError
 
-__all__ = ["__version__", "FinetuneError", "create_model", "load"]
+__all__ = ["__version__", "FinetuneError", "create_model", "load", "train"]
 
 
 def __getattr__(name):
@@ -11,6 +11,10 @@ def __getattr__(name):
         from finetune.inference import load
 
         return load
+    if name == "train":
+        from finetune.training import train
+
+        return train
     if name == "create_model":
         from finetune.models import create_model
 

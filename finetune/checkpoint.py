@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from finetune._io import atomic_write_text
 from finetune._version import __version__
 from finetune.errors import FinetuneError
 
@@ -62,10 +63,7 @@ def _fsync_dir_files(folder: Path) -> None:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def save_checkpoint(path: str | Path, model, meta: dict[str, Any], extra: Optional[Callable[[Path], None]] = None) -> Path:

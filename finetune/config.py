@@ -48,6 +48,9 @@ class DataConfig(_Section):
     balance: Literal["none", "sampler", "loss"] = "none"
     class_weights: Literal["inverse", "effective"] = "inverse"  # formula when balance: loss
     num_workers: Union[int, Literal["auto"]] = "auto"
+    # Pre-resize every image once so its shorter side is this many pixels (cached on disk, reused
+    # across epochs and runs): for datasets of large photos whose decoding dominates an epoch.
+    resize_cache: Optional[int] = Field(None, ge=8)
 
     @model_validator(mode="after")
     def _source(self):

@@ -25,13 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"finetune {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"finetune.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"finetune.cli.{name}":
-                raise
-            continue  # a sub-command not built yet
-        module.add_parser(subparsers)
+        importlib.import_module(f"finetune.cli.{name}").add_parser(subparsers)
     return parser
 
 

@@ -51,27 +51,24 @@ def default_recipe(data: str, backbone: str, head: str, pretrained: str) -> dict
 
 
 def run(args) -> int:
-    import yaml
-
-    from finetune.config import apply_override, load_recipe, parse_recipe
+    from finetune.config import apply_override, parse_recipe
     from finetune.errors import FinetuneError
+    from finetune.training import train
     from finetune.training.runner import run_training
 
     if args.resume:
         if args.recipe or args.overrides or args.data or args.backbone:
             raise FinetuneError("--resume continues a run with its saved recipe; give no recipe, --set, --data or --backbone")
-        run_dir = Path(args.resume)
-        recipe_file = run_dir / "recipe.yaml"
-        if not recipe_file.is_file():
-            raise FinetuneError(f"nothing to resume in {run_dir}: no recipe.yaml")
-        recipe, raw = load_recipe(recipe_file)
-        run_training(recipe, raw, run_dir=run_dir, resume=True, quiet=args.quiet)
+        if not (Path(args.resume) / "recipe.yaml").is_file():
+            raise FinetuneError(f"nothing to resume in {args.resume}: no recipe.yaml")
+        train(None, resume=args.resume, quiet=args.quiet)
         return 0
     if args.recipe:
         if args.data or args.backbone:
             raise FinetuneError("give either a recipe or --data/--backbone (override recipe values with --set)")
-        recipe, raw = load_recipe(args.recipe, args.overrides)
-    elif args.data and args.backbone:
+        train(args.recipe, overrides=args.overrides, out=args.out, quiet=args.quiet)
+        return 0
+    if args.data and args.backbone:
         raw = default_recipe(args.data, args.backbone, args.head, args.pretrained)
         for assignment in args.overrides:
             apply_override(raw, assignment)

@@ -11,6 +11,7 @@ from finetune.data._inspect import inspect_dataset
 from finetune.data._layout import DatasetFolder, discover, find_images
 from finetune.data._manifest import Manifest, ManifestRow
 from finetune.data._prepare import prepare_manifest
+from finetune.data._resize_cache import resize_cache
 from finetune.data._sampling import BalancedSampler, class_counts, class_weights
 from finetune.data._scan import BadFile, ScanResult, scan_images, write_report
 from finetune.data._split import split_classes
@@ -41,6 +42,7 @@ __all__ = [
     "load_card",
     "load_image",
     "prepare_manifest",
+    "resize_cache",
     "scan_images",
     "split_classes",
     "write_digits",

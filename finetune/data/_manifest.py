@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import NamedTuple
 
-from finetune.data._io import atomic_write_text
+from finetune._io import atomic_write_text
 from finetune.data._layout import SPLIT_ALIASES, SPLITS
 from finetune.errors import FinetuneError
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from finetune.data._decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, read_file
-from finetune.data._io import atomic_write_text
+from finetune._io import atomic_write_text
 from finetune.data._manifest import Manifest
 
 logger = logging.getLogger(__name__)

@@ -124,7 +124,7 @@ def cached_feature_inputs(runner: "Runner", stage, trainable: set[str]):
         return None
     cfg = runner.cfg
     views = stage.feature_cache_views
-    items = {"train": runner.manifest.items("train"), "val": runner.manifest.items("val")}
+    items = {"train": runner.items("train"), "val": runner.items("val")}
     n_rows = max(views, 1) * len(items["train"]) + len(items["val"])
     nbytes = n_rows * runner.model.num_features * 2  # stored as float16
     limit = int(cfg.cache_max_gb * 1024**3)

@@ -80,7 +80,7 @@ def train_one_epoch(
     ema_model: Optional[nn.Module] = None,
     channels_last: bool = False,
     where: str = "",
-    progress: Optional[Callable[[int, float, float], None]] = None,
+    progress: Optional[Callable[[int, int, float, float], None]] = None,
 ) -> EpochStats:
     """Train ``model`` for one pass over ``loader`` (batches of ``(inputs, labels, skipped)``).
 
@@ -136,7 +136,7 @@ def train_one_epoch(
                 ema.update(ema_model if ema_model is not None else model, step=updates)
         if progress is not None and (step % 10 == 0 or step + 1 == n_batches):
             _check_finite(first_bad, where)  # a CPU-GPU sync point, so only every 10 steps
-            progress(step + 1, loss.item(), optimizer.param_groups[0]["lr"])
+            progress(step + 1, samples, loss.item(), max(g["lr"] for g in optimizer.param_groups))
     _check_finite(first_bad, where)
     return EpochStats(
         loss=(loss_sum / max(samples, 1)).item(),

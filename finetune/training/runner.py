@@ -6,6 +6,7 @@ A run folder holds ``recipe.yaml`` (resolved), ``manifest.csv``, ``bad_files.csv
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -23,6 +24,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from finetune._io import atomic_write_bytes, atomic_write_text
 from finetune.checkpoint import save_checkpoint, write_json_atomic
 from finetune.config import Recipe, StageConfig
 from finetune.errors import FinetuneError
@@ -78,6 +80,7 @@ class Runner:
         self.stale_epochs = 0
         self.train_seconds = 0.0
         self.resume_optimizer: Optional[dict[str, Any]] = None
+        self._items: dict[str, list[tuple[Path, int]]] = {}
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -148,7 +151,7 @@ class Runner:
         log.info(
             "%s: %s + %s head, %d classes, %d train / %d val images, device %s, precision %s",
             self.recipe.name, m.backbone, self.model.head_config["name"], len(self.classes),
-            len(self.manifest.items("train")), len(self.manifest.items("val")), self.device,
+            len(self.items("train")), len(self.items("val")), self.device,
             {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.amp_dtype],
         )
 
@@ -162,7 +165,7 @@ class Runner:
         if self.recipe.data.balance == "loss":
             from finetune.data import class_counts, class_weights
 
-            labels = [label for _, label in self.manifest.items("train")]
+            labels = [label for _, label in self.items("train")]
             weight = class_weights(class_counts(labels, len(self.classes)), mode=self.recipe.data.class_weights)
             weight = weight.to(self.device)
         return nn.CrossEntropyLoss(weight=weight, label_smoothing=self.cfg.label_smoothing)
@@ -187,13 +190,15 @@ class Runner:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not self.resume:
-                _write_text_atomic(self.run_dir / "recipe.yaml", yaml.safe_dump(self.raw, sort_keys=False))
+                atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(self.raw, sort_keys=False))
         ddp.barrier(self.dist)
 
     # ------------------------------------------------------------------------------------------ train
 
     def train(self) -> dict[str, Any]:
         stages = self.recipe.stages
+        self.progress = Progress(self.is_main and not self.quiet and sys.stderr.isatty(),
+                                 total_epochs=sum(s.epochs for s in stages), done_epochs=len(self.history))
         for index in range(self.stage_index, len(stages)):
             stage = stages[index]
             if stage.epochs == 0:
@@ -205,6 +210,7 @@ class Runner:
             if self.epoch_in_stage >= stage.epochs or self._early_stopped(stage):
                 continue
             self._run_stage(index, stage)
+        self.progress.close()
         return self._finish()
 
     def _early_stopped(self, stage: StageConfig) -> bool:
@@ -244,7 +250,7 @@ class Runner:
             inputs.set_epoch(global_epoch)
             where = f"stage {index} ({label}), epoch {epoch + 1}"
             set_train_mode(self.model, frozen_bn)
-            with self._progress(f"{label} {epoch + 1}/{stage.epochs}", len(inputs.train_loader)) as progress:
+            with self.progress.epoch(f"{label} {epoch + 1}/{stage.epochs}", len(inputs.train_loader)) as progress:
                 stats = train_one_epoch(
                     train_module, inputs.train_loader, optimizer, self.loss_fn, device=self.device,
                     amp_dtype=self.amp_dtype, scaler=self.scaler, accumulation=self.cfg.accumulation,
@@ -310,13 +316,31 @@ class Runner:
             datasets=[],
         )
 
+    def items(self, split: str) -> list[tuple[Path, int]]:
+        """``(image path, class index)`` of a split; with ``data.resize_cache`` the paths are pre-resized
+        copies (made once, by one process per machine, then reused across epochs and runs)."""
+        if split not in self._items:
+            items = self.manifest.items(split)
+            size = self.recipe.data.resize_cache
+            if size:
+                from finetune.data import resize_cache
+
+                folder = Path(self.cfg.cache_dir).expanduser() / "images" if self.cfg.cache_dir else default_image_cache()
+                if self.dist.local_rank == 0:
+                    items = resize_cache(items, size=size, cache_dir=folder, workers=auto_workers("auto", 1))
+                ddp.barrier(self.dist)
+                if self.dist.local_rank != 0:
+                    items = resize_cache(items, size=size, cache_dir=folder)  # all copies exist: no decoding
+            self._items[split] = items
+        return self._items[split]
+
     def _eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
     def _image_loader(self, split: str, *, train: bool) -> DataLoader:
         from finetune.data import BalancedSampler, ImageDataset, collate_skip
 
-        items = self.manifest.items(split)
+        items = self.items(split)
         dataset = ImageDataset(items, self.train_transform if train else self.eval_transform, seed=self.cfg.seed)
         if train and self.recipe.data.balance == "sampler":
             sampler = BalancedSampler(dataset.labels, seed=self.cfg.seed, num_replicas=self.dist.world_size,
@@ -433,15 +457,13 @@ class Runner:
         model, meta = load_checkpoint(self.run_dir / "checkpoints" / "best", map_location=self.device)
         workers = 0 if self.recipe.data.num_workers == "auto" else self.recipe.data.num_workers
         metrics = evaluate(
-            model, self.manifest.items("test"), class_names=meta["classes"], preprocessing=meta["preprocessing"],
+            model, self.items("test"), class_names=meta["classes"], preprocessing=meta["preprocessing"],
             out_dir=self.run_dir / "eval", device=str(self.device), batch_size=self.cfg.eval_batch_size or 64,
             num_workers=auto_workers(workers, 1), run_dir=self.run_dir, amp_dtype=self.amp_dtype,
         )
         return {k: metrics[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "top5_accuracy", "loss",
                                         "num_samples") if k in metrics}
 
-    def _progress(self, desc: str, total: int):
-        return Progress(desc, total, enabled=self.is_main and not self.quiet and sys.stderr.isatty())
 
     def cleanup(self) -> None:
         ddp.cleanup(getattr(self, "dist", ddp.DistInfo()))
@@ -478,6 +500,10 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+def default_image_cache() -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune")) / "images"
+
+
 def auto_workers(num_workers: int | str, world_size: int) -> int:
     """``auto``: the CPU cores this process may use, shared between ranks, at most 8."""
     if num_workers != "auto":
@@ -489,13 +515,13 @@ def auto_workers(num_workers: int | str, world_size: int) -> int:
 def make_loader(dataset, *, sampler, batch_size: int, collate_fn, num_workers, device: torch.device,
                 world_size: int = 1, train: bool = False) -> DataLoader:
     workers = auto_workers(num_workers, world_size)
-    # Workers are re-created every epoch (not persistent) so they see the dataset's new epoch, which
-    # seeds augmentation; forking is cheap next to an epoch of decoding. The loader gets its own
-    # generator: otherwise each new iterator draws its workers' base seed from the global RNG, and
-    # dropout in a resumed run would see a different stream than in an uninterrupted one.
+    # Workers persist across the epochs of a stage: the dataset keeps its epoch (which seeds the
+    # augmentation) in shared memory, so set_epoch reaches them. The loader gets its own generator:
+    # otherwise each new iterator draws its workers' base seed from the global RNG, and dropout in a
+    # resumed run would see a different stream than in an uninterrupted one.
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(0), drop_last=drop_last_for(sampler, batch_size, train),
     )
 
@@ -583,19 +609,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_csv_atomic(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    _write_text_atomic(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
@@ -625,9 +645,7 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -643,24 +661,38 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 class Progress:
-    """A tqdm bar on a terminal (loss, lr, images/s); nothing otherwise (the epoch line logs instead)."""
+    """tqdm bars on a terminal: one per epoch (loss, lr, images/s) under an overall one; nothing otherwise
+    (the epoch lines log instead)."""
 
-    def __init__(self, desc: str, total: int, enabled: bool):
-        self.desc, self.total, self.enabled = desc, total, enabled
-        self.bar = None
-
-    def __enter__(self):
-        if self.enabled:
+    def __init__(self, enabled: bool, total_epochs: int, done_epochs: int):
+        self.enabled = enabled
+        self.overall = None
+        if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, desc=self.desc, leave=False, dynamic_ncols=True)
-            return self.update
-        return None
+            self.overall = tqdm(total=total_epochs, initial=done_epochs, desc="epochs", position=0, dynamic_ncols=True)
 
-    def update(self, step: int, loss: float, lr: float) -> None:
-        self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    @contextlib.contextmanager
+    def epoch(self, desc: str, total: int):
+        if not self.enabled:
+            yield None
+            return
+        from tqdm import tqdm
 
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        bar = tqdm(total=total, desc=desc, leave=False, position=1, dynamic_ncols=True)
+        start = time.perf_counter()
+
+        def update(step: int, samples: int, loss: float, lr: float) -> None:
+            bar.update(step - bar.n)
+            rate = samples / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+
+        try:
+            yield update
+        finally:
+            bar.close()
+            self.overall.update(1)
+
+    def close(self) -> None:
+        if self.overall is not None:
+            self.overall.close()

@@ -133,3 +133,51 @@ def test_train_without_recipe_uses_staged_defaults(tiny_folder, tmp_path):
                  "--set", f"training.cache_dir={tmp_path / 'cache'}"])
     assert code == 0
     assert [r["stage"] for r in read_metrics(run)] == ["0", "1", "2"]
+
+
+def test_resize_cache_trains_from_pre_resized_copies(tiny_recipe, tmp_path):
+    from PIL import Image
+
+    tiny_recipe["data"]["resize_cache"] = 20
+    tiny_recipe["output"] = {"evaluate_test": False}
+    train(tiny_recipe, tmp_path / "run")
+    copies = list((tmp_path / "cache" / "images").rglob("*.png"))
+    assert len(copies) == 27  # train + val images of the 36-image folder
+    assert all(min(Image.open(p).size) == 20 for p in copies)
+
+
+def test_progress_bars_track_epochs_and_report_loss_lr_and_images_per_second(capsys):
+    from finetune.training.runner import Progress
+
+    progress = Progress(True, total_epochs=3, done_epochs=1)
+    with progress.epoch("head 1/2", total=4) as update:
+        update(2, 64, 0.5, 1e-3)
+        update(4, 128, 0.4, 1e-3)
+    progress.close()
+    err = capsys.readouterr().err
+    assert progress.overall.n == 2
+    assert "loss=0.4000" in err and "lr=1.00e-03" in err and "img_s=" in err
+    with Progress(False, 3, 0).epoch("quiet", 4) as update:
+        assert update is None
+
+
+@pytest.mark.parametrize("balance", ["loss", "sampler"])
+def test_class_balancing_by_weighted_loss_or_balanced_sampler_trains(tiny_recipe, tmp_path, balance):
+    tiny_recipe["data"]["balance"] = balance
+    tiny_recipe["output"] = {"evaluate_test": False}
+    tiny_recipe["stages"] = tiny_recipe["stages"][1:]
+    train(tiny_recipe, tmp_path / "run")
+    assert len(read_metrics(tmp_path / "run")) == 2
+
+
+def test_data_loader_workers_see_each_new_epoch(tiny_recipe, tmp_path):
+    """With persistent workers, augmentation still changes from epoch to epoch (same seed → same run)."""
+    tiny_recipe["data"]["num_workers"] = 2
+    tiny_recipe["data"]["train_transforms"] = [{"name": "RandomResizedCrop", "size": [32, 32], "scale": [0.3, 1.0]}]
+    tiny_recipe["stages"] = [{"name": "all", "epochs": 2, "train": "all"}]
+    tiny_recipe["output"] = {"evaluate_test": False}
+    train(tiny_recipe, tmp_path / "a")
+    tiny_recipe["data"]["num_workers"] = 0
+    train(tiny_recipe, tmp_path / "b")
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]  # worker count doesn't matter

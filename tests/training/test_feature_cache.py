@@ -1,0 +1,121 @@
+import copy
+import csv
+import os
+import time
+
+import pytest
+
+from finetune.config import parse_recipe
+from finetune.training.feature_cache import evict
+from finetune.training.runner import run_training
+
+
+def head_only(raw, cache, **stage):
+    raw = copy.deepcopy(raw)
+    raw["stages"] = [{"name": "head", "epochs": 2, "train": "head", **stage}]
+    raw["training"]["cache_dir"] = str(cache)
+    raw["output"] = {"evaluate_test": False}
+    return raw
+
+
+def train(raw, run_dir):
+    return run_training(parse_recipe(raw), raw, run_dir=run_dir, quiet=True)
+
+
+def entries(cache):
+    return sorted(p.name for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")) if cache.exists() else []
+
+
+def val_accuracy(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return [float(r["val_acc"]) for r in csv.DictReader(f)]
+
+
+def test_head_stage_uses_the_cache_and_reuses_it_across_runs(tiny_recipe, tmp_path, monkeypatch):
+    import finetune.training.feature_cache as fc
+
+    calls = []
+    real = fc.extract_features
+    monkeypatch.setattr(fc, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache = tmp_path / "c"
+    raw = head_only(tiny_recipe, cache)
+    train(raw, tmp_path / "a")
+    assert len(entries(cache)) == 1 and len(calls) == 2  # train and val features
+    train(raw, tmp_path / "b")
+    assert len(calls) == 2  # the second run computed nothing
+    assert len(entries(cache)) == 1
+    assert val_accuracy(tmp_path / "a") == val_accuracy(tmp_path / "b")
+
+
+def test_cache_is_invalidated_when_weights_transforms_or_data_change(tiny_recipe, tmp_path, make_tiny_folder):
+    cache = tmp_path / "c"
+    raw = head_only(tiny_recipe, cache)
+    train(raw, tmp_path / "a")
+    changed_aug = copy.deepcopy(raw)
+    changed_aug["stages"][0]["feature_cache_views"] = 2
+    train(changed_aug, tmp_path / "b")
+    assert len(entries(cache)) == 2
+    changed_weights = copy.deepcopy(raw)
+    changed_weights["model"]["backbone_kwargs"] = {}
+    changed_weights["training"]["seed"] = 1  # another random init: other backbone weights
+    train(changed_weights, tmp_path / "c_run")
+    assert len(entries(cache)) == 3
+    make_tiny_folder(tmp_path / "tiny2", per_class=13)
+    changed_data = copy.deepcopy(raw)
+    changed_data["data"]["root"] = str(tmp_path / "tiny2")
+    train(changed_data, tmp_path / "d")
+    assert len(entries(cache)) == 4
+
+
+def test_stage_runs_uncached_when_the_cache_would_exceed_its_size_limit(tiny_recipe, tmp_path):
+    cache = tmp_path / "c"
+    raw = head_only(tiny_recipe, cache)
+    raw["training"]["cache_max_gb"] = 1e-9
+    train(raw, tmp_path / "a")
+    assert entries(cache) == []
+
+
+def test_feature_cache_false_and_non_head_stages_run_uncached(tiny_recipe, tmp_path):
+    cache = tmp_path / "c"
+    train(head_only(tiny_recipe, cache, feature_cache=False), tmp_path / "a")
+    raw = head_only(tiny_recipe, cache)
+    raw["stages"][0]["train"] = "last:1"
+    train(raw, tmp_path / "b")
+    assert entries(cache) == []
+
+
+def test_eviction_removes_least_recently_used_entries_first(tmp_path):
+    for i, name in enumerate(("old", "mid", "new")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "train.npy").write_bytes(b"x" * 1000)
+        (folder / "meta.json").write_text("{}")
+        os.utime(folder / "meta.json", (time.time() - 100 + i, time.time() - 100 + i))
+    removed = evict(tmp_path, limit=2100, keep=tmp_path / "old")
+    assert [p.name for p in removed] == ["mid"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old"]
+
+
+@pytest.mark.slow
+def test_cached_head_stage_matches_the_uncached_accuracy_on_digits(tmp_path):
+    """Real pretrained features on real data: the cache changes speed, not what the head learns."""
+    from finetune.data import write_digits
+
+    root = write_digits(tmp_path / "digits", size=32)
+    raw = {
+        "data": {"root": str(root), "val": 0.2, "test": 0.1, "input_size": 48, "num_workers": 0,
+                 "train_transforms": [{"name": "Resize", "height": 48, "width": 48}],
+                 "eval_transforms": [{"name": "Resize", "height": 48, "width": 48}]},
+        "model": {"backbone": "tf_efficientnet_lite0", "pretrained": "offline", "head": "linear"},
+        "optimizer": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.0},
+        "stages": [{"name": "head", "epochs": 3, "train": "head"}],
+        "training": {"batch_size": 64, "device": "cpu", "cache_dir": str(tmp_path / "cache")},
+        "output": {"evaluate_test": False},
+    }
+    train(raw, tmp_path / "cached")
+    uncached = copy.deepcopy(raw)
+    uncached["stages"][0]["feature_cache"] = False
+    train(uncached, tmp_path / "uncached")
+    a, b = val_accuracy(tmp_path / "cached")[-1], val_accuracy(tmp_path / "uncached")[-1]
+    assert a > 0.8 and b > 0.8  # pretrained ImageNet features separate digits well
+    assert abs(a - b) <= 0.02

@@ -1,0 +1,133 @@
+"""The one mixed-precision code path, exercised on the CPU: fp32, bf16 autocast and fp16 with a GradScaler."""
+import pytest
+import torch
+from torch import nn
+
+from finetune.errors import FinetuneError
+from finetune.models import create_model
+from finetune.training.loop import (
+    make_grad_scaler,
+    predict,
+    resolve_device,
+    resolve_precision,
+    train_one_epoch,
+)
+
+
+def batches(n=4, size=32, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 3, size, size, generator=g), torch.randint(0, classes, (4,), generator=g), 0)
+            for _ in range(n)]
+
+
+def fit(precision, accumulation=1, clip_grad=None, model=None):
+    torch.manual_seed(0)
+    model = model or create_model("test_resnet", 3, head="linear")
+    device = torch.device("cpu")
+    amp = resolve_precision(precision, device)
+    scaler = make_grad_scaler(device, amp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = train_one_epoch(model, batches(), opt, nn.CrossEntropyLoss(), device=device, amp_dtype=amp,
+                            scaler=scaler, accumulation=accumulation, clip_grad=clip_grad, where="test")
+    changed = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    return stats, scaler, changed
+
+
+def test_precision_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) is None
+    assert resolve_precision("fp32", cpu) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    assert resolve_precision("fp16", cpu) is torch.float16
+    assert make_grad_scaler(cpu, torch.bfloat16).is_enabled() is False
+    assert make_grad_scaler(cpu, torch.float16).is_enabled() is True
+
+
+def test_fp32_step_updates_weights_and_counts_updates():
+    stats, scaler, changed = fit("fp32")
+    assert changed and stats.updates == 4 and stats.samples == 16
+    assert not scaler.is_enabled()
+
+
+def test_bf16_autocast_path_trains_on_cpu():
+    stats, _, changed = fit("bf16")
+    assert changed and stats.updates == 4 and torch.isfinite(torch.tensor(stats.loss))
+
+
+def test_fp16_path_with_grad_scaler_unscales_before_clipping():
+    stats, scaler, changed = fit("fp16", clip_grad=0.5)
+    assert scaler.is_enabled() and scaler.get_scale() > 0
+    assert changed and stats.updates >= 1
+
+
+def test_accumulation_makes_one_optimizer_step_per_group_of_micro_batches():
+    stats, _, _ = fit("fp32", accumulation=3)
+    assert stats.updates == 2  # 4 micro-batches: steps after the 3rd and the last
+
+
+def test_accumulated_gradient_equals_the_full_batch_gradient():
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3, head="linear").eval()  # eval: no BatchNorm batch statistics
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,))
+    full = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), model.head[1].weight)[0]
+    grads = []
+
+    class Spy(torch.optim.SGD):
+        def step(self, closure=None):
+            grads.append(model.head[1].weight.grad.clone())
+            return None
+
+    opt = Spy(model.parameters(), lr=0.0)
+    train_one_epoch(model, [(x[:4], y[:4], 0), (x[4:], y[4:], 0)], opt, nn.CrossEntropyLoss(),
+                    device=torch.device("cpu"), amp_dtype=None, scaler=make_grad_scaler(torch.device("cpu"), None),
+                    accumulation=2)
+    assert len(grads) == 1
+    torch.testing.assert_close(grads[0], full, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_names_where_and_step():
+    class Nan(nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 3), float("nan"), requires_grad=True)
+
+    model = Nan()
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(FinetuneError, match=r"non-finite loss at stage 0 \(head\), epoch 2, step 1"):
+        train_one_epoch(model, batches(), opt, nn.CrossEntropyLoss(), device=torch.device("cpu"), amp_dtype=None,
+                        scaler=make_grad_scaler(torch.device("cpu"), None), where="stage 0 (head), epoch 2")
+
+
+def test_unreadable_images_are_counted_not_replaced():
+    data = batches(2)
+    data[1] = (data[1][0][:2], data[1][1][:2], 2)
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3, head="linear")
+    stats = train_one_epoch(model, data, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                            device=torch.device("cpu"), amp_dtype=None, scaler=make_grad_scaler(torch.device("cpu"), None))
+    assert stats.skipped == 2 and stats.samples == 6
+
+
+def test_predict_returns_probabilities_and_restores_train_mode():
+    model = create_model("test_resnet", 3, head="linear").train()
+    labels, probs, skipped = predict(model, batches(2), device=torch.device("cpu"))
+    assert probs.shape == (8, 3) and labels.shape == (8,) and skipped == 0
+    assert abs(probs.sum(1) - 1).max() < 1e-5
+    assert model.training
+
+
+def test_channels_last_path_gives_the_same_predictions():
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3, head="linear").eval()
+    _, a, _ = predict(model, batches(1), device=torch.device("cpu"))
+    model.to(memory_format=torch.channels_last)
+    _, b, _ = predict(model, batches(1), device=torch.device("cpu"), channels_last=True)
+    assert abs(a - b).max() < 1e-5
+
+
+def test_cuda_device_without_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(FinetuneError, match="no CUDA device"):
+        resolve_device("cuda")
