@@ -118,7 +118,12 @@ def extract_features(backbone, dataset, *, device, amp_dtype, batch_size: int, n
 def cached_feature_inputs(runner: "Runner", stage, trainable: set[str]):
     """StageInputs that train the head on cached features, or None when the stage can't use the cache."""
     from finetune.data import ImageDataset
-    from finetune.training.runner import ShardSampler, StageInputs, auto_workers, drop_last_for
+    from finetune.training.runner import (
+        ShardSampler,
+        StageInputs,
+        auto_workers,
+        drop_last_for,
+    )
 
     if stage.feature_cache is False or not is_head_only(trainable):
         return None

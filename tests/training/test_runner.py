@@ -147,7 +147,7 @@ def test_resize_cache_trains_from_pre_resized_copies(tiny_recipe, tmp_path):
 
 
 def test_progress_bars_track_epochs_and_report_loss_lr_and_images_per_second(capsys):
-    from finetune.training.runner import Progress
+    from finetune.training.reporting import Progress
 
     progress = Progress(True, total_epochs=3, done_epochs=1)
     with progress.epoch("head 1/2", total=4) as update:
