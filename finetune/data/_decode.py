@@ -22,6 +22,7 @@ import io
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -105,6 +106,9 @@ def decode_image(data: bytes, path: str | os.PathLike, max_pixels: int = DEFAULT
             if width * height > max_pixels:
                 raise ImageDecodeError(path, _too_large(width, height, max_pixels))
             mode = img.mode
+            fast = _decode_with_opencv(data, img)
+            if fast is not None:
+                return fast, mode
             return _to_rgb(ImageOps.exif_transpose(img)), mode
     except ImageDecodeError:
         raise
@@ -116,6 +120,30 @@ def decode_image(data: bytes, path: str | os.PathLike, max_pixels: int = DEFAULT
         # Decoder plugins raise many types on malformed input (OSError, SyntaxError, ValueError,
         # struct.error, IndexError...); all of them mean the same thing here: the file is unusable.
         raise ImageDecodeError(path, f"corrupt image data: {e}") from e
+
+
+_EXIF_ORIENTATION = 0x0112
+# Complete files end with these markers; a truncated one goes through Pillow, which reports it.
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+def _decode_with_opencv(data: bytes, img: Image.Image) -> np.ndarray | None:
+    """OpenCV's decode for the plain cases where it gives Pillow's pixels faster (JPEG 1.3-1.5x, PNG
+    1.1-3x: benchmarks/RESULTS.md): complete 8-bit RGB or greyscale JPEG/PNG files without transparency
+    or EXIF rotation. None for anything else, which Pillow decodes with the conversions above."""
+    marker = _END_MARKERS.get(img.format or "")
+    if (
+        marker is None
+        or img.mode not in ("RGB", "L")
+        or "transparency" in img.info
+        or img.getexif().get(_EXIF_ORIENTATION, 1) != 1
+        or not data.rstrip(b"\0").endswith(marker)
+    ):
+        return None
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None or bgr.shape[:2] != (img.height, img.width):
+        return None
+    return np.ascontiguousarray(bgr[:, :, ::-1])
 
 
 def _too_large(width: int, height: int, max_pixels: int) -> str:
