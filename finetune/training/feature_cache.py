@@ -68,7 +68,10 @@ def cache_key(backbone: torch.nn.Module, settings: dict[str, Any], items: dict[s
 
 
 class FeatureDataset(Dataset):
-    """Rows of a ``(views, N, F)`` feature array; ``set_epoch`` picks view ``epoch % views``."""
+    """Rows of a ``(views, N, F)`` feature array; ``set_epoch`` picks view ``epoch % views``.
+
+    ``__getitems__`` serves a whole batch with one fancy index into the memory map, so the DataLoader
+    makes one copy per batch instead of one tensor per sample."""
 
     def __init__(self, features: np.ndarray, labels: np.ndarray):
         self.features, self.labels = features, labels
@@ -81,12 +84,17 @@ class FeatureDataset(Dataset):
         return self.labels.shape[0]
 
     def __getitem__(self, i: int):
-        return torch.from_numpy(np.asarray(self.features[self.view, i], dtype=np.float32)), int(self.labels[i])
+        return self.__getitems__([i])
+
+    def __getitems__(self, indices: list[int]):
+        rows = np.asarray(indices)
+        features = torch.from_numpy(np.asarray(self.features[self.view, rows], dtype=np.float32))
+        return features, torch.from_numpy(self.labels[rows])
 
 
 def collate_features(batch):
-    features, labels = zip(*batch)
-    return torch.stack(features), torch.tensor(labels, dtype=torch.long), 0
+    features, labels = batch
+    return features, labels, 0
 
 
 @torch.inference_mode()
@@ -203,7 +211,13 @@ def _write_folder(folder: Path, write) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         write(tmp)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "meta.json").is_file():
+                raise
+            # another run finished the same cache first: its features are identical, keep them
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

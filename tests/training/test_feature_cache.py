@@ -119,3 +119,13 @@ def test_cached_head_stage_matches_the_uncached_accuracy_on_digits(tmp_path):
     a, b = val_accuracy(tmp_path / "cached")[-1], val_accuracy(tmp_path / "uncached")[-1]
     assert a > 0.8 and b > 0.8  # pretrained ImageNet features separate digits well
     assert abs(a - b) <= 0.02
+
+
+def test_a_cache_finished_first_by_another_run_is_kept(tmp_path):
+    from finetune.training.feature_cache import _write_folder
+
+    folder = tmp_path / "key"
+    _write_folder(folder, lambda tmp: (tmp / "meta.json").write_text("first"))
+    _write_folder(folder, lambda tmp: (tmp / "meta.json").write_text("second"))
+    assert (folder / "meta.json").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["key"]  # no temporary folder left behind
