@@ -1,0 +1,138 @@
+"""Smoke tests of benchmarks/: each script runs on its tiny setting and writes its JSON and RESULTS.md.
+
+Benchmarks, not timed tests: nothing here checks a speed or an accuracy, only that the numbers exist.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+
+# script -> (result name, keys of "results" that must be there)
+SCRIPTS = {
+    "bench_step.py": ("step", {"full_model", "head_only", "target"}),
+    "bench_feature_cache.py": ("feature_cache", {"variants", "speedups", "runs", "target"}),
+    "bench_data.py": ("data", None),
+    "bench_decode.py": ("decode", None),
+    "bench_heads.py": ("heads", {"linear", "spinal (default: 4x1024, p 0.5)", "mlp (default: 4096-4096)"}),
+    "bench_quickstart.py": ("quickstart", {"wall_s", "cpu_s", "test_accuracy", "stages", "targets"}),
+    "bench_head_accuracy.py": ("head_accuracy", {"stats", "difference", "runs"}),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a busy shared machine, tiny steps on two threads crawl (each waits for the other)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """The digits sample, written once for the scripts that take ``--digits``."""
+    from finetune.data import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("bench") / "digits")
+
+
+def load_script(name: str):
+    if str(BENCH_DIR) not in sys.path:  # the scripts import their sibling _common, as when run directly
+        sys.path.insert(0, str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location(f"bench_{Path(name).stem}", BENCH_DIR / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_tiny(script: str, out: Path, *extra: str) -> dict:
+    load_script(script).main(["--tiny", "--out", str(out), *extra])
+    name = SCRIPTS[script][0]
+    doc = json.loads((out / "results" / f"{name}.json").read_text())
+    assert doc["name"] == name and doc["tiny"] is True
+    assert {"title", "command", "machine", "settings", "summary", "tables", "results"} <= set(doc)
+    assert doc["summary"] and doc["tables"] and all(t["rows"] for t in doc["tables"])
+    assert {"cpu", "logical_cores", "torch", "timm", "gpu"} <= set(doc["machine"])
+    text = (out / "RESULTS.md").read_text()
+    assert doc["title"] in text and "Tiny smoke setting" in text
+    return doc
+
+
+def test_step(tmp_path):
+    doc = run_tiny("bench_step.py", tmp_path)
+    full = doc["results"]["full_model"]
+    assert {"images_per_s", "ratio", "noise_floor_ratio", "overhead_ms_per_step"} <= set(full)
+    assert set(full["images_per_s"]) == {"finetune", "plain", "plain (again)"}
+    assert full["ratio"]["median"] > 0 and full["noise_floor_ratio"]["median"] > 0
+
+
+def test_feature_cache(tmp_path, digits):
+    doc = run_tiny("bench_feature_cache.py", tmp_path, "--digits", str(digits))
+    results = doc["results"]
+    assert set(results["variants"]) == {"uncached", "cached, views=2", "cached, views=0"}
+    for name, variant in results["variants"].items():
+        assert 0 <= variant["final_val_acc"][0] <= 1 and variant["ms_per_step"] > 0
+        assert (variant["extraction_s"] > 0) == (name != "uncached")
+    for speedup in results["speedups"].values():
+        assert {"train_pass", "epoch_wall", "stage_total"} <= set(speedup)
+
+
+def test_data(tmp_path, digits):
+    doc = run_tiny("bench_data.py", tmp_path, "--digits", str(digits))
+    assert len(doc["results"]) == 3
+    for case in doc["results"].values():
+        assert set(case["images_per_s"]) == {"finetune", "torchvision (PIL)", "torchvision v2 (tensor)"}
+        assert case["ratio_vs_torchvision_pil"]["median"] > 0
+
+
+def test_decode(tmp_path, digits):
+    doc = run_tiny("bench_decode.py", tmp_path, "--digits", str(digits))
+    formats = {case["format"] for case in doc["results"].values()}
+    assert formats == {"JPEG", "PNG"}
+    for case in doc["results"].values():
+        assert set(case["ms_per_image"]) == {"Pillow", "OpenCV", "finetune decode_image"}
+        assert case["pillow_over_opencv"]["median"] > 0 and case["finetune_over_opencv"]["median"] > 0
+    # lossless PNG decodes identically with either library
+    assert all(c["max_abs_pixel_difference"] == 0 for c in doc["results"].values() if c["format"] == "PNG")
+
+
+def test_heads(tmp_path):
+    doc = run_tiny("bench_heads.py", tmp_path)
+    results = doc["results"]
+    assert SCRIPTS["bench_heads.py"][1] <= set(results)
+    for head in results.values():
+        assert head["head_params"] > 0 and 0 < head["head_flops"] < head["model_flops"]
+        assert head["full_step_ms"]["median"] > 0 and head["head_step_ms"]["median"] > 0
+    assert results["linear"]["head_params"] < results["spinal (default: 4x1024, p 0.5)"]["head_params"]
+
+
+@pytest.mark.slow
+def test_quickstart(tmp_path):
+    doc = run_tiny("bench_quickstart.py", tmp_path)
+    results = doc["results"]
+    assert results["wall_s"] > 0 and 0 <= results["test_accuracy"] <= 1
+    assert set(results["stages"]) == {"0", "1", "2"} and len(results["epochs"]) == 3
+
+
+def test_head_accuracy(tmp_path, digits):
+    doc = run_tiny("bench_head_accuracy.py", tmp_path, "--digits", str(digits))
+    runs = doc["results"]["runs"]
+    assert [r["seed"] for r in runs["spinal"]] == [r["seed"] for r in runs["linear"]] == [0, 1]
+    assert {"mean", "std"} <= set(doc["results"]["difference"])
+
+
+def test_results_md_keeps_every_section(tmp_path, digits):
+    """Each script replaces only its own section of RESULTS.md."""
+    run_tiny("bench_heads.py", tmp_path)
+    run_tiny("bench_decode.py", tmp_path, "--digits", str(digits))
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "Heads: spinal vs linear vs MLP" in text and "Decoding: Pillow vs OpenCV" in text
+    assert "No GPU was available" in text or "GPU: none" not in text
