@@ -29,8 +29,10 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    root: Optional[str] = None  # an image folder (pre-split or one folder to split)
-    manifest: Optional[str] = None  # a split manifest CSV instead of splitting root
+    root: Optional[str] = None  # an image folder (pre-split or one folder to split), or a manifest CSV
+    # A split manifest CSV instead of splitting root; its paths are relative to root, or without root to the
+    # CSV's own folder (where `finetune data split ROOT --out ROOT/split.csv` puts it).
+    manifest: Optional[str] = None
     card: Optional[str] = None  # a dataset card in datasets/ giving the split protocol
     sample: Optional[Literal["digits"]] = None  # build this bundled sample at root when missing
     val: Optional[float] = Field(None, ge=0, lt=1)

@@ -37,9 +37,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     split = commands.add_parser(
         "split",
         help="write a split manifest (CSV path,class,split) for a dataset folder",
-        description="Split a folder of class folders into train/val/test (seeded, stratified) or freeze a "
-        "pre-split one, scan it, and write the manifest of usable images. Without --val/--test/"
-        "--train-per-class, the card's protocol applies, else 0.15/0.15.",
+        description="Scan a dataset folder, split its usable images into train/val/test (seeded, stratified) "
+        "or freeze a pre-split one, and write the manifest of usable images. Without --val/--test/"
+        "--train-per-class, the card's protocol applies, else 0.15/0.15. Paths in the manifest are relative to "
+        "the root: written into the root, the manifest alone is enough to train (--data MANIFEST).",
     )
     split.add_argument("root", type=Path, help="dataset folder")
     split.add_argument("--out", type=Path, required=True, metavar="MANIFEST", help="manifest CSV to write")
@@ -138,7 +139,8 @@ def _split(args: argparse.Namespace) -> int:
     counts = ", ".join(f"{s} {sum(c.values())}" for s, c in manifest.counts().items())
     print(f"wrote {args.out}: {len(manifest.classes)} classes; {counts}")
     if args.out.resolve().parent != manifest.root.resolve():
-        print(f"paths in it are relative to {manifest.root}: give that root along with the manifest")
+        print(f"paths in it are relative to {manifest.root}: give that root along with the manifest "
+              "(data.root, --set data.root=ROOT), or write the manifest into it")
     if report is not None:
         print(f"bad files: {len(bad)}, listed in {report}")
     return 0

@@ -81,7 +81,7 @@ def load_manifest(data: str, meta: dict, run_dir: Path | None):
     if not root.exists():
         raise FinetuneError(f"no such data folder or manifest: {root}")
     if root.is_file():
-        return Manifest.read_csv(root)
+        return prepare_manifest(root, scan=False)[0]
     run_manifest = run_dir / "manifest.csv" if run_dir else None
     if run_manifest is not None and run_manifest.is_file():
         manifest = Manifest.read_csv(run_manifest, root=root)
@@ -91,6 +91,6 @@ def load_manifest(data: str, meta: dict, run_dir: Path | None):
     manifest, _ = prepare_manifest(
         root, card=options.get("card"), val=options.get("val"), test=options.get("test"),
         train_per_class=options.get("train_per_class"), exclude=tuple(options.get("exclude") or ()),
-        seed=options.get("seed", 0), scan=False,
-    )
+        seed=options.get("seed", 0),
+    )  # scanned: training split the usable images, so the same split needs the same bad files left out
     return manifest

@@ -10,7 +10,7 @@ from finetune.data._digits import write_digits
 from finetune.data._inspect import inspect_dataset
 from finetune.data._layout import DatasetFolder, discover, find_images
 from finetune.data._manifest import Manifest, ManifestRow
-from finetune.data._prepare import prepare_manifest
+from finetune.data._prepare import manifest_root, prepare_manifest
 from finetune.data._resize_cache import resize_cache
 from finetune.data._sampling import BalancedSampler, class_counts, class_weights
 from finetune.data._scan import BadFile, ScanResult, scan_images, write_report
@@ -41,6 +41,7 @@ __all__ = [
     "list_cards",
     "load_card",
     "load_image",
+    "manifest_root",
     "prepare_manifest",
     "resize_cache",
     "scan_images",

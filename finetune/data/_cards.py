@@ -1,4 +1,5 @@
-"""Dataset cards: YAML files in the repository's ``datasets/`` folder describing a known dataset.
+"""Dataset cards: YAML files in the repository's ``datasets/`` folder (shipped in the package as
+``finetune/cards/``) describing a known dataset.
 
 A card states the layout, the split protocol (which `prepare_manifest` uses as defaults), the excluded
 classes, the expected class count, the image size, where to obtain the data and published reference
@@ -16,8 +17,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 import finetune
 from finetune.errors import FinetuneError
 
-CARDS_DIR = Path(finetune.__file__).resolve().parents[1] / "datasets"
-"""The repository's ``datasets/`` folder."""
+
+def _cards_dir() -> Path:
+    """``finetune/cards/`` in an installed package (setup.py ships ``datasets/`` there), else the ``datasets/``
+    folder of the source checkout the package is imported from."""
+    package = Path(finetune.__file__).resolve().parent
+    installed = package / "cards"
+    return installed if installed.is_dir() else package.parent / "datasets"
+
+
+CARDS_DIR = _cards_dir()
+"""Where the shipped cards are: the repository's ``datasets/``, installed as ``finetune/cards/``."""
 
 
 class _Strict(BaseModel):

@@ -10,8 +10,8 @@ from finetune.data._cards import load_card
 from finetune.data._decode import DEFAULT_MAX_PIXELS
 from finetune.data._layout import PRE_SPLIT, UNSPLIT, DatasetFolder, discover, short_list
 from finetune.data._manifest import Manifest
-from finetune.data._scan import BadFile, bad_files, duplicate_groups, leaks, scan_images, write_report
-from finetune.data._split import split_classes
+from finetune.data._scan import BadFile, ScanResult, bad_files, duplicate_groups, leaks, scan_images, write_report
+from finetune.data._split import split_classes, validate_split_options
 from finetune.errors import FinetuneError
 
 logger = logging.getLogger(__name__)
@@ -38,9 +38,10 @@ def prepare_manifest(
 
     The source is, in this order: ``manifest`` (a CSV written by `Manifest.write_csv`; ``root``, if
     given, is its root), ``root`` when it is a file (a manifest), or ``root`` as a dataset folder, whose
-    layout is detected (see `discover`). A pre-split folder is used as split; a one-folder dataset is
-    split by the seeded, stratified rule of `split_classes`, before the scan, so the assignment does not
-    depend on which files turn out bad.
+    layout is detected (see `discover`). Every image is scanned first and the bad ones are dropped. A
+    pre-split folder is used as split; the usable images of a one-folder dataset are split by the seeded,
+    stratified rule of `split_classes`, so split sizes count usable images only (``train_per_class=30``
+    gives 30 wherever a class has more than 30 usable images) and a bad file is split as if it were absent.
 
     A card (name, YAML path, or an already loaded card dict) supplies defaults: its ``split`` section
     gives ``val``, ``test`` and ``train_per_class`` where the caller passes None, and its ``exclude`` list
@@ -48,8 +49,9 @@ def prepare_manifest(
     root that holds the card's ``folder`` (``caltech-101`` holding ``101_ObjectCategories``) is an error
     naming the folder to give instead. Without card values, ``val`` and ``test`` default to 0.15.
 
-    The returned manifest's root is always ``root`` as given (or the manifest's folder), so a manifest
-    written from it can be read back with ``Manifest.read_csv(path, root=root)``.
+    The returned manifest's root is ``manifest_root(root, manifest)``: ``root`` when it is a folder, else the
+    manifest's folder. A manifest written from it is read back with
+    ``Manifest.read_csv(path, root=manifest_root(root, manifest))``.
 
     Args:
         root: Dataset folder, or a manifest CSV.
@@ -70,7 +72,8 @@ def prepare_manifest(
 
     Raises:
         FinetuneError: No source, split options with a pre-split folder or a manifest, ``test`` with
-            ``train_per_class``, a layout or class count that contradicts the card, or no usable image.
+            ``train_per_class``, a layout or class count that contradicts the card, a manifest none of whose
+            images exists under its root, or no usable image.
     """
     card = load_card(card) if card is not None and not isinstance(card, Mapping) else card
     protocol = card["split"] if card else {}
@@ -79,12 +82,15 @@ def prepare_manifest(
         manifest, root = root, None
     explicit = [k for k, v in (("val", val), ("test", test), ("train_per_class", train_per_class)) if v is not None]
 
+    unsplit = None  # class -> paths of a one-folder dataset, split once the bad files are known
     if manifest is not None:
         if explicit:
             raise FinetuneError(f"{', '.join(explicit)} cannot be used with a manifest: it is already split")
-        result = Manifest.read_csv(manifest, root=root)
-        result = Manifest(result.root, [r for r in result.rows if r.label not in exclude])
-        _check_class_count(card, result.classes, f"manifest {manifest}")
+        listed = Manifest.read_csv(manifest, root=manifest_root(root, manifest))
+        listed = Manifest(listed.root, [r for r in listed.rows if r.label not in exclude])
+        _check_class_count(card, listed.classes, f"manifest {manifest}")
+        _check_listed_images_exist(listed, manifest)
+        data_root, paths = listed.root, [r.path for r in listed.rows]
     elif root is None:
         raise FinetuneError("no dataset: give a dataset root or a manifest")
     else:
@@ -92,7 +98,7 @@ def prepare_manifest(
         if found.layout == PRE_SPLIT:
             if explicit:
                 raise FinetuneError(f"{', '.join(explicit)} cannot be used: {found.root} is already split into folders")
-            splits = found.images
+            listed = Manifest.from_splits(found.root, found.images)
         else:
             if train_per_class is None:
                 train_per_class = protocol.get("train_per_class")
@@ -101,23 +107,62 @@ def prepare_manifest(
                     f"test cannot be combined with train_per_class={train_per_class}: "
                     "the images left after training are the test set"
                 )
-            splits = split_classes(
-                found.images[UNSPLIT],
-                val=_first(val, protocol.get("val"), DEFAULT_VAL),
-                test=_first(test, protocol.get("test"), DEFAULT_TEST),
-                train_per_class=train_per_class,
-                seed=seed,
-            )
-        result = Manifest.from_splits(found.root, splits)
+            val, test = _first(val, protocol.get("val"), DEFAULT_VAL), _first(test, protocol.get("test"), DEFAULT_TEST)
+            validate_split_options(val, test, train_per_class)
+            unsplit = found.images[UNSPLIT]
+        data_root = found.root
+        paths = [p for per_class in found.images.values() for class_paths in per_class.values() for p in class_paths]
 
-    bad: list[BadFile] = []
-    if scan:
-        result, bad = _exclude_bad(result, report_path, max_pixels)
+    # Scan before splitting: the split sizes count usable images only, so a class with a bad file still gets
+    # train_per_class training images, and a bad file is split exactly as if it were absent.
+    results = _scan(data_root, paths, report_path, max_pixels) if scan else []
+    bad = bad_files(results)
+    dropped = {b.path for b in bad}
+    if unsplit is not None:
+        usable = {c: [p for p in ps if p not in dropped] for c, ps in unsplit.items()}
+        usable = {c: ps for c, ps in usable.items() if ps}
+        split = split_classes(usable, val=val, test=test, train_per_class=train_per_class, seed=seed)
+        result, classes = Manifest.from_splits(data_root, split), list(unsplit)
+    else:
+        result, classes = listed.without(dropped), listed.classes
+    emptied = sorted(set(classes) - set(result.classes))
+    if emptied:
+        logger.warning("dropping class(es) with no usable image: %s", short_list(map(repr, emptied)))
+    _warn_leaks(result, results)
     if not result.rows:
         raise FinetuneError(f"no usable image in {manifest or root}")
     counts = ", ".join(f"{s} {sum(c.values())}" for s, c in result.counts().items())
     logger.info("%s: %d classes; %s", manifest or result.root, len(result.classes), counts)
     return result, bad
+
+
+def manifest_root(root: str | os.PathLike | None, manifest: str | os.PathLike | None) -> Path | None:
+    """The folder a dataset's manifest paths are relative to, from the ``data.root`` and ``data.manifest`` of a
+    recipe: ``root`` when it is a folder, else the manifest's own folder (``root`` may itself be the manifest).
+
+    A run reads its copy of the manifest (``RUN_DIR/manifest.csv``) against this root, on resume too, so the
+    copy resolves to the same images as the original.
+
+    Raises:
+        FinetuneError: ``root`` is a file while a manifest is given too.
+    """
+    if root is not None and Path(root).is_file():
+        if manifest is not None:
+            raise FinetuneError(f"data root {root} is a file: with a manifest, give the dataset folder as the root")
+        return Path(root).parent
+    if root is not None:
+        return Path(root)
+    return Path(manifest).parent if manifest is not None else None
+
+
+def _check_listed_images_exist(manifest: Manifest, source: str | os.PathLike) -> None:
+    """A manifest none of whose images exists under its root was given the wrong root: say so."""
+    if not any((manifest.root / r.path).exists() for r in manifest.rows):
+        raise FinetuneError(
+            f"none of the {len(manifest.rows)} images listed in {source} exists under {manifest.root}: manifest "
+            "paths are relative to the dataset root; keep the manifest in that folder, or give the folder as the "
+            "data root (data.root, --set data.root=ROOT)"
+        )
 
 
 def _find(root: Path, card: Mapping | None, exclude: tuple[str, ...]) -> DatasetFolder:
@@ -144,29 +189,27 @@ def _check_class_count(card: Mapping | None, classes: list[str], source: str) ->
         )
 
 
-def _exclude_bad(
-    manifest: Manifest, report_path: str | os.PathLike | None, max_pixels: int
-) -> tuple[Manifest, list[BadFile]]:
-    """Scan the manifest's images, drop the bad ones, write the report, and warn about leakage."""
-    results = scan_images(manifest.root, [r.path for r in manifest.rows], max_pixels=max_pixels)
+def _scan(root: Path, paths: list[str], report_path: str | os.PathLike | None, max_pixels: int) -> list[ScanResult]:
+    """Scan the images, write the bad-file report and warn about the bad files."""
+    results = scan_images(root, paths, max_pixels=max_pixels)
     bad = bad_files(results)
-    good = manifest.without({b.path for b in bad})
     if report_path is not None:
         write_report(report_path, bad)
     if bad:
         where = f"; listed in {report_path}" if report_path is not None else ""
         logger.warning("excluded %d unusable image(s)%s, e.g. %s: %s", len(bad), where, bad[0].path, bad[0].reason)
-    emptied = sorted(set(manifest.classes) - set(good.classes))
-    if emptied:
-        logger.warning("dropping class(es) with no usable image: %s", short_list(map(repr, emptied)))
-    leaked = leaks(good, duplicate_groups(results))
+    return results
+
+
+def _warn_leaks(manifest: Manifest, results: list[ScanResult]) -> None:
+    """Warn about byte-identical images that sit in more than one split."""
+    leaked = leaks(manifest, duplicate_groups(results))
     if leaked:
         logger.warning(
             "%d group(s) of byte-identical images sit in more than one split (leakage), e.g. %s",
             len(leaked),
             " = ".join(leaked[0]),
         )
-    return good, bad
 
 
 def _first(*values):

@@ -1,5 +1,8 @@
 """Seeded, stratified splitting of one folder of class sub-folders into train/val/test.
 
+`prepare_manifest` splits the usable images only (the scan comes first), so counts below are of usable
+images and a bad file is split as if it were absent.
+
 **The rule.** Within each class, every image gets the key ``sha256(f"{seed}:{path}")`` (``path`` relative
 to the root, POSIX form) and the class's images are ordered by key. The split sizes of the class are
 computed from its image count, and consecutive runs of that order are assigned:

@@ -92,7 +92,7 @@ class Runner:
     # ------------------------------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        from finetune.data import Manifest, build_transform, prepare_manifest
+        from finetune.data import Manifest, build_transform, manifest_root, prepare_manifest
 
         cfg, data = self.cfg, self.recipe.data
         device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
@@ -126,8 +126,7 @@ class Runner:
                 log.warning("excluded %d unreadable image(s); see %s", len(bad), self.run_dir / "bad_files.csv")
             manifest.write_csv(manifest_path)
         ddp.barrier(self.dist)
-        root = Path(data.root) if data.root else None
-        self.manifest = Manifest.read_csv(manifest_path, root=root if root else None)
+        self.manifest = Manifest.read_csv(manifest_path, root=manifest_root(data.root, data.manifest))
         if "train" not in self.manifest.splits() or "val" not in self.manifest.splits():
             raise FinetuneError(
                 f"the data needs train and val splits, found {', '.join(self.manifest.splits())} "

@@ -67,7 +67,8 @@ def test_split_writes_a_reproducible_manifest_and_a_bad_file_report(caltech_root
     assert status == 0
     assert out.splitlines() == [
         f"wrote {tmp_path / 'a.csv'}: 3 classes; train 7, test 16",
-        f"paths in it are relative to {caltech_root}: give that root along with the manifest",
+        f"paths in it are relative to {caltech_root}: give that root along with the manifest "
+        "(data.root, --set data.root=ROOT), or write the manifest into it",
         f"bad files: 1, listed in {tmp_path / 'a.bad.csv'}",
     ]
     assert "train: 1 class(es) too small to get 3 images: 'tiny' (n=2)" in caplog.text

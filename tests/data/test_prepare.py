@@ -124,21 +124,46 @@ def test_without_scan_bad_files_stay_in_the_manifest(odd_root):
     assert bad == [] and "bad/empty.jpg" in {r.path for r in manifest.rows}
 
 
-def test_split_does_not_depend_on_which_files_are_bad(caltech_root):
-    clean, _ = prepare_manifest(caltech_root, seed=1)
-    (caltech_root / "Faces" / "image_0001.jpg").write_bytes(b"")
-    damaged, bad = prepare_manifest(caltech_root, seed=1)
-    assert [b.path for b in bad] == ["Faces/image_0001.jpg"]
-    assert set(damaged.rows) == {r for r in clean.rows if r.path != "Faces/image_0001.jpg"}
+@pytest.mark.parametrize(
+    "options, hit, expected",
+    [  # Faces has 12 images, 2 of them bad: 10 usable
+        (dict(train_per_class=5, val=0.0), "train", {"train": 5, "test": 5}),
+        (dict(val=0.25, test=0.25), "test", {"train": 4, "val": 3, "test": 3}),
+    ],
+)
+def test_bad_files_are_dropped_before_the_split_as_if_absent(caltech_root, tmp_path, options, hit, expected):
+    clean, _ = prepare_manifest(caltech_root, seed=1, **options)
+    damaged_paths = [r.path for r in clean.rows if r.label == "Faces" and r.split == hit][:2]
+    for rel in damaged_paths:
+        (caltech_root / rel).write_bytes(b"")
+
+    damaged, bad = prepare_manifest(caltech_root, seed=1, **options)
+
+    assert sorted(b.path for b in bad) == sorted(damaged_paths)
+    assert {s: c["Faces"] for s, c in damaged.counts().items() if c["Faces"]} == expected
+    for rel in damaged_paths:
+        (caltech_root / rel).unlink()
+    absent, _ = prepare_manifest(caltech_root, seed=1, **options)
+    assert damaged.rows == absent.rows
 
 
 def test_manifest_is_reused_instead_of_splitting(caltech_root, tmp_path):
     manifest, _ = prepare_manifest(caltech_root, seed=3)
     path = manifest.write_csv(tmp_path / "split.csv")
+    inside = manifest.write_csv(caltech_root / "split.csv")
     from_manifest, _ = prepare_manifest(manifest=path, root=caltech_root)
-    as_root, _ = prepare_manifest(path, scan=False)  # a CSV given as the root; its root is its folder
+    as_root, _ = prepare_manifest(inside, scan=False)  # a CSV given as the root; its root is its folder
+    alone, _ = prepare_manifest(manifest=inside, scan=False)
     assert from_manifest.rows == manifest.rows and from_manifest.root == caltech_root
-    assert as_root.rows == manifest.rows and as_root.root == tmp_path
+    assert as_root.rows == alone.rows == manifest.rows and as_root.root == alone.root == caltech_root
+
+
+def test_manifest_away_from_its_root_without_the_root_is_an_error_naming_the_fix(caltech_root, tmp_path):
+    path = prepare_manifest(caltech_root, scan=False)[0].write_csv(tmp_path / "split.csv")
+    with pytest.raises(FinetuneError, match=f"none of the 29 images listed in {path} exists under {tmp_path}: .*data.root"):
+        prepare_manifest(path, scan=False)
+    with pytest.raises(FinetuneError, match="data root .* is a file: with a manifest, give the dataset folder"):
+        prepare_manifest(path, manifest=path)
 
 
 def test_moved_dataset_with_its_manifest_gives_the_same_items(caltech_root, tmp_path):

@@ -94,3 +94,13 @@ def test_eval_with_allow_subset_evaluates_the_shared_classes(checkpoint, image_f
 def test_eval_refuses_a_missing_data_folder(checkpoint, tmp_path, capsys):
     assert main(["eval", str(checkpoint), "--data", str(tmp_path / "nowhere")]) == 2
     assert "no such data folder or manifest" in capsys.readouterr().err
+
+
+def test_eval_of_a_folder_with_bad_files_splits_it_as_training_did(image_folder):
+    from finetune.cli.eval import load_manifest
+
+    (image_folder / "cat" / "00.png").write_bytes(b"")
+    trained, bad = prepare_manifest(image_folder, seed=0)  # what a run with these data options trains on
+    assert [b.path for b in bad] == ["cat/00.png"]
+
+    assert load_manifest(str(image_folder), {"recipe": {"data": {"seed": 0}}}, None).rows == trained.rows
