@@ -31,13 +31,14 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype for ``precision`` on ``device``; None means fp32 (no autocast).
 
-    auto: bf16 on CUDA devices that support it, else fp16 (with a GradScaler); fp32 on the CPU.
-    bf16/fp16 on the CPU are used only when asked for.
+    auto: bf16 on CUDA devices with native bf16 (compute capability 8.0 or newer: Ampere, Hopper, …), else
+    fp16 with a GradScaler (T4, V100: ``torch.cuda.is_bf16_supported()`` says yes there too, but emulates
+    it, slowly); fp32 on the CPU. bf16/fp16 on the CPU are used only when asked for.
     """
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

@@ -131,3 +131,20 @@ def test_cuda_device_without_gpu_is_a_clear_error():
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(FinetuneError, match="no CUDA device"):
         resolve_device("cuda")
+
+
+@pytest.mark.parametrize("capability, expected", [
+    ((7, 5), torch.float16),  # T4: bf16 only emulated
+    ((7, 0), torch.float16),  # V100
+    ((8, 0), torch.bfloat16),  # A100
+    ((9, 0), torch.bfloat16),  # H100
+])
+def test_auto_precision_picks_bf16_only_where_the_gpu_has_it_natively(monkeypatch, capability, expected):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    amp = resolve_precision("auto", torch.device("cuda:1"))
+    assert amp is expected
+    assert asked == [torch.device("cuda:1")]
+    assert make_grad_scaler(torch.device("cpu"), amp).is_enabled() is (expected is torch.float16)
+
