@@ -99,9 +99,10 @@ class StageConfig(_Section):
     train: Union[str, list[str]] = "all"
     optimizer: OptimizerConfig
     schedule: ScheduleConfig
-    # BatchNorm mode while training. auto: layers in frozen parts stay in eval mode (their running
-    # statistics don't drift), layers in trained parts train. eval: every BatchNorm keeps its pretrained
-    # statistics (often better on small datasets far from ImageNet). train: every BatchNorm trains.
+    # The backbone's BatchNorm mode while training. auto: layers in frozen parts stay in eval mode (their
+    # running statistics don't drift), layers in trained parts train. eval: every backbone BatchNorm keeps
+    # its pretrained statistics (often better on small datasets far from ImageNet). train: every one
+    # trains. The head's normalisation is new and always trains.
     batchnorm: Literal["auto", "eval", "train"] = "auto"
     feature_cache: Union[bool, Literal["auto"]] = "auto"  # head-only stages train from cached features
     feature_cache_views: int = Field(0, ge=0)  # augmented views cached per image (0: no augmentation)

@@ -228,11 +228,7 @@ class Runner:
         label = stage_label(stage, index)
         trainable = select_trainable(self.model, stage.train)
         apply_trainable(self.model, trainable)
-        frozen_bn = {
-            "auto": lambda: frozen_batchnorms(self.model, trainable),
-            "eval": lambda: frozen_batchnorms(self.model, set()),
-            "train": lambda: [],
-        }[stage.batchnorm]()
+        frozen_bn = frozen_batchnorms(self.model, trainable, stage.batchnorm)
         n_train = sum(p.numel() for n, p in self.model.named_parameters() if n in trainable)
         log.info("stage %d (%s): %d epochs, training %s (%s parameters)", index, label, stage.epochs,
                  stage.train, f"{n_train:,}")

@@ -1,0 +1,107 @@
+"""The loop options, each checked by its effect: lr values at known updates, parameters and BatchNorm
+statistics that changed or did not, EMA weights, rows in metrics.csv and the best epoch in summary.json.
+
+Runner-level tests use a tiny folder (18 train / 9 val images at 32 px) and mostly head stages on
+cached features, which cost a fraction of a second per epoch."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from finetune.config import parse_recipe
+from finetune.models import create_model
+from finetune.training.freeze import apply_trainable, frozen_batchnorms, select_trainable, set_train_mode
+from finetune.training.loop import make_grad_scaler, train_one_epoch
+from finetune.training.runner import Runner, run_training
+
+CPU = torch.device("cpu")
+
+
+def train(raw, run_dir, resume=False):
+    return run_training(parse_recipe(raw), raw, run_dir=run_dir, resume=resume, quiet=True)
+
+
+def read_metrics(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def training_state(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last" / "training_state.pt", weights_only=True)
+
+
+def initial_weights(raw):
+    """The weights a run starts from: it seeds ``training.seed`` right before creating the model."""
+    recipe = parse_recipe(raw)
+    torch.manual_seed(recipe.training.seed)
+    return create_model(recipe.model.backbone, 3, head=recipe.model.head).state_dict()
+
+
+@pytest.fixture
+def quick(tiny_recipe):
+    """The tiny recipe without the test-split evaluation."""
+    tiny_recipe["output"] = {"evaluate_test": False}
+    return tiny_recipe
+
+
+def head_stage(epochs, **extra):
+    return {"name": "head", "epochs": epochs, "train": "head", **extra}
+
+
+# ------------------------------------------------------------------------------------------- batchnorm
+
+def test_batchnorm_eval_still_trains_the_head_normalisation(quick, tmp_path):
+    """The spinal head's BatchNorm1d learns running statistics under ``batchnorm: eval``; the backbone's keep theirs."""
+    quick["stages"] = [head_stage(1, batchnorm="eval")]
+    run = tmp_path / "run"
+    train(quick, run)
+    before, after = initial_weights(quick), load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    head_stats = [k for k in stats if k.startswith("head.")]
+    assert head_stats and all(not torch.equal(before[k], after[k]) for k in head_stats)
+    assert all(torch.equal(before[k], after[k]) for k in stats if k.startswith("backbone."))
+
+
+def batches(n=3, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 3, size, size, generator=g), torch.randint(0, 3, (4,), generator=g), 0) for _ in range(n)]
+
+
+def fit_stage(model, train, batchnorm="auto", *, lr=0.05, clip_grad=None, accumulation=1, ema=None, data=None):
+    trainable = select_trainable(model, train)
+    apply_trainable(model, trainable)
+    set_train_mode(model, frozen_batchnorms(model, trainable, batchnorm))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    return train_one_epoch(model, data or batches(), optimizer, nn.CrossEntropyLoss(), device=CPU, amp_dtype=None,
+                           scaler=make_grad_scaler(CPU, None), clip_grad=clip_grad, accumulation=accumulation,
+                           ema=ema)
+
+
+@pytest.mark.parametrize("batchnorm, train, backbone_stats_change, backbone_weights_change", [
+    ("auto", "head", False, False),
+    ("auto", "all", True, True),
+    ("eval", "all", False, True),
+    ("train", "head", True, False),
+])
+def test_batchnorm_modes_decide_which_running_statistics_change(batchnorm, train, backbone_stats_change,
+                                                                backbone_weights_change):
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3, head={"name": "spinal", "width": 16})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit_stage(model, train, batchnorm)
+    after = model.state_dict()
+
+    def changed(prefix, kind):
+        keys = [k for k in before if k.startswith(prefix) and kind(k)]
+        assert keys
+        return {not torch.equal(before[k], after[k]) for k in keys}
+
+    is_stat = lambda k: k.endswith(("running_mean", "running_var"))  # noqa: E731
+    is_conv = lambda k: "conv" in k and k.endswith("weight")  # noqa: E731
+    assert changed("head.", is_stat) == {True}  # the head's BatchNorm1d always learns its statistics
+    assert changed("backbone.", is_stat) == {backbone_stats_change}
+    assert (True in changed("backbone.", is_conv)) == backbone_weights_change
