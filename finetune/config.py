@@ -127,7 +127,9 @@ class StageConfig(_Section):
 class TrainingConfig(_Section):
     batch_size: int = Field(32, ge=1)
     eval_batch_size: Optional[int] = Field(None, ge=1)
-    accumulation: int = Field(1, ge=1)  # micro-batches per optimizer step
+    # micro-batches per optimizer update; a last partial window of an epoch also updates (with the mean
+    # gradient of its micro-batches). Schedules are sized and stepped in updates.
+    accumulation: int = Field(1, ge=1)
     clip_grad: Optional[float] = Field(None, gt=0)  # max gradient norm
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     ema: Optional[float] = Field(None, gt=0, lt=1)  # EMA decay; evaluate and select on the EMA weights

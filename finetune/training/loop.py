@@ -50,6 +50,11 @@ def make_grad_scaler(device: torch.device, amp_dtype: Optional[torch.dtype]) -> 
     return torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
 
+def updates_per_epoch(n_batches: int, accumulation: int) -> int:
+    """Optimizer updates in an epoch of ``n_batches`` micro-batches: a last partial window also steps."""
+    return -(-n_batches // accumulation)
+
+
 @dataclass
 class EpochStats:
     loss: float
@@ -109,13 +114,14 @@ def train_one_epoch(
         if channels_last and inputs.ndim == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         boundary = (step + 1) % accumulation == 0 or step + 1 == n_batches
+        window = min(accumulation, n_batches - step + step % accumulation)  # micro-batches in this update
         # DDP: only the micro-batch that ends an update all-reduces gradients
         sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast(device, amp_dtype):
                 logits = model(inputs)
                 loss = loss_fn(logits.float(), labels)
-            scaler.scale(loss / accumulation).backward()
+            scaler.scale(loss / window).backward()
         # record the first non-finite step on the device; checked at the sync points below
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         loss_sum += loss.detach().double() * labels.numel()

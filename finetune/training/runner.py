@@ -38,6 +38,7 @@ from finetune.training.loop import (
     resolve_device,
     resolve_precision,
     train_one_epoch,
+    updates_per_epoch,
 )
 from finetune.training.reporting import (
     Progress,
@@ -240,7 +241,8 @@ class Runner:
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         optimizer = make_optimizer(self.model, stage.optimizer)
-        scheduler = make_scheduler(optimizer, stage.schedule, stage.epochs, len(inputs.train_loader))
+        scheduler = make_scheduler(optimizer, stage.schedule, stage.epochs,
+                                   updates_per_epoch(len(inputs.train_loader), self.cfg.accumulation))
         scheduler.step_update(num_updates=self.updates_in_stage)
         if self.resume_optimizer is not None:  # resuming inside this stage
             optimizer.load_state_dict(self.resume_optimizer)

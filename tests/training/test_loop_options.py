@@ -52,6 +52,51 @@ def head_stage(epochs, **extra):
     return {"name": "head", "epochs": epochs, "train": "head", **extra}
 
 
+# -------------------------------------------------------------------------------- accumulation, lr
+
+def cosine_with_warmup(t, *, base, total, warmup, warmup_lr):
+    if t < warmup:
+        return warmup_lr + t * (base - warmup_lr) / warmup
+    return 0.5 * base * (1 + math.cos(math.pi * t / total))
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_schedule_is_sized_and_stepped_in_optimizer_updates(quick, tmp_path, monkeypatch, accumulation):
+    """18 train images in batches of 4 → 4 micro-batches per epoch (the incomplete one is dropped); with
+    accumulation 3 that is 2 updates (3 + a last partial window of 1). Over 2 epochs with 1 warmup epoch,
+    the lr of every update follows warmup then cosine sized in updates, so the last update of the stage
+    runs at the curve's last point and the epoch-end lr in metrics.csv is the cosine midpoint, then 0."""
+    from finetune.training import runner as runner_module
+
+    lrs = []
+    make_optimizer = runner_module.make_optimizer
+
+    def recording(*args, **kwargs):
+        optimizer = make_optimizer(*args, **kwargs)
+        optimizer.register_step_pre_hook(lambda opt, a, k: lrs.append(opt.param_groups[0]["lr"]))
+        return optimizer
+
+    monkeypatch.setattr(runner_module, "make_optimizer", recording)
+    quick["stages"] = [head_stage(2, schedule={"name": "cosine", "warmup_epochs": 1, "warmup_lr": 1e-4})]
+    quick["training"].update({"batch_size": 4, "accumulation": accumulation})
+    run = tmp_path / "run"
+    train(quick, run)
+
+    per_epoch = math.ceil(4 / accumulation)
+    total = 2 * per_epoch
+    expected = [cosine_with_warmup(t, base=3e-3, total=total, warmup=per_epoch, warmup_lr=1e-4) for t in range(total)]
+    assert lrs == pytest.approx(expected, rel=1e-6)
+    assert [float(r["lr"]) for r in read_metrics(run)] == pytest.approx([1.5e-3, 0.0], abs=1e-9)
+    assert training_state(run)["updates_in_stage"] == total
+
+
+def test_step_decay_happens_every_step_epochs_of_updates_with_accumulation(quick, tmp_path):
+    quick["stages"] = [head_stage(3, schedule={"name": "step", "step_epochs": 1, "gamma": 0.5})]
+    quick["training"].update({"batch_size": 4, "accumulation": 3})
+    train(quick, tmp_path / "run")
+    assert [float(r["lr"]) for r in read_metrics(tmp_path / "run")] == pytest.approx([1.5e-3, 7.5e-4, 3.75e-4])
+
+
 # ------------------------------------------------------------------------------------------- batchnorm
 
 def test_batchnorm_eval_still_trains_the_head_normalisation(quick, tmp_path):
