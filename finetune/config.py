@@ -133,7 +133,9 @@ class TrainingConfig(_Section):
     clip_grad: Optional[float] = Field(None, gt=0)  # max gradient norm
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     ema: Optional[float] = Field(None, gt=0, lt=1)  # EMA decay; evaluate and select on the EMA weights
-    early_stopping: Optional[int] = Field(None, ge=1)  # patience in epochs, within a stage
+    # patience in epochs, within a stage: a stage stops after this many epochs without beating its own
+    # best (not the run's, which unfreezing often starts below); checkpoints/best stays the run's best.
+    early_stopping: Optional[int] = Field(None, ge=1)
     select: Metric = "accuracy"  # validation metric that picks the best checkpoint
     precision: Precision = "auto"
     channels_last: bool = False

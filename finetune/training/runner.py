@@ -84,7 +84,8 @@ class Runner:
         self.updates_in_stage = 0
         self.history: list[dict[str, Any]] = []
         self.recall_history: list[dict[str, Any]] = []
-        self.best: Optional[dict[str, Any]] = None
+        self.best: Optional[dict[str, Any]] = None  # of the run: picks checkpoints/best
+        self.stage_best: Optional[float] = None  # of the current stage: early stopping's patience counts against it
         self.stale_epochs = 0
         self.train_seconds = 0.0
         self.resume_optimizer: Optional[dict[str, Any]] = None
@@ -214,6 +215,7 @@ class Runner:
                 continue
             if index != self.stage_index:  # entering a new stage: fresh optimizer, warmup, patience
                 self.stage_index, self.epoch_in_stage, self.updates_in_stage, self.stale_epochs = index, 0, 0, 0
+                self.stage_best = None
                 self.resume_optimizer = None  # a resumed optimizer state belongs to the stage it came from
             if self.epoch_in_stage >= stage.epochs or self._early_stopped(stage):
                 continue
@@ -283,11 +285,13 @@ class Runner:
             }
             self.history.append(row)
             self.recall_history.append({"epoch": global_epoch + 1, **val["per_class_recall"]})
-            improved = self._is_better(val)
+            value = _select_value(val, self.cfg.select)
+            improved = is_better(value, self.best["value"] if self.best else None, self.cfg.select)
             if improved:
                 self.best = {"epoch": global_epoch + 1, "stage": index, "metric": self.cfg.select,
-                             "value": _select_value(val, self.cfg.select), "val": _json_metrics(val)}
-                self.stale_epochs = 0
+                             "value": value, "val": _json_metrics(val)}
+            if is_better(value, self.stage_best, self.cfg.select):
+                self.stage_best, self.stale_epochs = value, 0
             else:
                 self.stale_epochs += 1
             log.info(
@@ -370,12 +374,6 @@ class Runner:
         probs = np.concatenate([p[1] for p in parts if len(p[1])])
         return classification_metrics(labels, probs, class_names=self.classes)
 
-    def _is_better(self, val: dict[str, Any]) -> bool:
-        if self.best is None:
-            return True
-        value = _select_value(val, self.cfg.select)
-        return value < self.best["value"] if self.cfg.select == "loss" else value > self.best["value"]
-
     # ------------------------------------------------------------------------------------ checkpoints
 
     def _meta(self, metrics: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -397,6 +395,7 @@ class Runner:
             "epoch_in_stage": self.epoch_in_stage,
             "updates_in_stage": self.updates_in_stage,
             "stale_epochs": self.stale_epochs,
+            "stage_best": self.stage_best,
             "train_seconds": self.train_seconds,
             "best": json.dumps(self.best),
             "history": json.dumps(self.history),
@@ -418,6 +417,7 @@ class Runner:
         self.epoch_in_stage = state["epoch_in_stage"]
         self.updates_in_stage = state["updates_in_stage"]
         self.stale_epochs = state["stale_epochs"]
+        self.stage_best = state.get("stage_best")
         self.train_seconds = state["train_seconds"]
         self.best = json.loads(state["best"])
         self.history = json.loads(state["history"])
@@ -579,6 +579,13 @@ def resolve_preprocessing(data_config: dict[str, Any], data) -> dict[str, Any]:
 
 def stage_label(stage: StageConfig, index: int) -> str:
     return stage.name or f"stage{index}"
+
+
+def is_better(value: float, best: Optional[float], metric: str) -> bool:
+    """Whether ``value`` of ``metric`` beats ``best`` (None: nothing to beat); lower is better for loss."""
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
 
 
 def _select_value(val: dict[str, Any], metric: str) -> float:

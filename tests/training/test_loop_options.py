@@ -97,6 +97,82 @@ def test_step_decay_happens_every_step_epochs_of_updates_with_accumulation(quick
     assert [float(r["lr"]) for r in read_metrics(tmp_path / "run")] == pytest.approx([1.5e-3, 7.5e-4, 3.75e-4])
 
 
+# ------------------------------------------------------------------------------------ early stopping
+
+def scripted_validation(monkeypatch, script, crash_at=None):
+    """Replace validation by a script: the n-th epoch of the run validates to ``script[n]``, an accuracy
+    (every other metric follows it; loss 1 - accuracy) or a dict of metrics; ``crash_at``: raise once
+    while validating that epoch, as a killed run would stop."""
+    crashed = []
+
+    def validate(self, inputs):
+        epoch = len(self.history)
+        if epoch == crash_at and not crashed:
+            crashed.append(epoch)
+            raise RuntimeError("simulated crash")
+        step = script[epoch]
+        metrics = step if isinstance(step, dict) else {
+            "loss": 1 - step, "accuracy": step, "macro_f1": step, "balanced_accuracy": step}
+        return {**metrics, "per_class_recall": {c: metrics["accuracy"] for c in self.classes}}
+
+    monkeypatch.setattr(Runner, "_validate", validate)
+
+
+STAGE_SCRIPT = [0.9, 0.5, 0.6, 0.55, 0.58, 0.95, 0.95]  # stage 0: 1 epoch; stage 1: up to 6
+
+
+def test_patience_counts_against_the_stage_own_best_and_best_stays_the_run_best(quick, tmp_path, monkeypatch):
+    """Stage 1 starts below stage 0's best (as unfreezing does): it improves on its own best twice, then
+    stalls 2 epochs (patience 2) and stops after its 4th epoch; the best checkpoint is still epoch 1."""
+    scripted_validation(monkeypatch, STAGE_SCRIPT)
+    quick["stages"] = [head_stage(1), head_stage(6, name="again")]
+    quick["training"]["early_stopping"] = 2
+    run = tmp_path / "run"
+    summary = train(quick, run)
+    assert [(r["stage"], r["val_acc"]) for r in read_metrics(run)] == [
+        ("0", "0.9"), ("1", "0.5"), ("1", "0.6"), ("1", "0.55"), ("1", "0.58")]
+    assert summary["best_epoch"] == 1 and summary["best_metric"]["value"] == 0.9
+    best = json.loads((run / "checkpoints" / "best" / "checkpoint.json").read_text())
+    assert best["metrics"]["epoch"] == 1
+
+
+def test_resume_restores_the_stage_own_best_for_patience(quick, tmp_path, monkeypatch):
+    """Killed while validating stage 1's 4th epoch: the resumed run still stops at the same epoch."""
+    scripted_validation(monkeypatch, STAGE_SCRIPT, crash_at=4)
+    quick["stages"] = [head_stage(1), head_stage(6, name="again")]
+    quick["training"]["early_stopping"] = 2
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(quick, run)
+    assert len(read_metrics(run)) == 4
+    train(quick, run, resume=True)
+    assert [r["val_acc"] for r in read_metrics(run)] == ["0.9", "0.5", "0.6", "0.55", "0.58"]
+
+
+# ----------------------------------------------------------------------------------- best selection
+
+SELECT_SCRIPT = [  # each metric is best at a different epoch
+    {"loss": 0.6, "accuracy": 0.5, "macro_f1": 0.6, "balanced_accuracy": 0.5},
+    {"loss": 0.8, "accuracy": 0.7, "macro_f1": 0.5, "balanced_accuracy": 0.7},
+    {"loss": 0.9, "accuracy": 0.6, "macro_f1": 0.8, "balanced_accuracy": 0.6},
+]
+
+
+@pytest.mark.parametrize("select, column, pick, epoch", [("loss", "val_loss", min, 1), ("accuracy", "val_acc", max, 2),
+                                                         ("macro_f1", "val_macro_f1", max, 3)])
+def test_best_epoch_is_the_selected_column_argmax_or_argmin(quick, tmp_path, monkeypatch, select, column, pick, epoch):
+    scripted_validation(monkeypatch, SELECT_SCRIPT)
+    quick["stages"] = [head_stage(3)]
+    quick["training"]["select"] = select
+    run = tmp_path / "run"
+    summary = train(quick, run)
+    values = [float(r[column]) for r in read_metrics(run)]
+    assert summary["best_epoch"] == 1 + values.index(pick(values)) == epoch
+    assert summary["best_metric"] == {"name": select, "value": pick(values)}
+    assert json.loads((run / "summary.json").read_text())["best_epoch"] == epoch
+    assert json.loads((run / "checkpoints" / "best" / "checkpoint.json").read_text())["metrics"]["epoch"] == epoch
+
+
 # ------------------------------------------------------------------------------------------- batchnorm
 
 def test_batchnorm_eval_still_trains_the_head_normalisation(quick, tmp_path):
