@@ -132,7 +132,10 @@ class TrainingConfig(_Section):
     accumulation: int = Field(1, ge=1)
     clip_grad: Optional[float] = Field(None, gt=0)  # max gradient norm
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    ema: Optional[float] = Field(None, gt=0, lt=1)  # EMA decay; evaluate and select on the EMA weights
+    # EMA decay; evaluate and select on the EMA weights. One EMA for the run: it carries across stages
+    # (one update count; its first update copies the model) and each update averages only what the stage
+    # trains (frozen weights keep their EMA; a head-only stage moves only the head's).
+    ema: Optional[float] = Field(None, gt=0, lt=1)
     # patience in epochs, within a stage: a stage stops after this many epochs without beating its own
     # best (not the run's, which unfreezing often starts below); checkpoints/best stays the run's best.
     early_stopping: Optional[int] = Field(None, ge=1)

@@ -83,16 +83,16 @@ def train_one_epoch(
     scheduler=None,
     first_update: int = 0,
     ema=None,
-    ema_model: Optional[nn.Module] = None,
     channels_last: bool = False,
     where: str = "",
     progress: Optional[Callable[[int, int, float, float], None]] = None,
 ) -> EpochStats:
     """Train ``model`` for one pass over ``loader`` (batches of ``(inputs, labels, skipped)``).
 
-    Every ``accumulation`` micro-batches make exactly one optimizer step: gradients are unscaled before
-    clipping, the scheduler steps per update, and the EMA follows each update of ``ema_model`` (the whole
-    model, when ``model`` is only its trained part; default ``model``).
+    Every ``accumulation`` micro-batches make exactly one optimizer step, and so does a last partial
+    window (with the mean gradient of its micro-batches): :func:`updates_per_epoch` updates. Gradients are
+    unscaled before clipping, the scheduler steps per update (``scheduler.step_update(num_updates=...)``
+    counting from ``first_update``), and ``ema.update()`` follows each update (the EMA knows what it tracks).
 
     Raises:
         FinetuneError: on a non-finite loss, naming ``where`` (stage and epoch) and the step.
@@ -140,7 +140,7 @@ def train_one_epoch(
             if scheduler is not None:
                 scheduler.step_update(num_updates=updates)
             if ema is not None:
-                ema.update(ema_model if ema_model is not None else model, step=updates)
+                ema.update()
         if progress is not None and (step % 10 == 0 or step + 1 == n_batches):
             _check_finite(first_bad, where)  # a CPU-GPU sync point, so only every 10 steps
             progress(step + 1, samples, loss.item(), max(g["lr"] for g in optimizer.param_groups))

@@ -26,6 +26,7 @@ from finetune.config import Recipe, StageConfig
 from finetune.errors import FinetuneError
 from finetune.models import FinetuneModel, create_model
 from finetune.training import distributed as ddp
+from finetune.training.ema import Ema, stage_state_names
 from finetune.training.freeze import (
     apply_trainable,
     frozen_batchnorms,
@@ -148,11 +149,7 @@ class Runner:
         self.preprocessing = resolve_preprocessing(self.model.data_config(), data)
         self.train_transform = build_transform(True, ops=data.train_transforms, **self._transform_args())
         self.eval_transform = build_transform(False, ops=data.eval_transforms, **self._transform_args())
-        self.ema = None
-        if cfg.ema is not None:
-            from timm.utils import ModelEmaV3
-
-            self.ema = ModelEmaV3(self.model, decay=cfg.ema)
+        self.ema = Ema(self.model, cfg.ema) if cfg.ema is not None else None
         self.loss_fn = self._make_loss()
         self.scaler = make_grad_scaler(self.device, self.amp_dtype)
         if self.resume:
@@ -238,6 +235,8 @@ class Runner:
 
         inputs = self._stage_inputs(stage, trainable)
         module = inputs.module
+        if self.ema is not None:  # the EMA averages what this stage changes; frozen weights keep their EMA
+            self.ema.track(self.model, stage_state_names(self.model, trainable, frozen_bn, runs=inputs.module))
         if self.dist.enabled:
             module = nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None
@@ -262,7 +261,7 @@ class Runner:
                     train_module, inputs.train_loader, optimizer, self.loss_fn, device=self.device,
                     amp_dtype=self.amp_dtype, scaler=self.scaler, accumulation=self.cfg.accumulation,
                     clip_grad=self.cfg.clip_grad, scheduler=scheduler, first_update=self.updates_in_stage,
-                    ema=self.ema, ema_model=self.model, channels_last=self.cfg.channels_last, where=where,
+                    ema=self.ema, channels_last=self.cfg.channels_last, where=where,
                     progress=progress,
                 )
             self.updates_in_stage += stats.updates
@@ -403,6 +402,7 @@ class Runner:
             "optimizer": optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "ema_updates": self.ema.updates if self.ema is not None else 0,
             "rng": rng_state(),
         }
         save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self._meta(),
@@ -424,6 +424,7 @@ class Runner:
         self.recall_history = json.loads(state["recall_history"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.module.load_state_dict(state["ema"])
+            self.ema.updates = state.get("ema_updates", 0)
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.resume_optimizer = state["optimizer"]

@@ -226,3 +226,87 @@ def test_batchnorm_modes_decide_which_running_statistics_change(batchnorm, train
     assert changed("head.", is_stat) == {True}  # the head's BatchNorm1d always learns its statistics
     assert changed("backbone.", is_stat) == {backbone_stats_change}
     assert (True in changed("backbone.", is_conv)) == backbone_weights_change
+
+
+# ------------------------------------------------------------------------------------------------ EMA
+
+@pytest.mark.parametrize("ema", [None, 0.5])
+def test_ema_weights_are_what_is_validated_and_saved_as_best(quick, tmp_path, ema):
+    quick["stages"] = [head_stage(1)]
+    quick["training"]["ema"] = ema
+    run = tmp_path / "run"
+    train(quick, run)
+    best = load_file(str(run / "checkpoints" / "best" / "model.safetensors"))
+    last = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+    head = [k for k in best if k.startswith("head.") and k.endswith("weight")]
+    if ema is None:
+        assert training_state(run)["ema"] is None
+        assert all(torch.equal(best[k], last[k]) for k in best)
+    else:
+        averaged = training_state(run)["ema"]
+        assert all(torch.equal(best[k], averaged[k]) for k in best)
+        assert all(not torch.equal(best[k], last[k]) for k in head)
+
+
+def test_ema_carries_across_stages_with_one_update_count(quick, tmp_path):
+    """Stage 0 trains the head (1 update), stage 1 everything with 1 update. The EMA isn't restarted
+    at stage 1: its one update blends the (still initial) EMA backbone with the trained one at the
+    configured decay — a restart would have copied the model."""
+    decay = 0.75
+    quick["stages"] = [head_stage(1), {"name": "all", "epochs": 1, "train": "all"}]
+    # 18 train images in batches of 8: 2 micro-batches per epoch, one update each with accumulation 2
+    quick["training"].update({"ema": decay, "batch_size": 8, "accumulation": 2})
+    run = tmp_path / "run"
+    train(quick, run)
+    state = training_state(run)
+    model = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+    initial = initial_weights(quick)
+    assert any(not torch.equal(state["ema"][k], model[k]) for k in model if k.startswith("backbone."))
+    for k in (k for k in initial if k.startswith("backbone.") and initial[k].is_floating_point()):
+        expected = initial[k] + (1 - decay) * (model[k] - initial[k])
+        torch.testing.assert_close(state["ema"][k], expected, msg=k)
+    assert state["ema_updates"] == 2
+
+
+def test_head_only_stage_leaves_the_ema_backbone_untouched(quick, tmp_path):
+    """A cached head stage after an ``all`` stage: only the head's EMA moves — the EMA backbone is the
+    one the ``all`` stage left, bit for bit (the same run stopped after stage 0 shows it)."""
+    quick["stages"] = [{"name": "all", "epochs": 1, "train": "all"}]
+    quick["training"].update({"ema": 0.5, "batch_size": 8})
+    train(quick, tmp_path / "a")
+    quick["stages"].append(head_stage(1))
+    train(quick, tmp_path / "b")
+    a, b = training_state(tmp_path / "a"), training_state(tmp_path / "b")
+    model = load_file(str(tmp_path / "b" / "checkpoints" / "last" / "model.safetensors"))
+    for k in a["ema"]:
+        if k.startswith("backbone."):
+            assert torch.equal(a["ema"][k], b["ema"][k]), k
+    assert any(not torch.equal(a["ema"][k], model[k]) for k in a["ema"] if k.startswith("backbone."))
+    assert all(not torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"] if k.startswith("head.") and k.endswith("weight"))
+    assert b["ema_updates"] == a["ema_updates"] + 2
+
+
+def test_ema_update_of_a_cached_head_stage_writes_only_the_head():
+    """On cached features only the head runs: the EMA never writes a backbone tensor (no wasted blend),
+    which so stays bit for bit the model's backbone, while the head's EMA (its BatchNorm included) moves."""
+    from finetune.training.ema import Ema, stage_state_names
+
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3, head={"name": "spinal", "width": 16})
+    ema = Ema(model, 0.5)
+    trainable = select_trainable(model, "head")
+    apply_trainable(model, trainable)
+    frozen = frozen_batchnorms(model, trainable, "train")  # even with every BatchNorm training
+    ema.track(model, stage_state_names(model, trainable, frozen, runs=model.head))
+    state = ema.module.state_dict()
+    versions = {k: v._version for k, v in state.items() if k.startswith("backbone.")}
+    with torch.no_grad():  # as the feature cache does: BatchNorm in eval mode
+        features = [(model.backbone.eval()(x), y, 0) for x, y, _ in batches()]
+    head_before = {k: v.clone() for k, v in state.items() if k.startswith("head.")}
+    set_train_mode(model, frozen)
+    train_one_epoch(model.head, features, torch.optim.SGD(model.head.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                    device=CPU, amp_dtype=None, scaler=make_grad_scaler(CPU, None), ema=ema)
+    assert ema.updates == 3
+    assert {k: v._version for k, v in state.items() if k.startswith("backbone.")} == versions
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items() if k.startswith("backbone."))
+    assert [k for k in head_before if k.endswith(("weight", "running_mean")) and torch.equal(state[k], head_before[k])] == []
