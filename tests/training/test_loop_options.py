@@ -228,6 +228,80 @@ def test_batchnorm_modes_decide_which_running_statistics_change(batchnorm, train
     assert (True in changed("backbone.", is_conv)) == backbone_weights_change
 
 
+# ---------------------------------------------------------------------- label smoothing, class balance
+
+def test_label_smoothing_reaches_the_loss(quick, tmp_path):
+    quick["training"]["label_smoothing"] = 0.3
+    loss_fn = Runner(parse_recipe(quick), quick, run_dir=tmp_path / "run", resume=False, quiet=True)._make_loss()
+    logits, labels = torch.tensor([[4.0, 0.0, -1.0], [0.0, 2.0, 1.0]]), torch.tensor([0, 2])
+    target = torch.full((2, 3), 0.1)
+    target[[0, 1], labels] = 0.8  # 1 - 0.3 + 0.3 / 3 on the true class, 0.3 / 3 elsewhere
+    expected = -(target * logits.log_softmax(1)).sum(1).mean()
+    torch.testing.assert_close(loss_fn(logits, labels), expected)
+
+
+@pytest.fixture
+def imbalanced(quick, tmp_path, make_tiny_folder):
+    """The tiny recipe on a folder of 4 circles, 12 squares and 12 stripes (splits keep the ratio)."""
+    root = make_tiny_folder(tmp_path / "imbalanced")
+    for path in sorted((root / "circle").iterdir())[4:]:
+        path.unlink()
+    quick["data"]["root"] = str(root)
+    return quick
+
+
+def set_up(raw, run_dir):
+    runner = Runner(parse_recipe(raw), raw, run_dir=run_dir, resume=False, quiet=True)
+    runner.setup()
+    runner.cleanup()
+    return runner
+
+
+@pytest.mark.parametrize("balance", ["none", "loss"])
+def test_balance_loss_weights_classes_by_inverse_train_frequency(imbalanced, tmp_path, balance):
+    imbalanced["data"]["balance"] = balance
+    runner = set_up(imbalanced, tmp_path / "run")
+    counts = torch.bincount(torch.tensor([label for _, label in runner.items("train")]), minlength=3).float()
+    assert counts[0] < counts[1]
+    weight = runner.loss_fn.weight
+    if balance == "none":
+        assert weight is None
+    else:
+        torch.testing.assert_close(weight * counts, torch.full((3,), (weight * counts)[0].item()))
+        assert weight.mean().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("balance", ["none", "sampler"])
+def test_balance_sampler_draws_every_class_equally_often(imbalanced, tmp_path, balance):
+    imbalanced["data"]["balance"] = balance
+    runner = set_up(imbalanced, tmp_path / "run")
+    loader = runner._image_loader("train", train=True)
+    labels = loader.dataset.labels
+    drawn = torch.bincount(torch.tensor([labels[i] for i in loader.sampler]), minlength=3)
+    present = torch.bincount(torch.tensor(list(labels)), minlength=3)
+    assert drawn.sum() == present.sum()
+    if balance == "none":
+        assert torch.equal(drawn, present)
+    else:
+        assert drawn.max() - drawn.min() <= 1
+
+
+# -------------------------------------------------------------------------------------------- clipping
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_clipping_bounds_the_norm_of_each_update(clip):
+    """Plain SGD with lr 1: the step equals the gradient, so its norm is the clipped gradient norm."""
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3, head="linear")
+    before = [p.detach().clone() for p in model.parameters()]
+    fit_stage(model, "all", lr=1.0, clip_grad=clip, data=batches(1))
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]).norm().item()
+    if clip is None:
+        assert step > 10 * 1e-3
+    else:
+        assert step == pytest.approx(clip, rel=1e-3)
+
+
 # ------------------------------------------------------------------------------------------------ EMA
 
 @pytest.mark.parametrize("ema", [None, 0.5])
