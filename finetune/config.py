@@ -101,9 +101,10 @@ class StageConfig(_Section):
     train: Union[str, list[str]] = "all"
     optimizer: OptimizerConfig
     schedule: ScheduleConfig
-    # BatchNorm mode while training. auto: layers in frozen parts stay in eval mode (their running
-    # statistics don't drift), layers in trained parts train. eval: every BatchNorm keeps its pretrained
-    # statistics (often better on small datasets far from ImageNet). train: every BatchNorm trains.
+    # The backbone's BatchNorm mode while training. auto: layers in frozen parts stay in eval mode (their
+    # running statistics don't drift), layers in trained parts train. eval: every backbone BatchNorm keeps
+    # its pretrained statistics (often better on small datasets far from ImageNet). train: every one
+    # trains. The head's normalisation is new and always trains.
     batchnorm: Literal["auto", "eval", "train"] = "auto"
     feature_cache: Union[bool, Literal["auto"]] = "auto"  # head-only stages train from cached features
     feature_cache_views: int = Field(0, ge=0)  # augmented views cached per image (0: no augmentation)
@@ -128,11 +129,18 @@ class StageConfig(_Section):
 class TrainingConfig(_Section):
     batch_size: int = Field(32, ge=1)
     eval_batch_size: Optional[int] = Field(None, ge=1)
-    accumulation: int = Field(1, ge=1)  # micro-batches per optimizer step
+    # micro-batches per optimizer update; a last partial window of an epoch also updates (with the mean
+    # gradient of its micro-batches). Schedules are sized and stepped in updates.
+    accumulation: int = Field(1, ge=1)
     clip_grad: Optional[float] = Field(None, gt=0)  # max gradient norm
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    ema: Optional[float] = Field(None, gt=0, lt=1)  # EMA decay; evaluate and select on the EMA weights
-    early_stopping: Optional[int] = Field(None, ge=1)  # patience in epochs, within a stage
+    # EMA decay; evaluate and select on the EMA weights. One EMA for the run: it carries across stages
+    # (one update count; its first update copies the model) and each update averages only what the stage
+    # trains (frozen weights keep their EMA; a head-only stage moves only the head's).
+    ema: Optional[float] = Field(None, gt=0, lt=1)
+    # patience in epochs, within a stage: a stage stops after this many epochs without beating its own
+    # best (not the run's, which unfreezing often starts below); checkpoints/best stays the run's best.
+    early_stopping: Optional[int] = Field(None, ge=1)
     select: Metric = "accuracy"  # validation metric that picks the best checkpoint
     precision: Precision = "auto"
     channels_last: bool = False

@@ -55,15 +55,22 @@ def apply_trainable(model: nn.Module, trainable: set[str]) -> None:
         param.requires_grad_(name in trainable)
 
 
-def frozen_batchnorms(model: nn.Module, trainable: set[str]) -> list[nn.Module]:
-    """BatchNorm layers none of whose parameters train (for affine-free ones: whose parent doesn't train)."""
+def frozen_batchnorms(model: nn.Module, trainable: set[str], mode: str = "auto") -> list[nn.Module]:
+    """The backbone's BatchNorm layers whose running statistics stay fixed while a stage trains.
+
+    ``mode`` (a stage's ``batchnorm``) applies to the backbone: ``auto`` freezes the layers none of whose
+    parameters train (for affine-free ones: whose parent doesn't train), ``eval`` every one, ``train``
+    none. The head's normalisation is new and always trains.
+    """
+    if mode not in ("auto", "eval", "train"):
+        raise FinetuneError(f"batchnorm must be auto, eval or train, got '{mode}'")
     frozen = []
     for name, module in model.named_modules():
-        if not isinstance(module, (_BatchNorm, nn.SyncBatchNorm)):
+        if mode == "train" or not name.startswith("backbone.") or not isinstance(module, _BatchNorm):
             continue
         owner = name if any(True for _ in module.parameters(recurse=False)) else name.rpartition(".")[0]
         prefix = owner + "."
-        if not any(t.startswith(prefix) for t in trainable):
+        if mode == "eval" or not any(t.startswith(prefix) for t in trainable):
             frozen.append(module)
     return frozen
 

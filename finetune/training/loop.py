@@ -31,13 +31,14 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype for ``precision`` on ``device``; None means fp32 (no autocast).
 
-    auto: bf16 on CUDA devices that support it, else fp16 (with a GradScaler); fp32 on the CPU.
-    bf16/fp16 on the CPU are used only when asked for.
+    auto: bf16 on CUDA devices with native bf16 (compute capability 8.0 or newer: Ampere, Hopper, …), else
+    fp16 with a GradScaler (T4, V100: ``torch.cuda.is_bf16_supported()`` says yes there too, but emulates
+    it, slowly); fp32 on the CPU. bf16/fp16 on the CPU are used only when asked for.
     """
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -47,6 +48,11 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
 
 def make_grad_scaler(device: torch.device, amp_dtype: Optional[torch.dtype]) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+
+def updates_per_epoch(n_batches: int, accumulation: int) -> int:
+    """Optimizer updates in an epoch of ``n_batches`` micro-batches: a last partial window also steps."""
+    return -(-n_batches // accumulation)
 
 
 @dataclass
@@ -77,16 +83,16 @@ def train_one_epoch(
     scheduler=None,
     first_update: int = 0,
     ema=None,
-    ema_model: Optional[nn.Module] = None,
     channels_last: bool = False,
     where: str = "",
     progress: Optional[Callable[[int, int, float, float], None]] = None,
 ) -> EpochStats:
     """Train ``model`` for one pass over ``loader`` (batches of ``(inputs, labels, skipped)``).
 
-    Every ``accumulation`` micro-batches make exactly one optimizer step: gradients are unscaled before
-    clipping, the scheduler steps per update, and the EMA follows each update of ``ema_model`` (the whole
-    model, when ``model`` is only its trained part; default ``model``).
+    Every ``accumulation`` micro-batches make exactly one optimizer step, and so does a last partial
+    window (with the mean gradient of its micro-batches): :func:`updates_per_epoch` updates. Gradients are
+    unscaled before clipping, the scheduler steps per update (``scheduler.step_update(num_updates=...)``
+    counting from ``first_update``), and ``ema.update()`` follows each update (the EMA knows what it tracks).
 
     Raises:
         FinetuneError: on a non-finite loss, naming ``where`` (stage and epoch) and the step.
@@ -108,13 +114,14 @@ def train_one_epoch(
         if channels_last and inputs.ndim == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         boundary = (step + 1) % accumulation == 0 or step + 1 == n_batches
+        window = min(accumulation, n_batches - step + step % accumulation)  # micro-batches in this update
         # DDP: only the micro-batch that ends an update all-reduces gradients
         sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast(device, amp_dtype):
                 logits = model(inputs)
                 loss = loss_fn(logits.float(), labels)
-            scaler.scale(loss / accumulation).backward()
+            scaler.scale(loss / window).backward()
         # record the first non-finite step on the device; checked at the sync points below
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         loss_sum += loss.detach().double() * labels.numel()
@@ -133,7 +140,7 @@ def train_one_epoch(
             if scheduler is not None:
                 scheduler.step_update(num_updates=updates)
             if ema is not None:
-                ema.update(ema_model if ema_model is not None else model, step=updates)
+                ema.update()
         if progress is not None and (step % 10 == 0 or step + 1 == n_batches):
             _check_finite(first_bad, where)  # a CPU-GPU sync point, so only every 10 steps
             progress(step + 1, samples, loss.item(), max(g["lr"] for g in optimizer.param_groups))

@@ -26,6 +26,7 @@ from finetune.config import Recipe, StageConfig
 from finetune.errors import FinetuneError
 from finetune.models import FinetuneModel, create_model
 from finetune.training import distributed as ddp
+from finetune.training.ema import Ema, stage_state_names
 from finetune.training.freeze import (
     apply_trainable,
     frozen_batchnorms,
@@ -38,6 +39,7 @@ from finetune.training.loop import (
     resolve_device,
     resolve_precision,
     train_one_epoch,
+    updates_per_epoch,
 )
 from finetune.training.reporting import (
     Progress,
@@ -83,7 +85,8 @@ class Runner:
         self.updates_in_stage = 0
         self.history: list[dict[str, Any]] = []
         self.recall_history: list[dict[str, Any]] = []
-        self.best: Optional[dict[str, Any]] = None
+        self.best: Optional[dict[str, Any]] = None  # of the run: picks checkpoints/best
+        self.stage_best: Optional[float] = None  # of the current stage: early stopping's patience counts against it
         self.stale_epochs = 0
         self.train_seconds = 0.0
         self.resume_optimizer: Optional[dict[str, Any]] = None
@@ -145,11 +148,7 @@ class Runner:
         self.preprocessing = resolve_preprocessing(self.model.data_config(), data)
         self.train_transform = build_transform(True, ops=data.train_transforms, **self._transform_args())
         self.eval_transform = build_transform(False, ops=data.eval_transforms, **self._transform_args())
-        self.ema = None
-        if cfg.ema is not None:
-            from timm.utils import ModelEmaV3
-
-            self.ema = ModelEmaV3(self.model, decay=cfg.ema)
+        self.ema = Ema(self.model, cfg.ema) if cfg.ema is not None else None
         self.loss_fn = self._make_loss()
         self.scaler = make_grad_scaler(self.device, self.amp_dtype)
         if self.resume:
@@ -212,6 +211,7 @@ class Runner:
                 continue
             if index != self.stage_index:  # entering a new stage: fresh optimizer, warmup, patience
                 self.stage_index, self.epoch_in_stage, self.updates_in_stage, self.stale_epochs = index, 0, 0, 0
+                self.stage_best = None
                 self.resume_optimizer = None  # a resumed optimizer state belongs to the stage it came from
             if self.epoch_in_stage >= stage.epochs or self._early_stopped(stage):
                 continue
@@ -227,23 +227,22 @@ class Runner:
         label = stage_label(stage, index)
         trainable = select_trainable(self.model, stage.train)
         apply_trainable(self.model, trainable)
-        frozen_bn = {
-            "auto": lambda: frozen_batchnorms(self.model, trainable),
-            "eval": lambda: frozen_batchnorms(self.model, set()),
-            "train": lambda: [],
-        }[stage.batchnorm]()
+        frozen_bn = frozen_batchnorms(self.model, trainable, stage.batchnorm)
         n_train = sum(p.numel() for n, p in self.model.named_parameters() if n in trainable)
         log.info("stage %d (%s): %d epochs, training %s (%s parameters)", index, label, stage.epochs,
                  stage.train, f"{n_train:,}")
 
         inputs = self._stage_inputs(stage, trainable)
         module = inputs.module
+        if self.ema is not None:  # the EMA averages what this stage changes; frozen weights keep their EMA
+            self.ema.track(self.model, stage_state_names(self.model, trainable, frozen_bn, runs=inputs.module))
         if self.dist.enabled:
             module = nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         optimizer = make_optimizer(self.model, stage.optimizer)
-        scheduler = make_scheduler(optimizer, stage.schedule, stage.epochs, len(inputs.train_loader))
+        scheduler = make_scheduler(optimizer, stage.schedule, stage.epochs,
+                                   updates_per_epoch(len(inputs.train_loader), self.cfg.accumulation))
         scheduler.step_update(num_updates=self.updates_in_stage)
         if self.resume_optimizer is not None:  # resuming inside this stage
             optimizer.load_state_dict(self.resume_optimizer)
@@ -261,7 +260,7 @@ class Runner:
                     train_module, inputs.train_loader, optimizer, self.loss_fn, device=self.device,
                     amp_dtype=self.amp_dtype, scaler=self.scaler, accumulation=self.cfg.accumulation,
                     clip_grad=self.cfg.clip_grad, scheduler=scheduler, first_update=self.updates_in_stage,
-                    ema=self.ema, ema_model=self.model, channels_last=self.cfg.channels_last, where=where,
+                    ema=self.ema, channels_last=self.cfg.channels_last, where=where,
                     progress=progress,
                 )
             self.updates_in_stage += stats.updates
@@ -284,11 +283,13 @@ class Runner:
             }
             self.history.append(row)
             self.recall_history.append({"epoch": global_epoch + 1, **val["per_class_recall"]})
-            improved = self._is_better(val)
+            value = _select_value(val, self.cfg.select)
+            improved = is_better(value, self.best["value"] if self.best else None, self.cfg.select)
             if improved:
                 self.best = {"epoch": global_epoch + 1, "stage": index, "metric": self.cfg.select,
-                             "value": _select_value(val, self.cfg.select), "val": _json_metrics(val)}
-                self.stale_epochs = 0
+                             "value": value, "val": _json_metrics(val)}
+            if is_better(value, self.stage_best, self.cfg.select):
+                self.stage_best, self.stale_epochs = value, 0
             else:
                 self.stale_epochs += 1
             log.info(
@@ -371,12 +372,6 @@ class Runner:
         probs = np.concatenate([p[1] for p in parts if len(p[1])])
         return classification_metrics(labels, probs, class_names=self.classes)
 
-    def _is_better(self, val: dict[str, Any]) -> bool:
-        if self.best is None:
-            return True
-        value = _select_value(val, self.cfg.select)
-        return value < self.best["value"] if self.cfg.select == "loss" else value > self.best["value"]
-
     # ------------------------------------------------------------------------------------ checkpoints
 
     def _meta(self, metrics: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -398,6 +393,7 @@ class Runner:
             "epoch_in_stage": self.epoch_in_stage,
             "updates_in_stage": self.updates_in_stage,
             "stale_epochs": self.stale_epochs,
+            "stage_best": self.stage_best,
             "train_seconds": self.train_seconds,
             "best": json.dumps(self.best),
             "history": json.dumps(self.history),
@@ -405,6 +401,7 @@ class Runner:
             "optimizer": optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "ema_updates": self.ema.updates if self.ema is not None else 0,
             "rng": rng_state(),
         }
         save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self._meta(),
@@ -419,12 +416,14 @@ class Runner:
         self.epoch_in_stage = state["epoch_in_stage"]
         self.updates_in_stage = state["updates_in_stage"]
         self.stale_epochs = state["stale_epochs"]
+        self.stage_best = state.get("stage_best")
         self.train_seconds = state["train_seconds"]
         self.best = json.loads(state["best"])
         self.history = json.loads(state["history"])
         self.recall_history = json.loads(state["recall_history"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.module.load_state_dict(state["ema"])
+            self.ema.updates = state.get("ema_updates", 0)
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.resume_optimizer = state["optimizer"]
@@ -580,6 +579,13 @@ def resolve_preprocessing(data_config: dict[str, Any], data) -> dict[str, Any]:
 
 def stage_label(stage: StageConfig, index: int) -> str:
     return stage.name or f"stage{index}"
+
+
+def is_better(value: float, best: Optional[float], metric: str) -> bool:
+    """Whether ``value`` of ``metric`` beats ``best`` (None: nothing to beat); lower is better for loss."""
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
 
 
 def _select_value(val: dict[str, Any], metric: str) -> float:

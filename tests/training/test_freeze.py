@@ -62,3 +62,22 @@ def test_layer_decay_scales_lower_stages_down(model):
     scale_of = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
     assert scale_of[id(model.head.out[1].weight)] == 1.0
     assert scale_of[id(model.backbone.conv1[0].weight)] < scale_of[id(model.backbone.layer4[0].conv1.weight)] < 1.0
+
+
+@pytest.mark.parametrize("mode, train", [("eval", "all"), ("auto", "last:1"), ("auto", r"^backbone\.layer4\.")])
+def test_head_batchnorm_always_trains_and_eval_or_auto_freeze_only_backbone_statistics(model, mode, train):
+    trainable = select_trainable(model, train)
+    apply_trainable(model, trainable)
+    set_train_mode(model, frozen_batchnorms(model, trainable, mode))
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    head_bns = [m for n, m in bns.items() if n.startswith("head.")]
+    assert head_bns and all(m.training for m in head_bns)  # the spinal head's BatchNorm1d
+    frozen_backbone = [n for n, m in bns.items() if n.startswith("backbone.") and not m.training]
+    if mode == "eval":
+        assert len(frozen_backbone) == len(bns) - len(head_bns)
+    else:
+        assert frozen_backbone and all(not n.startswith("backbone.layer4") for n in frozen_backbone)
+
+
+def test_batchnorm_train_mode_freezes_nothing(model):
+    assert frozen_batchnorms(model, select_trainable(model, "head"), "train") == []

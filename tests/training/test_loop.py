@@ -131,3 +131,45 @@ def test_cuda_device_without_gpu_is_a_clear_error():
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(FinetuneError, match="no CUDA device"):
         resolve_device("cuda")
+
+
+@pytest.mark.parametrize("capability, expected", [
+    ((7, 5), torch.float16),  # T4: bf16 only emulated
+    ((7, 0), torch.float16),  # V100
+    ((8, 0), torch.bfloat16),  # A100
+    ((9, 0), torch.bfloat16),  # H100
+])
+def test_auto_precision_picks_bf16_only_where_the_gpu_has_it_natively(monkeypatch, capability, expected):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    amp = resolve_precision("auto", torch.device("cuda:1"))
+    assert amp is expected
+    assert asked == [torch.device("cuda:1")]
+    assert make_grad_scaler(torch.device("cpu"), amp).is_enabled() is (expected is torch.float16)
+
+
+def test_last_partial_accumulation_window_steps_with_the_mean_gradient_of_its_micro_batches():
+    """5 micro-batches with accumulation 3: one update over 3, then one over the last 2 whose gradient is
+    their mean (as if they were one batch), not 2/3 of it."""
+    from finetune.training.loop import updates_per_epoch
+
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3, head="linear").eval()  # eval: no BatchNorm batch statistics
+    x, y = torch.randn(10, 3, 32, 32), torch.randint(0, 3, (10,))
+    weight = model.head[1].weight
+    full = [torch.autograd.grad(nn.functional.cross_entropy(model(x[a:b]), y[a:b]), weight)[0]
+            for a, b in ((0, 6), (6, 10))]
+    grads = []
+
+    class Spy(torch.optim.SGD):
+        def step(self, closure=None):
+            grads.append(weight.grad.clone())
+
+    stats = train_one_epoch(model, [(x[i:i + 2], y[i:i + 2], 0) for i in range(0, 10, 2)], Spy(model.parameters(), lr=0.0),
+                            nn.CrossEntropyLoss(), device=torch.device("cpu"), amp_dtype=None,
+                            scaler=make_grad_scaler(torch.device("cpu"), None), accumulation=3)
+    assert stats.updates == 2
+    torch.testing.assert_close(grads[0], full[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], full[1], rtol=1e-5, atol=1e-6)
+    assert updates_per_epoch(5, 3) == 2  # what the scheduler is sized with
