@@ -26,6 +26,7 @@ from finetune.config import Recipe, StageConfig
 from finetune.errors import FinetuneError
 from finetune.models import FinetuneModel, create_model
 from finetune.training import distributed as ddp
+from finetune.training import run_folder
 from finetune.training.freeze import (
     apply_trainable,
     frozen_batchnorms,
@@ -52,7 +53,7 @@ METRIC_COLUMNS = [
     "stage", "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1",
     "val_balanced_acc", "images_per_s", "seconds",
 ]
-STATE_FILE = "training_state.pt"
+STATE_FILE = run_folder.STATE_FILE
 
 
 def run_training(recipe: Recipe, raw: dict[str, Any], *, run_dir: str | Path, resume: bool = False,
@@ -187,16 +188,20 @@ class Runner:
         log.setLevel(level)
 
     def _prepare_run_dir(self) -> None:
-        last = self.run_dir / "checkpoints" / "last"
-        if self.resume and not (last / STATE_FILE).is_file():
+        if self.is_main:
+            run_folder.recover(self.run_dir)
+        ddp.barrier(self.dist)
+        resumable = run_folder.is_resumable(self.run_dir)
+        if self.resume and not resumable:
             raise FinetuneError(f"nothing to resume in {self.run_dir}: no checkpoints/last/{STATE_FILE}")
-        if not self.resume and (last.exists() or (self.run_dir / "metrics.csv").exists()):
+        if not self.resume and resumable:
             raise FinetuneError(
                 f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} or choose another --out"
             )
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not self.resume:
+                run_folder.clear_partial_run(self.run_dir)
                 atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(self.raw, sort_keys=False))
         ddp.barrier(self.dist)
 
