@@ -3,6 +3,7 @@ counts only when complete: evicting or killing never leaves one that a later run
 import copy
 import os
 import shutil
+import stat
 
 import pytest
 import timm
@@ -124,3 +125,12 @@ def test_an_entry_missing_a_file_is_recomputed_not_read(tiny_recipe, tmp_path):
     assert not fc.is_complete(cache / key)
     train(raw, tmp_path / "b")
     assert entries(cache) == [key] and fc.is_complete(cache / key)
+
+
+def test_cache_folders_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        make_entry(tmp_path / ("a" * 24))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / ("a" * 24)).stat().st_mode) == 0o755
