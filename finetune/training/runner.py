@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -36,7 +37,6 @@ from finetune.training.freeze import (
 from finetune.training.loop import (
     make_grad_scaler,
     predict,
-    resolve_device,
     resolve_precision,
     train_one_epoch,
 )
@@ -97,8 +97,8 @@ class Runner:
 
         cfg, data = self.cfg, self.recipe.data
         device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-        self.dist = ddp.init_distributed(device_type)
-        self.device = resolve_device(cfg.device, self.dist.local_rank)
+        self.dist = ddp.init_distributed(device_type, timeout=timedelta(minutes=cfg.ddp_timeout))
+        self.device = ddp.rank_device(cfg.device, self.dist)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
@@ -338,11 +338,13 @@ class Runner:
                 from finetune.data import resize_cache
 
                 folder = Path(self.cfg.cache_dir).expanduser() / "images" if self.cfg.cache_dir else default_image_cache()
-                if self.dist.local_rank == 0:
-                    items = resize_cache(items, size=size, cache_dir=folder, workers=auto_workers("auto", 1))
+                # the processes of a machine share the work: each makes the copies of its slice
+                local, shards = self.dist.local_rank, self.dist.local_world_size
+                mine = resize_cache(items[local::shards], size=size, cache_dir=folder,
+                                    workers=auto_workers("auto", shards))
                 ddp.barrier(self.dist)
-                if self.dist.local_rank != 0:
-                    items = resize_cache(items, size=size, cache_dir=folder)  # all copies exist: no decoding
+                # then every process reads the whole list (all copies exist: no decoding)
+                items = mine if shards == 1 else resize_cache(items, size=size, cache_dir=folder)
             self._items[split] = items
         return self._items[split]
 
@@ -454,8 +456,10 @@ class Runner:
             "epochs_run": len(self.history),
             "best_checkpoint": str(self.run_dir / "checkpoints" / "best"),
         }
-        if self.is_main and self.best and self.recipe.output.evaluate_test and "test" in self.manifest.splits():
-            summary["test"] = self._evaluate_test()
+        if self.best and self.recipe.output.evaluate_test and "test" in self.manifest.splits():
+            self.items("test")  # on every rank: with data.resize_cache it is a collective (a barrier)
+            if self.is_main:
+                summary["test"] = self._evaluate_test()
         if self.is_main:
             write_json_atomic(self.run_dir / "summary.json", summary)
             log.info(format_summary(summary))
