@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from finetune._io import make_temp_dir
+from finetune._workers import auto_workers
 from finetune._version import __version__
 from finetune.training import distributed as ddp
 from finetune.training.loop import autocast
@@ -202,7 +203,6 @@ def cached_feature_inputs(runner: "Runner", stage, trainable: set[str]):
     from finetune.training.runner import (
         ShardSampler,
         StageInputs,
-        auto_workers,
         drop_last_for,
     )
 

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from finetune._io import atomic_write_text
+from finetune._workers import auto_workers
 from finetune.checkpoint import save_checkpoint, write_json_atomic
 from finetune.config import Recipe, StageConfig
 from finetune.errors import FinetuneError
@@ -471,11 +472,10 @@ class Runner:
         from finetune.evaluation import evaluate
 
         model, meta = load_checkpoint(self.run_dir / "checkpoints" / "best", map_location=self.device)
-        workers = 0 if self.recipe.data.num_workers == "auto" else self.recipe.data.num_workers
         metrics = evaluate(
             model, self.items("test"), class_names=meta["classes"], preprocessing=meta["preprocessing"],
             out_dir=self.run_dir / "eval", device=str(self.device), batch_size=self.cfg.eval_batch_size or 64,
-            num_workers=auto_workers(workers, 1), run_dir=self.run_dir, amp_dtype=self.amp_dtype,
+            num_workers=self.recipe.data.num_workers, run_dir=self.run_dir, amp_dtype=self.amp_dtype,
         )
         return {k: metrics[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "top5_accuracy", "loss",
                                         "num_samples") if k in metrics}
@@ -518,14 +518,6 @@ class ShardSampler(torch.utils.data.Sampler):
 
 def default_image_cache() -> Path:
     return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune")) / "images"
-
-
-def auto_workers(num_workers: int | str, world_size: int) -> int:
-    """``auto``: the CPU cores this process may use, shared between ranks, at most 8."""
-    if num_workers != "auto":
-        return int(num_workers)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // world_size))
 
 
 def make_loader(dataset, *, sampler, batch_size: int, collate_fn, num_workers, device: torch.device,
