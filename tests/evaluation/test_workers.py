@@ -3,7 +3,6 @@ worker policy (``auto``: the CPU cores, at most 8), not on one process."""
 import os
 
 import pytest
-import torch
 
 import finetune.inference as inference
 from finetune.cli import main
