@@ -38,3 +38,34 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """Create a new, empty folder ``parent/PREFIX<random>`` that honours the umask.
+
+    ``tempfile.mkdtemp`` makes its folders 0700, and a folder renamed into place keeps that mode: a
+    checkpoint or cache others should read would be private to its writer. ``os.mkdir`` applies the
+    umask (0o022 gives 0o755).
+    """
+    for _ in range(100):
+        path = Path(parent) / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free temporary folder name {prefix}* in {parent}")
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the renames inside folder ``path`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

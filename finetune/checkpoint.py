@@ -5,20 +5,22 @@ class names in index order, preprocessing, metrics, the recipe and library versi
 pickled code: weights come from safetensors, metadata from JSON.
 
 Folders are written atomically: into a temporary sibling, then swapped in by renames, so a crash leaves
-either the old checkpoint or the new one (a leftover ``NAME.old`` is picked up by :func:`resolve_checkpoint`).
+either the old checkpoint or the new one. A crash between the two renames leaves only ``NAME.old``:
+:func:`recover_dir` (run before every write and when a run starts or resumes) puts it back, and
+:func:`resolve_checkpoint` reads it meanwhile.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from finetune._io import atomic_write_text
+from finetune._io import atomic_write_text, fsync_dir, make_temp_dir
 from finetune._version import __version__
 from finetune.errors import FinetuneError
 
@@ -34,24 +36,52 @@ def library_versions() -> dict[str, str]:
 
 
 def write_dir_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Create folder ``path`` by calling ``write(tmp_dir)`` on a temporary sibling, then swapping it in."""
+    """Create folder ``path`` by calling ``write(tmp_dir)`` on a temporary sibling, then swapping it in.
+
+    The swap is two renames (``path`` → ``path.old``, temporary → ``path``); if the second fails, the
+    old folder is put back. A process killed between them leaves ``path.old``, which :func:`recover_dir`
+    restores. Folders honour the umask.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    recover_dir(path)
+    tmp = make_temp_dir(path.parent, prefix=f".{path.name}.tmp-")
+    old = path.with_name(path.name + ".old")
     try:
         write(tmp)
         _fsync_dir_files(tmp)
-        old = path.with_name(path.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
         if path.exists():
             os.replace(path, old)
-        os.replace(tmp, path)
-        if old.exists():
-            shutil.rmtree(old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old.exists() and not path.exists():
+                os.replace(old, path)
+            raise
+        fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return path
+
+
+def recover_dir(path: str | Path) -> Path:
+    """Repair what a crash inside :func:`write_dir_atomic` left next to ``path``.
+
+    ``path.old`` without ``path`` (killed between the two renames) is renamed back to ``path``;
+    ``path.old`` beside ``path`` (killed before deleting it) is deleted, and so are interrupted
+    temporary folders ``.NAME.tmp-*``. Only one process may write a given ``path`` (rank 0).
+    """
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if old.is_dir():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

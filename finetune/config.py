@@ -150,6 +150,10 @@ class TrainingConfig(_Section):
     deterministic: bool = False
     cache_dir: Optional[str] = None  # feature cache; default ~/.cache/finetune (or $FINETUNE_CACHE)
     cache_max_gb: float = Field(10.0, gt=0)
+    # torchrun: minutes a rank waits for the others at a collective before the run fails instead of
+    # hanging; must cover the longest work one process does alone (rank 0 writing checkpoints, the test
+    # report). NCCL's own default is 10.
+    ddp_timeout: float = Field(60.0, gt=0)
 
     @field_validator("device")
     @classmethod

@@ -24,6 +24,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from finetune._workers import inference_workers
 from finetune.errors import FinetuneError
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -103,7 +104,7 @@ class Predictor:
         *,
         topk: int = 1,
         batch_size: int = 32,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
     ) -> Prediction | list[Prediction]:
         """Classify one image or a list of images.
 
@@ -112,7 +113,8 @@ class Predictor:
                 these (an N×H×W×3 array counts as a list).
             topk: how many classes to return per image (at most the number of classes).
             batch_size: images per forward pass.
-            num_workers: DataLoader workers decoding files in parallel.
+            num_workers: DataLoader workers decoding files in parallel, or ``"auto"`` (the CPU cores, at
+                most 8; what ``finetune predict`` uses).
 
         Returns:
             A :class:`Prediction` for a single image, else a list of them in input order. A file that
@@ -180,7 +182,7 @@ def predict_probabilities(
     *,
     device: str | torch.device = "cpu",
     batch_size: int = 64,
-    num_workers: int = 0,
+    num_workers: int | str = 0,
     amp_dtype: torch.dtype | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
@@ -192,7 +194,8 @@ def predict_probabilities(
         transform: the eval pipeline (:func:`eval_transform`).
         device: where the model runs.
         batch_size: images per forward pass.
-        num_workers: DataLoader workers decoding images.
+        num_workers: DataLoader workers decoding images, or ``"auto"`` (the CPU cores, at most 8); at
+            most one per batch, none for a single batch.
         amp_dtype: autocast dtype (``torch.bfloat16``/``torch.float16``), or ``None`` for full precision.
         progress: wraps the batch iterator, e.g. ``tqdm``.
 
@@ -203,7 +206,8 @@ def predict_probabilities(
     """
     device = torch.device(device)
     loader = DataLoader(
-        _SourceDataset(sources, transform), batch_size=batch_size, num_workers=num_workers,
+        _SourceDataset(sources, transform), batch_size=batch_size,
+        num_workers=inference_workers(num_workers, len(sources), batch_size),
         collate_fn=_collate, pin_memory=device.type == "cuda",
     )
     indices: list[np.ndarray] = []

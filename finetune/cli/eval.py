@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune._workers import workers_arg
+
 SPLIT_HELP = (
     "which images of --data to evaluate: train, val, test (default) or all. A folder is split the way the "
     "checkpoint's run split it: with the run's manifest.csv when all its files are under ROOT, else with "
@@ -24,7 +26,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--allow-subset", action="store_true",
                    help="evaluate the classes the data shares with the checkpoint when their classes differ")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default 0)")
+    p.add_argument("--num-workers", type=workers_arg, default="auto",
+                   help="image-decoding worker processes, or auto: the CPU cores, at most 8 (default auto)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.set_defaults(func=run)
 

@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from finetune._workers import workers_arg
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
@@ -20,7 +22,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--topk", type=int, default=1, help="classes per image (default 1)")
     p.add_argument("--out", metavar="FILE", help="write FILE.csv or FILE.json (default: CSV on stdout)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
-    p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default 0)")
+    p.add_argument("--num-workers", type=workers_arg, default="auto",
+                   help="image-decoding worker processes, or auto: the CPU cores, at most 8 (default auto)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.set_defaults(func=run)
 

@@ -55,7 +55,7 @@ def evaluate(
     out_dir: str | os.PathLike,
     device: str | torch.device = "cpu",
     batch_size: int = 64,
-    num_workers: int = 0,
+    num_workers: int | str = 0,
     run_dir: str | os.PathLike | None = None,
     amp_dtype: torch.dtype | None = None,
     labels: Sequence[int] | None = None,
@@ -72,7 +72,8 @@ def evaluate(
         out_dir: the folder to write into (created if missing; other files in it are left alone).
         device: where the model runs.
         batch_size: images per forward pass.
-        num_workers: DataLoader workers decoding images.
+        num_workers: DataLoader workers decoding images, or ``"auto"`` (the CPU cores, at most 8: the
+            training's policy, what ``finetune eval`` uses).
         run_dir: the training run the model comes from; its ``training_curves.png`` and ``metrics.csv``
             go into the report.
         amp_dtype: autocast dtype, or ``None`` for full precision.

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+from finetune.errors import FinetuneError
 
 
 @dataclass(frozen=True)
@@ -14,6 +18,7 @@ class DistInfo:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1  # processes on this machine
 
     @property
     def enabled(self) -> bool:
@@ -24,14 +29,36 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group torchrun describes in the environment (a no-op for a single process)."""
+def init_distributed(device_type: str, timeout: Optional[timedelta] = None) -> DistInfo:
+    """Join the process group torchrun describes in the environment (a no-op for a single process).
+
+    ``timeout`` bounds every collective (a barrier included): ranks that wait longer for the others fail
+    instead of hanging. It must cover the longest work one rank does alone (e.g. rank 0 writing a
+    checkpoint or test report); NCCL's default is 10 minutes.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return DistInfo(rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world_size)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout)
+    return DistInfo(rank=dist.get_rank(), local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world_size,
+                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def rank_device(device: str, info: DistInfo) -> torch.device:
+    """The device this process trains on: ``training.device`` resolved for its rank.
+
+    Under torchrun (several processes) each rank takes ``cuda:LOCAL_RANK``; ``cuda:N`` would put every
+    rank on GPU N, so it is refused (choose the GPUs with ``CUDA_VISIBLE_DEVICES``).
+    """
+    from finetune.training.loop import resolve_device
+
+    if info.enabled and re.fullmatch(r"cuda:\d+", device):
+        raise FinetuneError(
+            f"training.device is {device}, but torchrun started {info.world_size} processes and each needs its "
+            "own GPU: use device: cuda or auto (rank r takes cuda:LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES)"
+        )
+    return resolve_device(device, info.local_rank)
 
 
 def barrier(info: DistInfo) -> None:

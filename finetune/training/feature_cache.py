@@ -9,11 +9,18 @@ matrix instead of the backbone's forward over every image.
 with the train transform, and epoch ``e`` uses view ``e % K``.
 
 The cache lives under ``cache_dir`` (default ``$FINETUNE_CACHE`` or ``~/.cache/finetune``) in a folder
-named by a hash of the backbone weights, the preprocessing and augmentation settings, the views, the
-seed, the precision and the manifest (paths, labels, file sizes and modification times). A change to
-any of those makes a new folder; old folders are evicted, oldest first, to keep the total under
-``cache_max_gb``. A stage whose cache alone would exceed the limit runs uncached. Arrays are ``.npy``
-files read memory-mapped, written into a temporary folder that is renamed into place when complete.
+named by a hash of the backbone weights and ``backbone_kwargs`` (e.g. ``global_pool``), the
+preprocessing and augmentation settings, the views, the seed, the precision, the code that decodes and
+transforms images (:func:`code_fingerprint`) and the manifest: paths, labels and a fingerprint of each
+file (:func:`file_fingerprint`). A change to any of those makes a new folder; old folders are evicted,
+least recently used first, to keep the total under ``cache_max_gb``. A stage whose cache alone would
+exceed the limit runs uncached.
+
+Arrays are ``.npy`` files read memory-mapped, written into a temporary folder that is renamed into place
+when complete; ``meta.json``, written last, lists every file with its size, and a folder counts as a
+cache entry only when all of them are there (:func:`is_complete`). Eviction renames a folder away before
+deleting it, so a process killed mid-delete leaves no folder under a key, and the next eviction finishes
+the delete.
 """
 from __future__ import annotations
 
@@ -21,9 +28,11 @@ import hashlib
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -31,6 +40,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from finetune._io import make_temp_dir
+from finetune._workers import auto_workers
 from finetune._version import __version__
 from finetune.training import distributed as ddp
 from finetune.training.loop import autocast
@@ -50,21 +61,84 @@ def is_head_only(trainable: set[str]) -> bool:
 
 
 def cache_key(backbone: torch.nn.Module, settings: dict[str, Any], items: dict[str, list[tuple[Path, int]]]) -> str:
-    """A hash of everything the cached features depend on."""
+    """A hash of everything the cached features depend on: the backbone's weights, ``settings`` and, for
+    every item, its split, path, label and :func:`file_fingerprint`."""
     h = hashlib.sha256()
     for name, tensor in backbone.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for split in sorted(items):
-        for path, label in items[split]:
-            try:
-                st = os.stat(path)
-                stamp = f"{st.st_size}:{st.st_mtime_ns}"
-            except OSError:
-                stamp = "missing"
+        paths = [path for path, _ in items[split]]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # small reads: I/O bound
+            stamps = list(pool.map(file_fingerprint, paths))
+        for (path, label), stamp in zip(items[split], stamps):
             h.update(f"{split}|{path}|{label}|{stamp}\n".encode())
     return h.hexdigest()[:24]
+
+
+FINGERPRINT_BYTES = 4096
+"""How much of each end of an image file :func:`file_fingerprint` hashes."""
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """Size, modification time and a hash of the first and last 4 KiB of a file (all of a small one).
+
+    Hashing whole files would read the whole data set at every start, as much I/O as the extraction the
+    cache saves. Two small reads per file cost about as much as the ``stat`` and still see rewritten
+    content that kept its size and time stamp (copies with ``cp -p``, ``rsync -t``, archives): the head
+    holds the dimensions, EXIF orientation and JPEG tables, the tail the end of the compressed stream,
+    which a change anywhere in a JPEG's Huffman-coded scan shifts, and a PNG's CRC and Adler-32 over its
+    whole pixel data.
+    """
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            head = f.read(FINGERPRINT_BYTES)
+            if st.st_size > 2 * FINGERPRINT_BYTES:
+                f.seek(-FINGERPRINT_BYTES, os.SEEK_END)
+            tail = f.read(FINGERPRINT_BYTES)
+    except OSError:
+        return "missing"
+    digest = hashlib.blake2b(head + tail, digest_size=12).hexdigest()
+    return f"{st.st_size}:{st.st_mtime_ns}:{digest}"
+
+
+def code_fingerprint() -> dict[str, str]:
+    """The code that turns image files into features, beyond the backbone's weights: the versions of the
+    libraries that decode (OpenCV, Pillow), transform (albumentations, NumPy) and run the backbone (timm,
+    torch), and a hash of finetune's own decoding, transform, model and extraction source (its version
+    string is not bumped for every change)."""
+    import albumentations
+    import cv2
+    import PIL
+    import timm
+
+    package = Path(__file__).resolve().parents[1]
+    source = hashlib.sha256()
+    for file in [*sorted((package / "data").rglob("*.py")), *sorted((package / "models").rglob("*.py")),
+                 Path(__file__).resolve()]:
+        source.update(file.relative_to(package).as_posix().encode() + b"\0" + file.read_bytes())
+    return {
+        "finetune": __version__, "finetune_source": source.hexdigest()[:16], "torch": torch.__version__,
+        "timm": timm.__version__, "albumentations": albumentations.__version__, "cv2": cv2.__version__,
+        "PIL": PIL.__version__, "numpy": np.__version__,
+    }
+
+
+def write_meta(folder: Path, settings: dict[str, Any]) -> None:
+    """Write ``meta.json`` last: the settings and the size of every other file, for :func:`is_complete`."""
+    files = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file() and f.name != "meta.json"}
+    (folder / "meta.json").write_text(json.dumps({"settings": settings, "files": files}, indent=2, default=str))
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether ``folder`` is a whole cache entry: its ``meta.json`` and every file it lists, at its size."""
+    try:
+        files = json.loads((folder / "meta.json").read_text())["files"]
+        return all((folder / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 class FeatureDataset(Dataset):
@@ -129,7 +203,6 @@ def cached_feature_inputs(runner: "Runner", stage, trainable: set[str]):
     from finetune.training.runner import (
         ShardSampler,
         StageInputs,
-        auto_workers,
         drop_last_for,
     )
 
@@ -146,17 +219,19 @@ def cached_feature_inputs(runner: "Runner", stage, trainable: set[str]):
         return None
 
     settings = {
-        "version": __version__, "backbone": runner.model.backbone_name, "preprocessing": runner.preprocessing,
+        "code": code_fingerprint(), "backbone": runner.model.backbone_name,
+        "backbone_kwargs": runner.model.backbone_kwargs, "preprocessing": runner.preprocessing,
         "train_transforms": runner.recipe.data.train_transforms, "views": views, "seed": cfg.seed,
         "amp": str(runner.amp_dtype), "channels_last": cfg.channels_last,
     }
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    folder = ddp.broadcast_object(cache_root / cache_key(runner.model.backbone, settings, items), runner.dist)
+    key = cache_key(runner.model.backbone, settings, items) if runner.dist.is_main else None
+    folder = cache_root / ddp.broadcast_object(key, runner.dist)
     workers = auto_workers(runner.recipe.data.num_workers, 1)
     batch = cfg.eval_batch_size or cfg.batch_size * 2
 
     # one process per machine computes; the others wait and read
-    if runner.dist.local_rank == 0 and not (folder / "meta.json").is_file():
+    if runner.dist.local_rank == 0 and not is_complete(folder):
         start = time.perf_counter()
 
         def write(tmp: Path) -> None:
@@ -177,7 +252,7 @@ def cached_feature_inputs(runner: "Runner", stage, trainable: set[str]):
                 channels_last=cfg.channels_last)
             np.save(tmp / "val.npy", feats[None].astype(np.float16))
             np.save(tmp / "val_labels.npy", val_labels)
-            (tmp / "meta.json").write_text(json.dumps(settings, indent=2, default=str))
+            write_meta(tmp, settings)
 
         _write_folder(folder, write)
         log.info("cached backbone features in %.1fs (%s)", time.perf_counter() - start, folder)
@@ -206,15 +281,23 @@ def cached_feature_inputs(runner: "Runner", stage, trainable: set[str]):
     )
 
 
+_KEY = re.compile(r"[0-9a-f]{24}")
+_EVICTED = re.compile(r"\.[0-9a-f]{24}\.evict-[0-9a-f]+")
+
+
 def _write_folder(folder: Path, write) -> None:
+    """Make cache entry ``folder`` by ``write(tmp)`` into a temporary sibling renamed into place; an
+    incomplete folder under that name is discarded first, a complete one another run made meanwhile kept."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp = make_temp_dir(folder.parent, prefix=f".{folder.name}.tmp-")
     try:
         write(tmp)
+        if folder.exists() and not is_complete(folder):
+            _delete(folder)
         try:
             os.replace(tmp, folder)
         except OSError:
-            if not (folder / "meta.json").is_file():
+            if not is_complete(folder):
                 raise
             # another run finished the same cache first: its features are identical, keep them
             shutil.rmtree(tmp, ignore_errors=True)
@@ -223,22 +306,42 @@ def _write_folder(folder: Path, write) -> None:
         raise
 
 
+def _delete(folder: Path) -> None:
+    """Rename ``folder`` to a hidden ``.NAME.evict-*`` sibling, then delete it: a kill mid-delete leaves
+    no partial folder under its key (:func:`evict` removes the leftover)."""
+    doomed = folder.with_name(f".{folder.name}.evict-{secrets.token_hex(4)}")
+    try:
+        os.replace(folder, doomed)
+    except FileNotFoundError:
+        return  # another process deleted it
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def evict(cache_root: Path, limit: int, keep: Optional[Path] = None) -> list[Path]:
-    """Delete cache folders, least recently used first, until the total size is at most ``limit`` bytes."""
-    entries = []
+    """Delete cache entries, least recently used first, until their total size is at most ``limit`` bytes.
+
+    Only folders named like a key are touched (``cache_dir`` may hold other things). Incomplete ones and
+    the leftovers of an interrupted eviction are deleted whatever the total."""
+    entries, removed = [], []
     for folder in cache_root.iterdir():
-        meta = folder / "meta.json"
-        if folder.is_dir() and meta.is_file():
-            size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-            entries.append((meta.stat().st_mtime, folder, size))
+        if not folder.is_dir():
+            continue
+        if _EVICTED.fullmatch(folder.name):
+            shutil.rmtree(folder, ignore_errors=True)
+        elif _KEY.fullmatch(folder.name) and folder != keep:
+            if is_complete(folder):
+                size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+                entries.append(((folder / "meta.json").stat().st_mtime, folder, size))
+            else:
+                _delete(folder)
+                removed.append(folder)
     total = sum(size for _, _, size in entries)
-    removed = []
+    if keep is not None and is_complete(keep):
+        total += sum(f.stat().st_size for f in keep.iterdir() if f.is_file())
     for _, folder, size in sorted(entries, key=lambda e: e[0]):
         if total <= limit:
             break
-        if keep is not None and folder == keep:
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
+        _delete(folder)
         total -= size
         removed.append(folder)
     return removed

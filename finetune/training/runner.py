@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,11 +22,13 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from finetune._io import atomic_write_text
+from finetune._workers import auto_workers
 from finetune.checkpoint import save_checkpoint, write_json_atomic
 from finetune.config import Recipe, StageConfig
 from finetune.errors import FinetuneError
 from finetune.models import FinetuneModel, create_model
 from finetune.training import distributed as ddp
+from finetune.training import run_folder
 from finetune.training.ema import Ema, stage_state_names
 from finetune.training.freeze import (
     apply_trainable,
@@ -36,7 +39,6 @@ from finetune.training.freeze import (
 from finetune.training.loop import (
     make_grad_scaler,
     predict,
-    resolve_device,
     resolve_precision,
     train_one_epoch,
     updates_per_epoch,
@@ -54,7 +56,7 @@ METRIC_COLUMNS = [
     "stage", "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1",
     "val_balanced_acc", "images_per_s", "seconds",
 ]
-STATE_FILE = "training_state.pt"
+STATE_FILE = run_folder.STATE_FILE
 
 
 def run_training(recipe: Recipe, raw: dict[str, Any], *, run_dir: str | Path, resume: bool = False,
@@ -99,8 +101,8 @@ class Runner:
 
         cfg, data = self.cfg, self.recipe.data
         device_type = "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-        self.dist = ddp.init_distributed(device_type)
-        self.device = resolve_device(cfg.device, self.dist.local_rank)
+        self.dist = ddp.init_distributed(device_type, timeout=timedelta(minutes=cfg.ddp_timeout))
+        self.device = ddp.rank_device(cfg.device, self.dist)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
@@ -185,16 +187,20 @@ class Runner:
         log.setLevel(level)
 
     def _prepare_run_dir(self) -> None:
-        last = self.run_dir / "checkpoints" / "last"
-        if self.resume and not (last / STATE_FILE).is_file():
+        if self.is_main:
+            run_folder.recover(self.run_dir)
+        ddp.barrier(self.dist)
+        resumable = run_folder.is_resumable(self.run_dir)
+        if self.resume and not resumable:
             raise FinetuneError(f"nothing to resume in {self.run_dir}: no checkpoints/last/{STATE_FILE}")
-        if not self.resume and (last.exists() or (self.run_dir / "metrics.csv").exists()):
+        if not self.resume and resumable:
             raise FinetuneError(
                 f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} or choose another --out"
             )
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not self.resume:
+                run_folder.clear_partial_run(self.run_dir)
                 atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(self.raw, sort_keys=False))
         ddp.barrier(self.dist)
 
@@ -333,11 +339,13 @@ class Runner:
                 from finetune.data import resize_cache
 
                 folder = Path(self.cfg.cache_dir).expanduser() / "images" if self.cfg.cache_dir else default_image_cache()
-                if self.dist.local_rank == 0:
-                    items = resize_cache(items, size=size, cache_dir=folder, workers=auto_workers("auto", 1))
+                # the processes of a machine share the work: each makes the copies of its slice
+                local, shards = self.dist.local_rank, self.dist.local_world_size
+                mine = resize_cache(items[local::shards], size=size, cache_dir=folder,
+                                    workers=auto_workers("auto", shards))
                 ddp.barrier(self.dist)
-                if self.dist.local_rank != 0:
-                    items = resize_cache(items, size=size, cache_dir=folder)  # all copies exist: no decoding
+                # then every process reads the whole list (all copies exist: no decoding)
+                items = mine if shards == 1 else resize_cache(items, size=size, cache_dir=folder)
             self._items[split] = items
         return self._items[split]
 
@@ -447,8 +455,10 @@ class Runner:
             "epochs_run": len(self.history),
             "best_checkpoint": str(self.run_dir / "checkpoints" / "best"),
         }
-        if self.is_main and self.best and self.recipe.output.evaluate_test and "test" in self.manifest.splits():
-            summary["test"] = self._evaluate_test()
+        if self.best and self.recipe.output.evaluate_test and "test" in self.manifest.splits():
+            self.items("test")  # on every rank: with data.resize_cache it is a collective (a barrier)
+            if self.is_main:
+                summary["test"] = self._evaluate_test()
         if self.is_main:
             write_json_atomic(self.run_dir / "summary.json", summary)
             log.info(format_summary(summary))
@@ -460,11 +470,10 @@ class Runner:
         from finetune.evaluation import evaluate
 
         model, meta = load_checkpoint(self.run_dir / "checkpoints" / "best", map_location=self.device)
-        workers = 0 if self.recipe.data.num_workers == "auto" else self.recipe.data.num_workers
         metrics = evaluate(
             model, self.items("test"), class_names=meta["classes"], preprocessing=meta["preprocessing"],
             out_dir=self.run_dir / "eval", device=str(self.device), batch_size=self.cfg.eval_batch_size or 64,
-            num_workers=auto_workers(workers, 1), run_dir=self.run_dir, amp_dtype=self.amp_dtype,
+            num_workers=self.recipe.data.num_workers, run_dir=self.run_dir, amp_dtype=self.amp_dtype,
         )
         return {k: metrics[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "top5_accuracy", "loss",
                                         "num_samples") if k in metrics}
@@ -507,14 +516,6 @@ class ShardSampler(torch.utils.data.Sampler):
 
 def default_image_cache() -> Path:
     return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune")) / "images"
-
-
-def auto_workers(num_workers: int | str, world_size: int) -> int:
-    """``auto``: the CPU cores this process may use, shared between ranks, at most 8."""
-    if num_workers != "auto":
-        return int(num_workers)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // world_size))
 
 
 def make_loader(dataset, *, sampler, batch_size: int, collate_fn, num_workers, device: torch.device,

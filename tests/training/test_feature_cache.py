@@ -6,7 +6,7 @@ import time
 import pytest
 
 from finetune.config import parse_recipe
-from finetune.training.feature_cache import evict
+from finetune.training.feature_cache import evict, write_meta
 from finetune.training.runner import run_training
 
 
@@ -85,15 +85,17 @@ def test_feature_cache_false_and_non_head_stages_run_uncached(tiny_recipe, tmp_p
 
 
 def test_eviction_removes_least_recently_used_entries_first(tmp_path):
-    for i, name in enumerate(("old", "mid", "new")):
+    names = {"old": "a" * 24, "mid": "b" * 24, "new": "c" * 24}
+    for i, name in enumerate(names.values()):
         folder = tmp_path / name
         folder.mkdir()
         (folder / "train.npy").write_bytes(b"x" * 1000)
-        (folder / "meta.json").write_text("{}")
+        write_meta(folder, {})
         os.utime(folder / "meta.json", (time.time() - 100 + i, time.time() - 100 + i))
-    removed = evict(tmp_path, limit=2100, keep=tmp_path / "old")
-    assert [p.name for p in removed] == ["mid"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old"]
+    (tmp_path / "images").mkdir()  # not a cache entry: left alone
+    removed = evict(tmp_path, limit=2500, keep=tmp_path / names["old"])
+    assert removed == [tmp_path / names["mid"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([names["new"], names["old"], "images"])
 
 
 @pytest.mark.slow
@@ -125,7 +127,7 @@ def test_a_cache_finished_first_by_another_run_is_kept(tmp_path):
     from finetune.training.feature_cache import _write_folder
 
     folder = tmp_path / "key"
-    _write_folder(folder, lambda tmp: (tmp / "meta.json").write_text("first"))
-    _write_folder(folder, lambda tmp: (tmp / "meta.json").write_text("second"))
-    assert (folder / "meta.json").read_text() == "first"
+    _write_folder(folder, lambda tmp: write_meta(tmp, "first"))
+    _write_folder(folder, lambda tmp: write_meta(tmp, "second"))
+    assert '"first"' in (folder / "meta.json").read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["key"]  # no temporary folder left behind

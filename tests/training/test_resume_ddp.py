@@ -84,20 +84,35 @@ def test_resume_refuses_a_folder_without_a_run(tmp_path):
 def test_ddp_on_two_cpu_processes_trains_and_reports_metrics_over_the_whole_validation_set(resume_recipe, tmp_path):
     """Documented DDP behaviour: each rank takes batch_size images per step (global batch = batch_size x 2),
     every validation image is counted exactly once, and only rank 0 writes the run folder. So the val
-    accuracy logged for the best epoch equals a single-process evaluation of the best checkpoint."""
+    accuracy logged for the best epoch equals a single-process evaluation of the best checkpoint.
+
+    With data.resize_cache (48 px: lossless copies of these 48-px PNGs, made by both ranks, each its half)
+    and a test split, the run finishes and evaluates the test split: every rank reaches the cache's
+    barrier for the test split (rank 0 alone used to enter it: a hang under NCCL, a crash under gloo)."""
     raw = yaml.safe_load(resume_recipe.read_text())
     raw["stages"][1]["epochs"] = 2
     raw["training"]["ema"] = None
+    raw["data"]["resize_cache"] = 48
+    raw["output"] = {"evaluate_test": True}
     resume_recipe.write_text(yaml.safe_dump(raw))
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "finetune", "train",
-                          str(resume_recipe), "--out", str(run), "--quiet"], env=env, capture_output=True, text=True,
-                         timeout=300)
+    try:
+        out = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "finetune", "train",
+                              str(resume_recipe), "--out", str(run), "--quiet", "--set", "training.ddp_timeout=3"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("DDP training hung")
     assert out.returncode == 0, out.stderr[-3000:]
     rows = comparable_rows(run)
     assert len(rows) == 3
+    summary = yaml.safe_load((run / "summary.json").read_text())
+    with open(run / "manifest.csv") as f:
+        splits = [row["split"] for row in csv.DictReader(f)]
+    assert summary["test"]["num_samples"] == splits.count("test") > 0
+    assert (run / "eval" / "metrics.json").is_file()
+    assert len(list((tmp_path / "cache" / "images").rglob("*.png"))) == len(splits)
 
     from finetune.checkpoint import load_checkpoint
     from finetune.data import Manifest, build_transform
@@ -115,3 +130,4 @@ def test_ddp_on_two_cpu_processes_trains_and_reports_metrics_over_the_whole_vali
         acc = (model(x).argmax(1).numpy() == np.array([label for _, label in items])).mean()
     summary = yaml.safe_load((run / "summary.json").read_text())
     assert acc == pytest.approx(summary["best_val"]["accuracy"], abs=1e-6)
+
