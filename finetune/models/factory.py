@@ -28,7 +28,8 @@ class FinetuneModel(nn.Module):
     """Images → logits: ``head(backbone(x))``.
 
     Attributes:
-        backbone: the timm model made with ``num_classes=0``; it returns pooled features.
+        backbone: the timm model made with ``num_classes=0``; it returns pooled features (after the
+            pre-logits stage of models that have one), ``num_features`` wide.
         head: the classification head, from :mod:`finetune.models.heads`.
         backbone_name: the timm model name.
         head_config: ``{"name": ..., **options}``, enough to rebuild the head.
@@ -55,7 +56,8 @@ class FinetuneModel(nn.Module):
 
     @property
     def num_features(self) -> int:
-        return self.backbone.num_features
+        """The width of the features ``backbone(x)`` returns: the head's input."""
+        return pooled_width(self.backbone)
 
     def data_config(self) -> dict[str, Any]:
         """The backbone's preprocessing: input_size, interpolation, mean, std, crop_pct, crop_mode (timm's)."""
@@ -78,6 +80,16 @@ class FinetuneModel(nn.Module):
         """The backbone's stages in input-to-output order, each a list of parameter names (prefixed
         ``backbone.``), from timm's ``group_matcher(coarse=True)``."""
         return backbone_stages(self.backbone, prefix="backbone.")
+
+
+def pooled_width(backbone: nn.Module) -> int:
+    """The width of the features a timm model made with ``num_classes=0`` returns.
+
+    That is timm's ``head_hidden_size``, not ``num_features``: models with a pre-logits stage after pooling
+    (mobilenetv3's ``conv_head``, ghostnet, vgg, convnext/vit with a ``head_hidden_size``) widen the pooled
+    ``num_features`` channels before the classifier. Older timm models without the attribute have none.
+    """
+    return getattr(backbone, "head_hidden_size", None) or backbone.num_features
 
 
 def backbone_stages(backbone: nn.Module, prefix: str = "") -> list[list[str]]:
@@ -131,7 +143,7 @@ def create_model(
 
     net = _create_backbone(backbone, pretrained, backbone_kwargs)
     options = {k: v for k, v in head_config.items() if k != "name"}
-    net_head = create_head(head_config["name"], net.num_features, num_classes, **options)
+    net_head = create_head(head_config["name"], pooled_width(net), num_classes, **options)
     return FinetuneModel(net, net_head, backbone, head_config, backbone_kwargs)
 
 

@@ -48,3 +48,14 @@ def test_pretrained_true_without_network_fails_fast_naming_other_sources():
 def test_offline_pretrained_for_a_backbone_without_package_names_the_known_ones():
     with pytest.raises(FinetuneError, match="tf_efficientnet_lite0"):
         create_model("test_resnet", 3, pretrained="offline")
+
+
+@pytest.mark.parametrize("head", ["spinal", "linear", {"name": "mlp", "hidden": [32]}])
+def test_head_is_sized_from_the_pooled_width_of_a_pre_logits_backbone(head):
+    # mobilenetv3 pools 576 channels, then its conv_head (pre-logits) widens them to 1024: the head sees 1024
+    model = create_model("mobilenetv3_small_050", 4, head=head).eval()
+    x = torch.randn(2, 3, 32, 32)
+    features = model.backbone(x)
+    assert model.backbone.num_features != features.shape[1]
+    assert model.num_features == features.shape[1] == model.backbone.head_hidden_size
+    assert model(x).shape == (2, 4)
