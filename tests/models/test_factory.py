@@ -59,3 +59,10 @@ def test_head_is_sized_from_the_pooled_width_of_a_pre_logits_backbone(head):
     assert model.backbone.num_features != features.shape[1]
     assert model.num_features == features.shape[1] == model.backbone.head_hidden_size
     assert model(x).shape == (2, 4)
+
+
+@pytest.mark.parametrize("img_size,expected", [(32, (3, 32, 32)), ([48, 32], (3, 48, 32))])
+def test_data_config_input_size_follows_the_img_size_the_backbone_is_built_for(img_size, expected):
+    model = create_model("test_vit", 3, head="linear", img_size=img_size)
+    assert tuple(model.data_config()["input_size"]) == expected
+    assert model(torch.randn(1, *expected)).shape == (1, 3)
