@@ -32,6 +32,10 @@ def recipe_with(path, value):
         ("model.head", "{name: spinal, depth: 3}", r"model\.head\.depth: head 'spinal' has no option 'depth'"),
         ("model.head", "nope", r"model\.head: unknown head 'nope'"),
         ("model.backbone", "resnet_nope", r"model\.backbone: unknown timm backbone 'resnet_nope'"),
+        ("model.backbone", "pit_ti_224", r"stages\.1\.train: pit_ti_224 has no timm group_matcher to split it "
+                                         r"into stages for 'last:N'; select its parameters with regexes"),
+        ("model.backbone", "rdnet_tiny", r"stages\.1\.train: rdnet_tiny has no coarse timm group_matcher to split "
+                                         r"it into stages for 'last:N'; select its parameters with regexes"),
         ("stages.0.optimizer.name", "sgdx", r"stages\.0\.optimizer\.name: unknown optimizer 'sgdx'"),
         ("training.precision", "fp8", r"training\.precision: "),
         ("training.device", "tpu", r"training\.device: device must be auto, cpu, cuda or cuda:N"),

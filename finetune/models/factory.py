@@ -153,10 +153,20 @@ def _first_line(e: Exception) -> str:
 
 
 def backbone_stages(backbone: nn.Module, prefix: str = "") -> list[list[str]]:
-    """Parameter names of a timm model grouped by stage, input to output, from its ``group_matcher``."""
+    """Parameter names of a timm model grouped by stage, input to output, from its ``group_matcher``.
+
+    Raises:
+        FinetuneError: for a model without a (coarse) group matcher (pit, metaformer, rdnet).
+    """
+    name = getattr(backbone, "pretrained_cfg", {}).get("architecture") or type(backbone).__name__
+    hint = "to split it into stages for 'last:N'; select its parameters with regexes instead"
     if not hasattr(backbone, "group_matcher"):
-        return [[prefix + n for n, _ in backbone.named_parameters()]]
-    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+        raise FinetuneError(f"{name} has no timm group_matcher {hint}")
+    try:
+        matcher = backbone.group_matcher(coarse=True)
+    except (AssertionError, NotImplementedError):  # timm's way of saying "no coarse grouping"
+        raise FinetuneError(f"{name} has no coarse timm group_matcher {hint}") from None
+    groups = group_parameters(backbone, matcher)
     return [[prefix + n for n in names] for _, names in sorted(groups.items())]
 
 
