@@ -268,13 +268,14 @@ def resolved_dict(recipe: Recipe) -> dict[str, Any]:
 
 
 def check_against_model(recipe: Recipe, source: str = "recipe") -> None:
-    """Check what the schema alone can't: the backbone exists, head options exist, and every stage's
-    ``train`` selection matches parameters of the model. Builds the model on the meta device (no memory,
-    no weights)."""
+    """Check what the schema alone can't: the backbone exists, head options exist, the backbone takes the
+    input size and the head fits the features it returns, and every stage's ``train`` selection matches
+    parameters of the model. Builds and runs the model on the meta device (no memory, no weights)."""
     import timm
     import torch
 
     from finetune.models import create_model, head_options, parse_head
+    from finetune.models.factory import check_forward
     from finetune.training.freeze import select_trainable
 
     backbone = recipe.model.backbone
@@ -297,6 +298,11 @@ def check_against_model(recipe: Recipe, source: str = "recipe") -> None:
         raise FinetuneError(f"{source}: model: {e}") from None
     except TypeError as e:
         raise FinetuneError(f"{source}: model.backbone_kwargs: {e}") from None
+    input_size = recipe.data.input_size or model.data_config()["input_size"][-2:]
+    try:
+        check_forward(model, (3, *((input_size,) * 2 if isinstance(input_size, int) else input_size)))
+    except FinetuneError as e:
+        raise FinetuneError(f"{source}: model: {e}") from None
     for i, stage in enumerate(recipe.stages):
         try:
             select_trainable(model, stage.train)

@@ -32,6 +32,10 @@ def recipe_with(path, value):
         ("model.head", "{name: spinal, depth: 3}", r"model\.head\.depth: head 'spinal' has no option 'depth'"),
         ("model.head", "nope", r"model\.head: unknown head 'nope'"),
         ("model.backbone", "resnet_nope", r"model\.backbone: unknown timm backbone 'resnet_nope'"),
+        ("model.backbone", "pit_ti_224", r"stages\.1\.train: pit_ti_224 has no timm group_matcher to split it "
+                                         r"into stages for 'last:N'; select its parameters with regexes"),
+        ("model.backbone", "rdnet_tiny", r"stages\.1\.train: rdnet_tiny has no coarse timm group_matcher to split "
+                                         r"it into stages for 'last:N'; select its parameters with regexes"),
         ("stages.0.optimizer.name", "sgdx", r"stages\.0\.optimizer\.name: unknown optimizer 'sgdx'"),
         ("training.precision", "fp8", r"training\.precision: "),
         ("training.device", "tpu", r"training\.device: device must be auto, cpu, cuda or cuda:N"),
@@ -43,6 +47,47 @@ def test_bad_recipe_values_give_one_clear_error_naming_the_key_path(path, value,
     with pytest.raises(FinetuneError, match=message) as err:
         parse_recipe(recipe_with(path, value))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "model,input_size,message",
+    [
+        # swin's window layout is fixed by the img_size it is built for: 32-px images crash its first forward
+        ({"backbone": "swin_tiny_patch4_window7_224"}, 32,
+         r"model: swin_tiny_patch4_window7_224 cannot take 3×32×32 images: .*backbone_kwargs\.img_size"),
+        # global_pool '' leaves a feature map: the head would get (N, C, H, W)
+        ({"backbone": "test_resnet", "backbone_kwargs": {"global_pool": ""}}, 32,
+         r"model: test_resnet returns features of shape \[96, 1, 1\] per image, not pooled"),
+    ],
+)
+def test_validate_catches_a_backbone_the_head_or_input_size_does_not_fit(model, input_size, message):
+    raw = copy.deepcopy(BASE)
+    raw["model"] = {"head": "spinal", **model}
+    raw["data"]["input_size"] = input_size
+    raw["stages"] = [{"epochs": 1, "train": "head"}]
+    with pytest.raises(FinetuneError, match=message) as err:
+        parse_recipe(raw)
+    assert "\n" not in str(err.value)
+
+
+def test_backbone_built_for_an_img_size_validates_with_that_input_size_by_default():
+    raw = copy.deepcopy(BASE)
+    raw["model"] = {"backbone": "deit_tiny_patch16_224", "head": "spinal", "backbone_kwargs": {"img_size": 32}}
+    parse_recipe(raw)  # fed 32 px images, not the 224 it would fail on
+    raw["data"]["input_size"] = 64
+    with pytest.raises(FinetuneError, match=r"deit_tiny_patch16_224 cannot take 3×64×64 images: Input height"):
+        parse_recipe(raw)
+
+
+def test_a_head_that_does_not_fit_the_backbone_features_fails_validation(monkeypatch):
+    import finetune.models.factory as factory
+
+    # a timm model whose declared width is not what it returns (as num_features is for pre-logits models)
+    monkeypatch.setattr(factory, "pooled_width", lambda backbone: backbone.num_features)
+    raw = copy.deepcopy(BASE)
+    raw["model"] = {"backbone": "mobilenetv3_small_050", "head": "linear"}
+    with pytest.raises(FinetuneError, match=r"model: mobilenetv3_small_050 returns 1024 features .* head .* 288"):
+        parse_recipe(raw)
 
 
 def test_top_level_optimizer_is_a_default_each_stage_overrides_field_by_field():

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Sequence, Union
 
 import timm
 import torch
+from timm.layers import to_2tuple
 from timm.models import group_parameters
 from torch import nn
 
@@ -28,7 +29,8 @@ class FinetuneModel(nn.Module):
     """Images → logits: ``head(backbone(x))``.
 
     Attributes:
-        backbone: the timm model made with ``num_classes=0``; it returns pooled features.
+        backbone: the timm model made with ``num_classes=0``; it returns pooled features (after the
+            pre-logits stage of models that have one), ``num_features`` wide.
         head: the classification head, from :mod:`finetune.models.heads`.
         backbone_name: the timm model name.
         head_config: ``{"name": ..., **options}``, enough to rebuild the head.
@@ -55,11 +57,18 @@ class FinetuneModel(nn.Module):
 
     @property
     def num_features(self) -> int:
-        return self.backbone.num_features
+        """The width of the features ``backbone(x)`` returns: the head's input."""
+        return pooled_width(self.backbone)
 
     def data_config(self) -> dict[str, Any]:
-        """The backbone's preprocessing: input_size, interpolation, mean, std, crop_pct, crop_mode (timm's)."""
-        return timm.data.resolve_model_data_config(self.backbone)
+        """The backbone's preprocessing: input_size, interpolation, mean, std, crop_pct, crop_mode (timm's).
+
+        A backbone built for another ``img_size`` (``backbone_kwargs``) gets that input size: timm's
+        config keeps the pretrained one, which fixed-size models (vit, swin, levit) cannot take."""
+        config = timm.data.resolve_model_data_config(self.backbone)
+        if self.backbone_kwargs.get("img_size") is not None:
+            config["input_size"] = (config["input_size"][0], *to_2tuple(self.backbone_kwargs["img_size"]))
+        return config
 
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """The backbone's timm group matcher with names prefixed ``backbone.``; the head falls in the last
@@ -80,11 +89,84 @@ class FinetuneModel(nn.Module):
         return backbone_stages(self.backbone, prefix="backbone.")
 
 
+def pooled_width(backbone: nn.Module) -> int:
+    """The width of the features a timm model made with ``num_classes=0`` returns.
+
+    That is timm's ``head_hidden_size``, not ``num_features``: models with a pre-logits stage after pooling
+    (mobilenetv3's ``conv_head``, ghostnet, vgg, convnext/vit with a ``head_hidden_size``) widen the pooled
+    ``num_features`` channels before the classifier. Older timm models without the attribute have none.
+    """
+    return getattr(backbone, "head_hidden_size", None) or backbone.num_features
+
+
+def check_forward(model: FinetuneModel, input_size: Sequence[int]) -> None:
+    """Run ``model`` (built on the meta device) on a batch of ``input_size`` images: shapes only, no memory
+    or compute. Catches a backbone that cannot take that input size, one that returns unpooled features,
+    and a head that does not fit the features the backbone returns, before any training.
+
+    Raises:
+        FinetuneError: naming the mismatch.
+    """
+    name, size = model.backbone_name, "×".join(map(str, input_size))
+    was_training = model.training
+    model.eval()  # batch statistics need more than one value per channel; eval mode needs none
+    try:
+        with torch.no_grad():
+            try:
+                features = model.backbone(torch.empty(2, *input_size, device="meta"))
+            except Exception as e:
+                if _meta_unsupported(e):
+                    return
+                raise FinetuneError(
+                    f"{name} cannot take {size} images: {_first_line(e)} (set data.input_size to the size it "
+                    "takes, or build it for this size with model.backbone_kwargs.img_size)"
+                ) from None
+            if features.ndim != 2:
+                raise FinetuneError(
+                    f"{name} returns features of shape {list(features.shape[1:])} per image, not pooled ones "
+                    "(check model.backbone_kwargs such as global_pool)"
+                )
+            if features.shape[1] != model.num_features:
+                raise FinetuneError(
+                    f"{name} returns {features.shape[1]} features per image but the "
+                    f"{model.head_config['name']} head was made for {model.num_features}"
+                )
+            try:
+                model.head(features)
+            except Exception as e:
+                if not _meta_unsupported(e):
+                    raise FinetuneError(
+                        f"the {model.head_config['name']} head does not fit the {features.shape[1]} features of "
+                        f"{name}: {_first_line(e)}"
+                    ) from None
+    finally:
+        model.train(was_training)
+
+
+def _meta_unsupported(e: Exception) -> bool:
+    # ops with data-dependent results (.item(), nonzero) have no meta version: nothing to conclude
+    return isinstance(e, NotImplementedError) or "meta" in str(e).lower()
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def backbone_stages(backbone: nn.Module, prefix: str = "") -> list[list[str]]:
-    """Parameter names of a timm model grouped by stage, input to output, from its ``group_matcher``."""
+    """Parameter names of a timm model grouped by stage, input to output, from its ``group_matcher``.
+
+    Raises:
+        FinetuneError: for a model without a (coarse) group matcher (pit, metaformer, rdnet).
+    """
+    name = getattr(backbone, "pretrained_cfg", {}).get("architecture") or type(backbone).__name__
+    hint = "to split it into stages for 'last:N'; select its parameters with regexes instead"
     if not hasattr(backbone, "group_matcher"):
-        return [[prefix + n for n, _ in backbone.named_parameters()]]
-    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+        raise FinetuneError(f"{name} has no timm group_matcher {hint}")
+    try:
+        matcher = backbone.group_matcher(coarse=True)
+    except (AssertionError, NotImplementedError):  # timm's way of saying "no coarse grouping"
+        raise FinetuneError(f"{name} has no coarse timm group_matcher {hint}") from None
+    groups = group_parameters(backbone, matcher)
     return [[prefix + n for n in names] for _, names in sorted(groups.items())]
 
 
@@ -131,7 +213,7 @@ def create_model(
 
     net = _create_backbone(backbone, pretrained, backbone_kwargs)
     options = {k: v for k, v in head_config.items() if k != "name"}
-    net_head = create_head(head_config["name"], net.num_features, num_classes, **options)
+    net_head = create_head(head_config["name"], pooled_width(net), num_classes, **options)
     return FinetuneModel(net, net_head, backbone, head_config, backbone_kwargs)
 
 

@@ -48,3 +48,21 @@ def test_pretrained_true_without_network_fails_fast_naming_other_sources():
 def test_offline_pretrained_for_a_backbone_without_package_names_the_known_ones():
     with pytest.raises(FinetuneError, match="tf_efficientnet_lite0"):
         create_model("test_resnet", 3, pretrained="offline")
+
+
+@pytest.mark.parametrize("head", ["spinal", "linear", {"name": "mlp", "hidden": [32]}])
+def test_head_is_sized_from_the_pooled_width_of_a_pre_logits_backbone(head):
+    # mobilenetv3 pools 576 channels, then its conv_head (pre-logits) widens them to 1024: the head sees 1024
+    model = create_model("mobilenetv3_small_050", 4, head=head).eval()
+    x = torch.randn(2, 3, 32, 32)
+    features = model.backbone(x)
+    assert model.backbone.num_features != features.shape[1]
+    assert model.num_features == features.shape[1] == model.backbone.head_hidden_size
+    assert model(x).shape == (2, 4)
+
+
+@pytest.mark.parametrize("img_size,expected", [(32, (3, 32, 32)), ([48, 32], (3, 48, 32))])
+def test_data_config_input_size_follows_the_img_size_the_backbone_is_built_for(img_size, expected):
+    model = create_model("test_vit", 3, head="linear", img_size=img_size)
+    assert tuple(model.data_config()["input_size"]) == expected
+    assert model(torch.randn(1, *expected)).shape == (1, 3)
