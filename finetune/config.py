@@ -94,12 +94,8 @@ class OptimizerConfig(_Section):
 
     @field_validator("name")
     @classmethod
-    def _known(cls, name: str) -> str:
-        from timm.optim import list_optimizers
-
-        if name.lower() not in list_optimizers():
-            raise ValueError(f"unknown optimizer '{name}' (see timm.optim.list_optimizers())")
-        return name.lower()
+    def _lower(cls, name: str) -> str:
+        return name.lower()  # whether timm knows it: check_against_model (importing timm takes seconds)
 
 
 class ScheduleConfig(_Section):
@@ -246,7 +242,8 @@ def load_yaml(text: str) -> Any:
         loader.dispose()
 
 
-def _measure(node: yaml.Node, where: str, depth: int, seen: dict[int, tuple[int, int]], inside: set[int]) -> tuple[int, int]:
+def _measure(node: yaml.Node, where: str, depth: int, seen: dict[int, tuple[int, int]],
+             inside: set[int]) -> tuple[int, int]:
     """(values, levels) of ``node`` with aliases expanded, at ``depth`` levels below the top; ``seen``
     memoises shared (aliased) nodes, ``inside`` holds the nodes being measured (a cycle's way back)."""
     if depth > MAX_YAML_DEPTH:
@@ -277,7 +274,8 @@ def _measure(node: yaml.Node, where: str, depth: int, seen: dict[int, tuple[int,
         inside.discard(key)
         seen[key] = (size, height)
     if depth + height > MAX_YAML_DEPTH:
-        raise _RecipeYAMLError(f"{where or '(recipe)'}: nested more than {MAX_YAML_DEPTH} levels deep (aliases expanded)")
+        raise _RecipeYAMLError(
+            f"{where or '(recipe)'}: nested more than {MAX_YAML_DEPTH} levels deep (aliases expanded)")
     return size, height
 
 
@@ -341,7 +339,8 @@ def _format_error(e: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         got = err.get("input")
-        shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {short_repr(got)})"
+        hidden = err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict)
+        shown = "" if hidden else f" (got {short_repr(got)})"
         lines.append(f"{loc}: {msg}{shown}")
         if len(lines) > 4:
             break  # the first few are enough; the count says how many more
@@ -358,8 +357,8 @@ def parse_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
         recipe = Recipe.model_validate(_merge_stage_defaults(raw))
     except ValidationError as e:
         raise FinetuneError(_format_error(e, source)) from None
-    check_against_model(recipe, source)
     check_environment(recipe, source)
+    check_against_model(recipe, source)
     return recipe
 
 
@@ -370,13 +369,13 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
         ``(recipe, raw)``: the typed recipe and the resolved raw dict (as saved into the run folder).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FinetuneError(f"recipe not found: {path}")
     try:
+        if not path.is_file():
+            raise FinetuneError(f"recipe not found: {path}")
         with open(path, "rb") as f:
             data = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as e:
-        raise FinetuneError(f"{path}: cannot read the recipe: {e.strerror or e}") from None
+        raise FinetuneError(one_line(f"cannot read the recipe ({e.strerror or e}): {path}")) from None
     if len(data) > MAX_RECIPE_BYTES:
         raise FinetuneError(f"{path}: recipe is {path.stat().st_size:,} bytes; the limit is {MAX_RECIPE_BYTES:,}")
     try:
@@ -400,11 +399,12 @@ def resolved_dict(recipe: Recipe) -> dict[str, Any]:
 
 
 def check_against_model(recipe: Recipe, source: str = "recipe") -> None:
-    """Check what the schema alone can't: the backbone exists, head options exist, and every stage's
-    ``train`` selection matches parameters of the model. Builds the model on the meta device (no memory,
-    no weights)."""
+    """Check what the schema alone can't: the backbone exists, head options exist, every stage's
+    optimizer exists, and every stage's ``train`` selection matches parameters of the model. Builds the
+    model on the meta device (no memory, no weights)."""
     import timm
     import torch
+    from timm.optim import list_optimizers
 
     from finetune.models import create_model, head_options, parse_head
     from finetune.training.freeze import select_trainable
@@ -430,6 +430,9 @@ def check_against_model(recipe: Recipe, source: str = "recipe") -> None:
     except TypeError as e:
         raise FinetuneError(f"{source}: model.backbone_kwargs: {e}") from None
     for i, stage in enumerate(recipe.stages):
+        if stage.optimizer.name not in list_optimizers():
+            raise FinetuneError(one_line(f"{source}: stages.{i}.optimizer.name: unknown optimizer "
+                                         f"'{stage.optimizer.name}' (see timm.optim.list_optimizers())"))
         try:
             select_trainable(model, stage.train)
         except FinetuneError as e:
@@ -439,10 +442,8 @@ def check_against_model(recipe: Recipe, source: str = "recipe") -> None:
 def check_environment(recipe: Recipe, source: str = "recipe") -> None:
     """Check what training will use on this machine, so it fails now rather than after hours:
     fp16 only where the device is a GPU, and a ``cache_dir`` that can be made (nothing is created)."""
-    import torch
-
     cfg = recipe.training
-    if cfg.precision == "fp16" and (cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())):
+    if cfg.precision == "fp16" and (cfg.device == "cpu" or (cfg.device == "auto" and not _cuda_available())):
         device = "cpu" if cfg.device == "cpu" else "auto, no CUDA device"
         raise FinetuneError(
             f"{source}: training.precision: fp16 on the CPU (training.device: {device}) runs many times slower "
@@ -468,3 +469,9 @@ def folder_problem(folder: str | Path) -> Optional[str]:
     except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
         return f"{short_repr(str(folder))} is not a usable path: {e}"
     return None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

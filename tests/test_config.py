@@ -182,7 +182,8 @@ def test_error_messages_are_capped_and_show_values_truncated(tmp_path):
 
 @pytest.mark.parametrize("assignment,message", [
     ("stages.0.epochs=[1", r"override stages\.0\.epochs: not valid YAML"),
-    ("name=!!python/object/apply:os.system [echo hi]", r"override name: not valid YAML: could not determine a constructor"),
+    ("name=!!python/object/apply:os.system [echo hi]",
+     r"override name: not valid YAML: could not determine a constructor"),
     ("name=*undefined", r"override name: not valid YAML: found undefined alias"),
 ])
 def test_overrides_with_bad_yaml_are_one_line_errors(assignment, message):
@@ -216,8 +217,10 @@ def test_output_dir_with_the_name_placeholder_is_fine():
 
 @pytest.mark.parametrize("path,value,message", [
     ("data.num_workers", "-1", r"data\.num_workers: must be 0 or more .*\(got -1\)"),
-    ("model.backbone_kwargs", "{drop_rate: abc}", r"model\.backbone_kwargs: drop_rate must be a number from 0 to 1 \(got 'abc'\)"),
-    ("model.backbone_kwargs", "{drop_path_rate: 1.5}", r"model\.backbone_kwargs: drop_path_rate must be a number from 0 to 1 \(got 1\.5\)"),
+    ("model.backbone_kwargs", "{drop_rate: abc}",
+     r"model\.backbone_kwargs: drop_rate must be a number from 0 to 1 \(got 'abc'\)"),
+    ("model.backbone_kwargs", "{drop_path_rate: 1.5}",
+     r"model\.backbone_kwargs: drop_path_rate must be a number from 0 to 1 \(got 1\.5\)"),
     ("model.backbone_kwargs", "{drop_rate: true}", r"model\.backbone_kwargs: drop_rate must be a number"),
 ])
 def test_values_that_used_to_fail_only_in_training_fail_validation(path, value, message):

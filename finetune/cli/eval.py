@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune.cli import non_negative_int, positive_int
+
 SPLIT_HELP = (
     "which images of --data to evaluate: train, val, test (default) or all. A folder is split the way the "
     "checkpoint's run split it: with the run's manifest.csv when all its files are under ROOT, else with "
@@ -23,8 +25,9 @@ def add_parser(subparsers) -> None:
                    help="output folder (default: RUN_DIR/eval-SPLIT for a run's checkpoint, else CHECKPOINT-eval-SPLIT)")
     p.add_argument("--allow-subset", action="store_true",
                    help="evaluate the classes the data shares with the checkpoint when their classes differ")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default 0)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--num-workers", type=non_negative_int, default=0,
+                   help="image-decoding worker processes (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.set_defaults(func=run)
 
