@@ -11,6 +11,7 @@ The top-level ``optimizer`` and ``schedule`` are defaults that each stage's own 
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -18,7 +19,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, one_line, short_repr
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Metric = Literal["accuracy", "macro_f1", "balanced_accuracy", "loss"]
@@ -54,6 +55,13 @@ class DataConfig(_Section):
     # across epochs and runs): for datasets of large photos whose decoding dominates an epoch.
     resize_cache: Optional[int] = Field(None, ge=8)
 
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, workers):
+        if workers != "auto" and workers < 0:
+            raise ValueError("must be 0 or more (0: decode in the main process), or auto")
+        return workers
+
     @model_validator(mode="after")
     def _source(self):
         if not (self.root or self.manifest or self.card):
@@ -67,6 +75,17 @@ class ModelConfig(_Section):
     head: Union[str, dict[str, Any]] = "spinal"
     backbone_kwargs: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("backbone_kwargs")
+    @classmethod
+    def _drop_rates(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        # timm keeps drop rates as given and first uses them in a training forward pass: check them here
+        for key, value in kwargs.items():
+            if re.fullmatch(r"\w*drop\w*_rate", key) and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
+            ):
+                raise ValueError(f"{key} must be a number from 0 to 1 (got {short_repr(value)})")
+        return kwargs
+
 
 class OptimizerConfig(_Section):
     name: str = "adamw"  # any timm optimizer (timm.optim.list_optimizers())
@@ -77,12 +96,8 @@ class OptimizerConfig(_Section):
 
     @field_validator("name")
     @classmethod
-    def _known(cls, name: str) -> str:
-        from timm.optim import list_optimizers
-
-        if name.lower() not in list_optimizers():
-            raise ValueError(f"unknown optimizer '{name}' (see timm.optim.list_optimizers())")
-        return name.lower()
+    def _lower(cls, name: str) -> str:
+        return name.lower()  # whether timm knows it: check_against_model (importing timm takes seconds)
 
 
 class ScheduleConfig(_Section):
@@ -164,8 +179,19 @@ class TrainingConfig(_Section):
 
 
 class OutputConfig(_Section):
-    dir: str = "runs/{name}"
+    dir: str = "runs/{name}"  # {name} is the recipe's name
     evaluate_test: bool = True  # evaluate the best checkpoint on the test split at the end
+
+    @field_validator("dir")
+    @classmethod
+    def _placeholders(cls, folder: str) -> str:
+        try:
+            folder.format(name="run")
+        except KeyError as e:
+            raise ValueError(f"may use only {{name}}: unknown placeholder {e}") from None
+        except (IndexError, ValueError, AttributeError) as e:
+            raise ValueError(f"may use only {{name}}: {e}") from None
+        return folder
 
 
 class Recipe(_Section):
@@ -178,6 +204,102 @@ class Recipe(_Section):
 
 
 # ------------------------------------------------------------------------------------------- loading
+
+MAX_RECIPE_BYTES = 1 << 20
+"""Largest recipe file read (1 MiB; recipes are a few KB)."""
+MAX_YAML_VALUES = 100_000
+"""Most values (scalars, lists, mappings) a recipe or ``--set`` value may expand to through YAML aliases."""
+MAX_YAML_DEPTH = 64
+"""Deepest nesting of lists and mappings accepted, aliases expanded."""
+
+
+class _RecipeYAMLError(Exception):
+    """A YAML document refused before it is built: too deep, too many values, or a recursive alias."""
+
+
+class _DepthLimitedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing documents nested deeper than ``MAX_YAML_DEPTH`` while composing
+    (PyYAML composes recursively: a deep enough document would end in a RecursionError)."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _RecipeYAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` bounded for hostile input: aliases may expand to at most ``MAX_YAML_VALUES``
+    values and ``MAX_YAML_DEPTH`` levels, and may not contain themselves.
+
+    PyYAML builds an alias as a reference to one shared object, so a "billion laughs" document of 1 KB
+    loads instantly and blows up later, whenever something walks, validates, copies or prints it. The
+    composed node graph is measured first (each node once) and only then built.
+
+    Raises:
+        yaml.YAMLError: not valid YAML, or a tag the safe loader does not build.
+        _RecipeYAMLError: too deep, too many values, or a recursive alias.
+    """
+    loader = _DepthLimitedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _measure(node, "", 0, {}, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _measure(node: yaml.Node, where: str, depth: int, seen: dict[int, tuple[int, int]],
+             inside: set[int]) -> tuple[int, int]:
+    """(values, levels) of ``node`` with aliases expanded, at ``depth`` levels below the top; ``seen``
+    memoises shared (aliased) nodes, ``inside`` holds the nodes being measured (a cycle's way back)."""
+    if depth > MAX_YAML_DEPTH:
+        raise _RecipeYAMLError(f"{where}: nested more than {MAX_YAML_DEPTH} levels deep (aliases expanded)")
+    key = id(node)
+    if key in inside:
+        raise _RecipeYAMLError(f"{where or '(recipe)'}: recursive alias (a value that contains itself)")
+    if key in seen:
+        size, height = seen[key]
+    else:
+        if isinstance(node, yaml.SequenceNode):
+            children = [(f"{where}.{i}", child) for i, child in enumerate(node.value)]
+        elif isinstance(node, yaml.MappingNode):
+            children = []
+            for k, v in node.value:
+                name = k.value if isinstance(k, yaml.ScalarNode) else "?"
+                children += [(f"{where}.{name}", k), (f"{where}.{name}", v)]
+        else:
+            children = []
+        inside.add(key)
+        size, height = 1, 0
+        for path, child in children:
+            child_size, child_height = _measure(child, path.lstrip("."), depth + 1, seen, inside)
+            size, height = size + child_size, max(height, child_height + 1)
+            if size > MAX_YAML_VALUES:
+                raise _RecipeYAMLError(
+                    f"{where or '(recipe)'}: aliases expand to more than {MAX_YAML_VALUES:,} values")
+        inside.discard(key)
+        seen[key] = (size, height)
+    if depth + height > MAX_YAML_DEPTH:
+        raise _RecipeYAMLError(
+            f"{where or '(recipe)'}: nested more than {MAX_YAML_DEPTH} levels deep (aliases expanded)")
+    return size, height
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where."""
+    if isinstance(e, yaml.MarkedYAMLError) and e.problem:
+        mark = e.problem_mark
+        return f"{e.problem}" + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply one ``a.b.0.c=value`` override to the raw recipe dict; the value is parsed as YAML."""
@@ -196,7 +318,12 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         elif not isinstance(node, dict):
             raise FinetuneError(f"override {path}: {'.'.join(keys[:i])} is not a section")
         if last:
-            node[key] = yaml.safe_load(value)
+            try:
+                node[key] = load_yaml(value)
+            except yaml.YAMLError as e:
+                raise FinetuneError(one_line(f"override {path}: not valid YAML: {_yaml_problem(e)}")) from None
+            except _RecipeYAMLError as e:
+                raise FinetuneError(one_line(f"override {path}: {e}")) from None
         else:
             if isinstance(node, dict) and key not in node:
                 node[key] = {}
@@ -226,10 +353,14 @@ def _format_error(e: ValidationError, source: str) -> str:
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         got = err.get("input")
-        shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        hidden = err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict)
+        shown = "" if hidden else f" (got {short_repr(got)})"
         lines.append(f"{loc}: {msg}{shown}")
-    extra = f" (+{len(lines) - 1} more: {'; '.join(lines[1:])})" if len(lines) > 1 else ""
-    return f"{source}: {lines[0]}{extra}"
+        if len(lines) > 4:
+            break  # the first few are enough; the count says how many more
+    more = len(e.errors()) - 1
+    extra = f" (+{more} more: {'; '.join(lines[1:4])}{'; …' if more > 3 else ''})" if more else ""
+    return one_line(f"{source}: {lines[0]}{extra}")
 
 
 def parse_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
@@ -240,6 +371,7 @@ def parse_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
         recipe = Recipe.model_validate(_merge_stage_defaults(raw))
     except ValidationError as e:
         raise FinetuneError(_format_error(e, source)) from None
+    check_environment(recipe, source)
     check_against_model(recipe, source)
     return recipe
 
@@ -251,12 +383,25 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
         ``(recipe, raw)``: the typed recipe and the resolved raw dict (as saved into the run folder).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FinetuneError(f"recipe not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        if not path.is_file():
+            raise FinetuneError(f"recipe not found: {path}")
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise FinetuneError(one_line(f"cannot read the recipe ({e.strerror or e}): {path}")) from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise FinetuneError(f"{path}: recipe is {path.stat().st_size:,} bytes; the limit is {MAX_RECIPE_BYTES:,}")
+    try:
+        raw = load_yaml(data.decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise FinetuneError(f"{path}: not UTF-8 text (byte {e.start:,})") from None
     except yaml.YAMLError as e:
-        raise FinetuneError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise FinetuneError(one_line(f"{path}: not valid YAML: {_yaml_problem(e)}")) from None
+    except _RecipeYAMLError as e:
+        raise FinetuneError(one_line(f"{path}: {e}")) from None
+    if not isinstance(raw, dict):
+        raise FinetuneError(f"{path}: a recipe must be a YAML mapping")
     for assignment in overrides:
         apply_override(raw, assignment)
     recipe = parse_recipe(raw, source=str(path))
@@ -268,11 +413,13 @@ def resolved_dict(recipe: Recipe) -> dict[str, Any]:
 
 
 def check_against_model(recipe: Recipe, source: str = "recipe") -> None:
-    """Check what the schema alone can't: the backbone exists, head options exist, the backbone takes the
-    input size and the head fits the features it returns, and every stage's ``train`` selection matches
-    parameters of the model. Builds and runs the model on the meta device (no memory, no weights)."""
+    """Check what the schema alone can't: the backbone exists, head options exist, every stage's optimizer
+    exists, the backbone takes the input size and the head fits the features it returns, and every stage's
+    ``train`` selection matches parameters of the model. Builds and runs the model on the meta device (no
+    memory, no weights)."""
     import timm
     import torch
+    from timm.optim import list_optimizers
 
     from finetune.models import create_model, head_options, parse_head
     from finetune.models.factory import check_forward
@@ -304,7 +451,48 @@ def check_against_model(recipe: Recipe, source: str = "recipe") -> None:
     except FinetuneError as e:
         raise FinetuneError(f"{source}: model: {e}") from None
     for i, stage in enumerate(recipe.stages):
+        if stage.optimizer.name not in list_optimizers():
+            raise FinetuneError(one_line(f"{source}: stages.{i}.optimizer.name: unknown optimizer "
+                                         f"'{stage.optimizer.name}' (see timm.optim.list_optimizers())"))
         try:
             select_trainable(model, stage.train)
         except FinetuneError as e:
             raise FinetuneError(f"{source}: stages.{i}.train: {e}") from None
+
+
+def check_environment(recipe: Recipe, source: str = "recipe") -> None:
+    """Check what training will use on this machine, so it fails now rather than after hours:
+    fp16 only where the device is a GPU, and a ``cache_dir`` that can be made (nothing is created)."""
+    cfg = recipe.training
+    if cfg.precision == "fp16" and (cfg.device == "cpu" or (cfg.device == "auto" and not _cuda_available())):
+        device = "cpu" if cfg.device == "cpu" else "auto, no CUDA device"
+        raise FinetuneError(
+            f"{source}: training.precision: fp16 on the CPU (training.device: {device}) runs many times slower "
+            "than fp32; use fp32 or bf16 there"
+        )
+    if cfg.cache_dir is not None:
+        problem = folder_problem(cfg.cache_dir)
+        if problem:
+            raise FinetuneError(one_line(f"{source}: training.cache_dir: {problem}"))
+
+
+def folder_problem(folder: str | Path) -> Optional[str]:
+    """Why ``folder`` could not be used or created as a writable folder, or None; creates nothing."""
+    try:
+        path = Path(folder).expanduser().absolute()
+        for parent in (path, *path.parents):
+            if parent.exists():
+                if not parent.is_dir():
+                    return f"{parent} is a file, not a folder"
+                if not os.access(parent, os.W_OK | os.X_OK):
+                    return f"{parent} is not writable"
+                return None
+    except (OSError, ValueError) as e:  # ValueError: a NUL character in the path
+        return f"{short_repr(str(folder))} is not a usable path: {e}"
+    return None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

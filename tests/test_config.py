@@ -145,3 +145,162 @@ def test_invalid_yaml_is_a_clear_error(tmp_path):
     path.write_text("data: [unclosed\n")
     with pytest.raises(FinetuneError, match="not valid YAML"):
         load_recipe(path)
+
+
+# --------------------------------------------------------------------------- hostile recipes (issue 15)
+
+def write_recipe(tmp_path, text: str | bytes, name: str = "r.yaml"):
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+BASE_YAML = yaml.safe_dump(BASE)
+
+
+def laughs(levels: int, width: int = 9) -> str:
+    """A "billion laughs" YAML: ``levels`` lists of ``width`` aliases to the level below (width**levels leaves)."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_alias_expansion_beyond_the_bound_is_refused(tmp_path):
+    # under 1 KB of YAML that expands to 9**6 = 531,441 strings where a name should be
+    path = write_recipe(tmp_path, laughs(6) + BASE_YAML.replace("data:", "name: *l5\ndata:", 1))
+    assert path.stat().st_size < 1024
+    with pytest.raises(FinetuneError, match=r"r\.yaml: l5: aliases expand to more than 100,000 values") as err:
+        load_recipe(path)
+    assert len(str(err.value)) <= 500
+
+
+def test_aliases_and_merge_keys_within_the_bound_work(tmp_path):
+    path = write_recipe(tmp_path, (
+        "data: {root: /nowhere}\n"
+        "model: {backbone: test_resnet}\n"
+        "optimizer: &opt {lr: 0.01}\n"
+        "stages:\n"
+        "- {epochs: 1, train: head, optimizer: *opt}\n"
+        "- {epochs: 1, train: all, optimizer: {<<: *opt, weight_decay: 0}}\n"
+    ))
+    recipe, _ = load_recipe(path)
+    assert [s.optimizer.lr for s in recipe.stages] == [0.01, 0.01]
+    assert recipe.stages[1].optimizer.weight_decay == 0
+
+
+def test_recursive_alias_is_refused(tmp_path):
+    path = write_recipe(tmp_path, BASE_YAML + "loop: &loop [1, *loop]\n")
+    with pytest.raises(FinetuneError, match=r"r\.yaml: loop\.1: recursive alias"):
+        load_recipe(path)
+
+
+def test_deeply_nested_recipe_is_refused(tmp_path):
+    path = write_recipe(tmp_path, BASE_YAML + "deep: " + "[" * 2000 + "]" * 2000 + "\n")
+    with pytest.raises(FinetuneError, match=r"nested more than \d+ levels deep"):
+        load_recipe(path)
+
+
+def test_recipe_over_the_size_cap_is_refused_before_parsing(tmp_path):
+    path = write_recipe(tmp_path, BASE_YAML + ("# padding\n" * 120_000))  # 1.2 MB of comments
+    with pytest.raises(FinetuneError, match=r"r\.yaml: recipe is 1,2\d\d,\d\d\d bytes; the limit is 1,048,576"):
+        load_recipe(path)
+
+
+def test_recipe_that_is_not_utf8_text_is_refused(tmp_path):
+    path = write_recipe(tmp_path, b"name: \xff\xfe\x00run\n" + BASE_YAML.encode())
+    with pytest.raises(FinetuneError, match=r"r\.yaml: not UTF-8 text"):
+        load_recipe(path)
+
+
+def test_error_messages_are_capped_and_show_values_truncated(tmp_path):
+    raw = copy.deepcopy(BASE)
+    raw["training"] = {"batch_size": "x" * 100_000}
+    with pytest.raises(FinetuneError, match=r"training\.batch_size: .*integer.*\(got 'xxx.*\.\.\.") as err:
+        parse_recipe(raw)
+    assert len(str(err.value)) <= 500
+    raw = copy.deepcopy(BASE)
+    raw["training"] = {f"unknown_{i}": i for i in range(1000)}
+    with pytest.raises(FinetuneError, match=r"training\.unknown_0: unknown key \(\+999 more: ") as err:
+        parse_recipe(raw)
+    assert len(str(err.value)) <= 500
+
+
+@pytest.mark.parametrize("assignment,message", [
+    ("stages.0.epochs=[1", r"override stages\.0\.epochs: not valid YAML"),
+    ("name=!!python/object/apply:os.system [echo hi]",
+     r"override name: not valid YAML: could not determine a constructor"),
+    ("name=*undefined", r"override name: not valid YAML: found undefined alias"),
+])
+def test_overrides_with_bad_yaml_are_one_line_errors(assignment, message):
+    with pytest.raises(FinetuneError, match=message) as err:
+        apply_override(copy.deepcopy(BASE), assignment)
+    assert "\n" not in str(err.value)
+
+
+def test_overrides_refuse_alias_bombs():
+    with pytest.raises(FinetuneError, match=r"override name: l5: aliases expand to more than 100,000 values"):
+        apply_override(copy.deepcopy(BASE), "name=" + laughs(7).replace("\n", ", ").join("{}"))
+
+
+@pytest.mark.parametrize("value,message", [
+    ("runs/{foo}", r"output\.dir: may use only \{name\}: unknown placeholder 'foo' \(got 'runs/\{foo\}'\)"),
+    ("runs/{0}", r"output\.dir: may use only \{name\}: .*\(got 'runs/\{0\}'\)"),
+    ("runs/{name", r"output\.dir: may use only \{name\}: expected '\}' before end of string"),
+])
+def test_output_dir_may_only_use_the_name_placeholder(value, message):
+    raw = copy.deepcopy(BASE)
+    raw["output"] = {"dir": value}
+    with pytest.raises(FinetuneError, match=message):
+        parse_recipe(raw)
+
+
+def test_output_dir_with_the_name_placeholder_is_fine():
+    raw = copy.deepcopy(BASE)
+    raw["output"] = {"dir": "runs/{name}-{name}"}
+    assert parse_recipe(raw).output.dir == "runs/{name}-{name}"
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("data.num_workers", "-1", r"data\.num_workers: must be 0 or more .*\(got -1\)"),
+    ("model.backbone_kwargs", "{drop_rate: abc}",
+     r"model\.backbone_kwargs: drop_rate must be a number from 0 to 1 \(got 'abc'\)"),
+    ("model.backbone_kwargs", "{drop_path_rate: 1.5}",
+     r"model\.backbone_kwargs: drop_path_rate must be a number from 0 to 1 \(got 1\.5\)"),
+    ("model.backbone_kwargs", "{drop_rate: true}", r"model\.backbone_kwargs: drop_rate must be a number"),
+])
+def test_values_that_used_to_fail_only_in_training_fail_validation(path, value, message):
+    with pytest.raises(FinetuneError, match=message):
+        parse_recipe(recipe_with(path, value))
+
+
+def test_sensible_workers_and_drop_rates_pass():
+    raw = recipe_with("model.backbone_kwargs", "{drop_rate: 0.2, drop_path_rate: 0}")
+    apply_override(raw, "data.num_workers=0")
+    recipe = parse_recipe(raw)
+    assert recipe.model.backbone_kwargs == {"drop_rate": 0.2, "drop_path_rate": 0}
+    assert recipe.data.num_workers == 0
+    assert parse_recipe(recipe_with("data.num_workers", "auto")).data.num_workers == "auto"
+
+
+def test_cache_dir_under_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(FinetuneError, match=r"training\.cache_dir: .*afile is a file, not a folder"):
+        parse_recipe(recipe_with("training.cache_dir", str(tmp_path / "afile" / "cache")))
+    with pytest.raises(FinetuneError, match=r"training\.cache_dir: .*afile is a file, not a folder"):
+        parse_recipe(recipe_with("training.cache_dir", str(tmp_path / "afile")))
+    ok = parse_recipe(recipe_with("training.cache_dir", str(tmp_path / "new" / "cache")))
+    assert ok.training.cache_dir == str(tmp_path / "new" / "cache")
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_fp16_on_the_cpu_is_refused_at_validation(monkeypatch):
+    import torch
+
+    with pytest.raises(FinetuneError, match=r"training\.precision: fp16 on the CPU \(training\.device: cpu\)"):
+        parse_recipe(recipe_with("training", "{precision: fp16, device: cpu}"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FinetuneError, match=r"training\.precision: fp16 on the CPU \(training\.device: auto, no CUDA"):
+        parse_recipe(recipe_with("training", "{precision: fp16}"))
+    assert parse_recipe(recipe_with("training", "{precision: bf16, device: cpu}")).training.precision == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert parse_recipe(recipe_with("training", "{precision: fp16}")).training.precision == "fp16"

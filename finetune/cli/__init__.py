@@ -11,14 +11,32 @@ import importlib
 import sys
 
 from finetune._version import __version__
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, one_line
 
 # Sub-command modules, in the order `finetune --help` lists them.
 COMMANDS = ("train", "validate", "eval", "predict", "export", "data", "models")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other error (usage is in ``--help``)."""
+
+    def error(self, message: str):
+        self.exit(2, one_line(f"{self.prog}: error: {message} (see {self.prog} --help)") + "\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more (got {value})")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="finetune",
         description="Fine-tune timm backbones with a SpinalNet, linear or MLP head on a folder of images.",
     )
@@ -38,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except FinetuneError as e:
-        print(f"finetune {args.command}: error: {e}", file=sys.stderr)
+        print(one_line(f"finetune {args.command}: error: {e}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"finetune {args.command}: interrupted", file=sys.stderr)

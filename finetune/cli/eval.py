@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune._workers import workers_arg
+from finetune.cli import positive_int
 
 SPLIT_HELP = (
     "which images of --data to evaluate: train, val, test (default) or all. A folder is split the way the "
@@ -25,7 +26,7 @@ def add_parser(subparsers) -> None:
                    help="output folder (default: RUN_DIR/eval-SPLIT for a run's checkpoint, else CHECKPOINT-eval-SPLIT)")
     p.add_argument("--allow-subset", action="store_true",
                    help="evaluate the classes the data shares with the checkpoint when their classes differ")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--num-workers", type=workers_arg, default="auto",
                    help="image-decoding worker processes, or auto: the CPU cores, at most 8 (default auto)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")

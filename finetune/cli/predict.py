@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from finetune._workers import workers_arg
+from finetune.cli import positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -19,9 +20,9 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("checkpoint", help="checkpoint folder (or a run folder: its best checkpoint)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
-    p.add_argument("--topk", type=int, default=1, help="classes per image (default 1)")
+    p.add_argument("--topk", type=positive_int, default=1, help="classes per image (default 1)")
     p.add_argument("--out", metavar="FILE", help="write FILE.csv or FILE.json (default: CSV on stdout)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--num-workers", type=workers_arg, default="auto",
                    help="image-decoding worker processes, or auto: the CPU cores, at most 8 (default auto)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -30,18 +31,26 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from finetune.errors import FinetuneError
-    from finetune.inference import load
 
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in (".csv", ".json"):
         raise FinetuneError(f"--out must end in .csv or .json, got {out}")
     sources, missing = collect_images(args.paths)
-    if not sources and not missing:
-        raise FinetuneError(f"no image files found in {', '.join(args.paths)}")
+    if not sources:  # refused before the model is loaded
+        empty = [path for path in args.paths if path not in missing]
+        raise FinetuneError("; ".join(
+            ([f"no image files found in {', '.join(empty)}"] if empty else [])
+            + ([f"no such file or folder: {', '.join(missing)}"] if missing else [])
+        ))
+    from finetune.inference import load  # imports torch: after the arguments are checked
+
     predictor = load(args.checkpoint, device=args.device)
     predictions = predictor.predict(sources, topk=args.topk, batch_size=args.batch_size, num_workers=args.num_workers)
     records = [(p.path, p.labels, p.probabilities, p.error) for p in predictions]
     records += [(path, [], [], "no such file or folder") for path in missing]
+    failed = [(path, error) for path, _, _, error in records if error]
+    if len(failed) == len(records):  # nothing to write: an error, not a file of error rows
+        raise FinetuneError(f"none of the {len(records)} file(s) could be read (first: {failed[0][0]}: {failed[0][1]})")
     k = min(args.topk, len(predictor.classes))
     if out is not None and out.suffix.lower() == ".json":
         text = json.dumps([
@@ -58,9 +67,8 @@ def run(args) -> int:
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, out)
-    failed = sum(1 for *_, error in records if error)
     if failed:
-        print(f"{failed} of {len(records)} file(s) could not be read (see the error column)", file=sys.stderr)
+        print(f"{len(failed)} of {len(records)} file(s) could not be read (see the error column)", file=sys.stderr)
     if out is not None:
         print(f"wrote {len(records)} prediction(s) to {out}", file=sys.stderr)
     return 0

@@ -54,7 +54,6 @@ def run(args) -> int:
     from finetune.config import apply_override, parse_recipe
     from finetune.errors import FinetuneError
     from finetune.training import train
-    from finetune.training.runner import run_training
 
     if args.resume:
         if args.recipe or args.overrides or args.data or args.backbone:
@@ -76,6 +75,8 @@ def run(args) -> int:
         raw = recipe.model_dump(mode="json")
     else:
         raise FinetuneError("give a recipe file, or --data ROOT and --backbone NAME (or --resume RUN_DIR)")
+    from finetune.training.runner import run_training  # imports torch: after the arguments are checked
+
     run_dir = Path(args.out or recipe.output.dir.format(name=recipe.name))
     run_training(recipe, raw, run_dir=run_dir, quiet=args.quiet)
     return 0

@@ -11,8 +11,13 @@ Conversions, by Pillow mode:
   (palette or greyscale PNG/GIF with ``tRNS``): composited onto a **white** background. Dropping alpha
   instead (what ``convert("RGB")`` does) exposes whatever colour the invisible pixels happen to hold,
   often black or noise; white is what the image looks like on a page.
-* ``I;16*`` and ``I`` (16-bit PNG and TIFF greyscale): scaled from 0..65535 to 0..255 (``value // 257``)
-  rather than clipped at 255, which would turn most of the image white.
+* ``I;16*`` (16-bit PNG and TIFF greyscale, and ``I`` from a PNG, as older Pillow opens 16-bit PNGs):
+  scaled from 0..65535 to 0..255 (``value // 257``) rather than clipped at 255, which would turn most of
+  the image white.
+* ``F`` and ``I`` (float and 32-bit integer TIFFs, e.g. scientific or depth images): their values have no
+  fixed range, so they are scaled linearly from their own minimum..maximum to 0..255 (NaN and infinities
+  become 0; a flat image becomes black). Pillow's ``convert("RGB")`` clips them, which turns floats in
+  0..1 flat black and most 32-bit images flat white.
 
 The EXIF orientation tag is applied (``ImageOps.exif_transpose``) before conversion.
 """
@@ -38,7 +43,8 @@ decoded. Pillow itself refuses images over twice its ``Image.MAX_IMAGE_PIXELS`` 
 so raise that too for limits above 178,956,970."""
 
 _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
-_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_UNBOUNDED_MODES = frozenset({"F", "I"})  # float32, int32: no fixed range
 
 
 class ImageDecodeError(FinetuneError):
@@ -109,7 +115,7 @@ def decode_image(data: bytes, path: str | os.PathLike, max_pixels: int = DEFAULT
             fast = _decode_with_opencv(data, img)
             if fast is not None:
                 return fast, mode
-            return _to_rgb(ImageOps.exif_transpose(img)), mode
+            return _to_rgb(ImageOps.exif_transpose(img), img.format), mode
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:
@@ -151,13 +157,26 @@ def _too_large(width: int, height: int, max_pixels: int) -> str:
     return f"too many pixels (decompression bomb?): {width}×{height} = {width * height:,} > limit {max_pixels:,}"
 
 
-def _to_rgb(img: Image.Image) -> np.ndarray:
-    if img.mode in _SIXTEEN_BIT_MODES:
+def _to_rgb(img: Image.Image, fmt: str | None) -> np.ndarray:
+    if img.mode in _SIXTEEN_BIT_MODES or (img.mode == "I" and fmt == "PNG"):
         grey = (np.clip(np.asarray(img, dtype=np.int64), 0, 65535) // 257).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if img.mode in _UNBOUNDED_MODES:
+        return np.ascontiguousarray(np.repeat(_scale_by_range(np.asarray(img))[:, :, None], 3, axis=2))
     if img.mode in _ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         background.alpha_composite(rgba)
         img = background
     return np.array(img.convert("RGB"))
+
+
+def _scale_by_range(values: np.ndarray) -> np.ndarray:
+    """Values of any range as uint8, linearly from their finite minimum..maximum to 0..255."""
+    values = values.astype(np.float64)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(values.shape, np.uint8)
+    low, high = values[finite].min(), values[finite].max()
+    scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return np.round(np.where(finite, scaled, 0)).astype(np.uint8)

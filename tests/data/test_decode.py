@@ -79,3 +79,25 @@ def test_header_only_bomb_is_rejected_at_the_default_limit(tmp_path, header_only
     with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ImageDecodeError, match="too many pixels"):
         load_image(path)
     assert 10_000 * 10_000 > DEFAULT_MAX_PIXELS
+
+
+@pytest.mark.parametrize("mode,scale,offset", [
+    ("F", 0.001, -0.5),  # float32 in -0.5..0.5: Pillow's convert clips it to a flat black image
+    ("F", 1000.0, 0.0),  # float32 in 0..1000: clips to mostly white
+    ("I", 100_000, -50_000),  # int32 beyond 16 bits, negatives too: clipped to 0..65535 flattens it
+    ("I", 1, 0),  # int32 in 0..1000: a 16-bit scale (// 257) would make it black
+])
+def test_float_and_32_bit_tiffs_are_scaled_by_their_range(tmp_path, mode, scale, offset):
+    yy, xx = np.mgrid[:16, :24]
+    pattern = ((xx // 4 + yy // 4) % 2) * 1000 + xx  # a checkerboard with a ramp: values 0..1023
+    data = (pattern * scale + offset).astype(np.float32 if mode == "F" else np.int32)
+    Image.fromarray(data, mode).save(tmp_path / "image.tif")
+    assert Image.open(tmp_path / "image.tif").mode == mode
+
+    image = load_image(tmp_path / "image.tif")
+
+    assert image.shape == (16, 24, 3) and (image[..., 0] == image[..., 2]).all()
+    grey = image[..., 0].astype(int)
+    assert grey.min() == 0 and grey.max() == 255  # the full 8-bit range, not flat
+    expected = np.round((pattern - pattern.min()) / (pattern.max() - pattern.min()) * 255)
+    assert np.abs(grey - expected).max() <= 1  # the source's spatial pattern, scaled linearly
