@@ -26,12 +26,13 @@ def train(
         The run's ``summary.json`` content.
     """
     from finetune.config import load_recipe
-    from finetune.training.runner import run_training
 
     if resume is not None:
         run_dir = Path(resume)
         parsed, raw = load_recipe(run_dir / "recipe.yaml")
-        return run_training(parsed, raw, run_dir=run_dir, resume=True, quiet=quiet)
-    parsed, raw = load_recipe(recipe, list(overrides))
-    run_dir = Path(out) if out is not None else Path(parsed.output.dir.format(name=parsed.name))
-    return run_training(parsed, raw, run_dir=run_dir, quiet=quiet)
+    else:
+        parsed, raw = load_recipe(recipe, list(overrides))
+        run_dir = Path(out) if out is not None else Path(parsed.output.dir.format(name=parsed.name))
+    from finetune.training.runner import run_training  # the heavy imports, once the recipe is valid
+
+    return run_training(parsed, raw, run_dir=run_dir, resume=resume is not None, quiet=quiet)
