@@ -7,10 +7,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from finetune.data._cards import load_card
-from finetune.data._decode import DEFAULT_MAX_PIXELS
+from finetune.data._decode import DEFAULT_MAX_PIXELS, load_image
 from finetune.data._layout import PRE_SPLIT, UNSPLIT, DatasetFolder, discover, short_list
 from finetune.data._manifest import Manifest
 from finetune.data._scan import BadFile, ScanResult, bad_files, duplicate_groups, leaks, scan_images, write_report
+from finetune.data._similarity import hash_leaks
 from finetune.data._split import split_classes, validate_split_options
 from finetune.errors import FinetuneError
 
@@ -202,13 +203,26 @@ def _scan(root: Path, paths: list[str], report_path: str | os.PathLike | None, m
 
 
 def _warn_leaks(manifest: Manifest, results: list[ScanResult]) -> None:
-    """Warn about byte-identical images that sit in more than one split."""
+    """Warn about byte-identical images that sit in more than one split, and about resized or re-encoded
+    copies (same perceptual hash, confirmed by thumbnail correlation; see `hash_leaks`)."""
     leaked = leaks(manifest, duplicate_groups(results))
     if leaked:
         logger.warning(
             "%d group(s) of byte-identical images sit in more than one split (leakage), e.g. %s",
             len(leaked),
             " = ".join(leaked[0]),
+        )
+    split_of = {r.path: r.split for r in manifest.rows}
+    scanned = [r for r in results if r.reason is None and r.path in split_of]
+    identical = {p for group in leaked for p in group}
+    near = [g for g in hash_leaks([r.path for r in scanned], [split_of[r.path] for r in scanned],
+                                  [r.phash for r in scanned], lambda p: load_image(manifest.root / p))
+            if not set(g) <= identical]
+    if near:
+        logger.warning(
+            "%d group(s) of near-identical images (resized or re-encoded copies) sit in more than one split "
+            "(leakage), e.g. %s; run `finetune data audit %s` for near-duplicates, label issues and outliers",
+            len(near), " ~ ".join(near[0]), manifest.root,
         )
 
 
