@@ -1,8 +1,13 @@
 """`finetune data audit` and the quick leakage check of `prepare_manifest` (what `finetune train` runs)."""
 from __future__ import annotations
 
+import csv
+import json
 import logging
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +134,73 @@ def test_audit_finds_planted_problems_in_digits(tmp_path):
 
     assert planted["outliers"] <= {o["path"] for o in audit.outliers[:20]}
     assert all(o["flagged"] for o in audit.outliers if o["path"] in planted["outliers"])
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+TINY = ("--backbone", "test_resnet", "--pretrained", "none", "--input-size", "32", "--device", "cpu")
+
+
+def _audit(capsys, tmp_path, source, *extra):
+    from finetune.cli import main
+
+    out = tmp_path / "audit"
+    status = main(["data", "audit", str(source), *TINY, "--cache-dir", str(tmp_path / "cache"), "--out", str(out), *extra])
+    stdout, stderr = capsys.readouterr()
+    return status, stdout, stderr, out
+
+
+def test_cli_audits_a_pre_split_folder_with_json_and_a_self_contained_escaped_report(tmp_path, capsys):
+    root = _pre_split(tmp_path / "ds")
+    shutil.move(root / "train" / "stripes", root / "train" / "<script>")
+    shutil.move(root / "val" / "stripes", root / "val" / "<script>")
+    shutil.move(root / "test" / "stripes", root / "test" / "<script>")
+    Image.open(root / "train" / "circle" / "003.png").resize((48, 48)).save(root / "test" / "circle" / "copy.png")
+    status, stdout, _, out = _audit(capsys, tmp_path, root, "--json")
+    assert status == 0
+    report = json.loads(stdout)
+    assert report["summary"]["images"] == 8 * 3 + 4 * 3 + 4 * 3 + 1
+    assert report["summary"]["leaking_groups"] == 1 and report["summary"]["leaked_images"] == 1
+    (group,) = [g for g in report["near_duplicates"] if g["leak"]]
+    assert sorted(group["paths"]) == ["test/circle/copy.png", "train/circle/003.png"]
+    assert set(report["files"]) == {"near_duplicates.csv", "label_issues.csv", "outliers.csv", "audit.html"}
+    rows = list(csv.DictReader(open(out / "near_duplicates.csv", encoding="utf-8")))
+    assert {(r["path"], r["leak"]) for r in rows} >= {("test/circle/copy.png", "1"), ("train/circle/003.png", "1")}
+    assert (out / "label_issues.csv").read_text().startswith("rank,path,split,given,suggested,score")
+    assert (out / "outliers.csv").read_text().startswith("rank,path,split,class,distance")
+    page = (out / "audit.html").read_text(encoding="utf-8")
+    assert "&lt;script&gt;" in page and page.count("<script") == 1  # the page's own script only
+    assert "data:image/jpeg;base64," in page and not re.search(r"""(src|href)=["']?(https?:)?//""", page)
+
+
+def test_cli_audits_a_one_folder_dataset_split_as_training_splits_it(tmp_path, capsys, tiny_folder):
+    status, stdout, _, out = _audit(capsys, tmp_path, tiny_folder)
+    assert status == 0
+    assert stdout.startswith("Audited 36 images of 3 classes (train 24, val 6, test 6)") and str(out) in stdout
+    assert "\n" not in stdout.strip()
+    assert all((out / name).is_file() for name in ("near_duplicates.csv", "label_issues.csv", "outliers.csv", "audit.html"))
+
+
+def test_cli_audits_a_manifest(tmp_path, capsys, tiny_folder):
+    from finetune.cli import main
+
+    assert main(["data", "split", str(tiny_folder), "--out", str(tiny_folder / "split.csv"), "--test", "0.5"]) == 0
+    capsys.readouterr()
+    status, stdout, _, out = _audit(capsys, tmp_path, tiny_folder / "split.csv", "--json")
+    assert status == 0 and json.loads(stdout)["summary"]["splits"] == {"train": 12, "val": 6, "test": 18}
+
+
+def test_cli_audit_errors_are_one_line(tmp_path, capsys):
+    status, _, stderr, _ = _audit(capsys, tmp_path, tmp_path / "missing")
+    assert status == 2 and stderr.startswith("finetune data: error:") and stderr.count("\n") == 1
+
+
+def test_cli_audit_runs_as_a_command(tmp_path, tiny_folder):
+    """One real subprocess: the entry point, stdout pure JSON with --json (progress goes to stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune", "data", "audit", str(tiny_folder), *TINY, "--json",
+         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["summary"]["classes"] == 3 and (tmp_path / "out" / "audit.html").is_file()
