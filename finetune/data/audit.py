@@ -121,12 +121,16 @@ def embed_manifest(
         ``(features, cached, settings)``: ``len(manifest)×F`` float32 in row order, whether they came
         from the feature cache, and the settings used (backbone, pretrained, input size).
     """
+    import torch
+
     from finetune.data._transforms import build_transform
     from finetune.inference import resolve_device
     from finetune.models import create_model
     from finetune.training.feature_cache import cached_features
 
-    model = create_model(backbone, 1, head="linear", pretrained=pretrained)
+    with torch.random.fork_rng(devices=[]):  # a random-init backbone (tests) is the same every time: cacheable
+        torch.manual_seed(0)
+        model = create_model(backbone, 1, head="linear", pretrained=pretrained)
     config = model.data_config()
     size = [3, input_size, input_size] if input_size else list(config["input_size"])
     transform = build_transform(False, input_size=size, mean=config["mean"], std=config["std"],

@@ -187,7 +187,12 @@ def test_cli_audits_a_manifest(tmp_path, capsys, tiny_folder):
     assert main(["data", "split", str(tiny_folder), "--out", str(tiny_folder / "split.csv"), "--test", "0.5"]) == 0
     capsys.readouterr()
     status, stdout, _, out = _audit(capsys, tmp_path, tiny_folder / "split.csv", "--json")
-    assert status == 0 and json.loads(stdout)["summary"]["splits"] == {"train": 12, "val": 6, "test": 18}
+    first = json.loads(stdout)
+    assert status == 0 and first["summary"]["splits"] == {"train": 12, "val": 6, "test": 18}
+    assert first["features_cached"] is False
+    status, stdout, _, out = _audit(capsys, tmp_path, tiny_folder / "split.csv", "--json")
+    again = json.loads(stdout)
+    assert again["features_cached"] is True and again["outliers"] == first["outliers"]
 
 
 def test_cli_audit_errors_are_one_line(tmp_path, capsys):
