@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -79,3 +81,42 @@ def test_header_only_bomb_is_rejected_at_the_default_limit(tmp_path, header_only
     with pytest.warns(Image.DecompressionBombWarning), pytest.raises(ImageDecodeError, match="too many pixels"):
         load_image(path)
     assert 10_000 * 10_000 > DEFAULT_MAX_PIXELS
+
+
+@pytest.fixture
+def alarm():
+    """Fail instead of hanging: a blocked open or read is interrupted after 10 s."""
+    import signal
+
+    def timeout(signum, frame):
+        raise TimeoutError("blocked reading a file")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("fifo", "not a regular file (a FIFO)"),
+    ("folder", "not a regular file (a folder)"),
+    ("dangling link", "cannot read file: broken symbolic link (its target does not exist)"),
+])
+def test_only_regular_files_are_read_and_a_fifo_does_not_block(tmp_path, alarm, kind, reason):
+    path = tmp_path / "x.png"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(ImageDecodeError) as info:
+        load_image(path)
+    assert info.value.reason == reason
+
+
+def test_a_link_to_a_regular_image_is_followed(tmp_path, make_image):
+    target = make_image(tmp_path / "real.png")
+    (tmp_path / "link.png").symlink_to(target)
+    assert load_image(tmp_path / "link.png").shape[2] == 3
