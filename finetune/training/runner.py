@@ -21,7 +21,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from finetune._io import atomic_write_text
+from finetune._io import atomic_write_text, ensure_folder
 from finetune._workers import auto_workers
 from finetune.checkpoint import save_checkpoint, write_json_atomic
 from finetune.config import Recipe, StageConfig
@@ -199,7 +199,7 @@ class Runner:
                 f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} or choose another --out"
             )
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ensure_folder(self.run_dir)
             if not self.resume:
                 run_folder.clear_partial_run(self.run_dir)
                 atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(self.raw, sort_keys=False))
