@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from finetune._io import atomic_write_text, fsync_dir, make_temp_dir
+from finetune._io import atomic_write_text, ensure_folder, fsync_dir, make_temp_dir, output_error
 from finetune._version import __version__
 from finetune.errors import FinetuneError
 
@@ -41,13 +41,18 @@ def write_dir_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     The swap is two renames (``path`` → ``path.old``, temporary → ``path``); if the second fails, the
     old folder is put back. A process killed between them leaves ``path.old``, which :func:`recover_dir`
     restores. Folders honour the umask.
+
+    Raises:
+        FinetuneError: the folder cannot be written (a read-only or full filesystem...), naming ``path``
+            and the reason; the previous folder is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(path)
-    tmp = make_temp_dir(path.parent, prefix=f".{path.name}.tmp-")
+    ensure_folder(path.parent, for_path=path)
+    tmp = None
     old = path.with_name(path.name + ".old")
     try:
+        recover_dir(path)
+        tmp = make_temp_dir(path.parent, prefix=f".{path.name}.tmp-")
         write(tmp)
         _fsync_dir_files(tmp)
         if path.exists():
@@ -60,8 +65,11 @@ def write_dir_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
             raise
         fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise output_error(path, e) from e
         raise
     return path
 
@@ -113,7 +121,7 @@ def save_checkpoint(path: str | Path, model, meta: dict[str, Any], extra: Option
 
 
 def write_model_files(folder: Path, model, meta: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     model = getattr(model, "module", model)  # unwrap DDP
     full_meta = {
@@ -126,7 +134,8 @@ def write_model_files(folder: Path, model, meta: dict[str, Any]) -> None:
         **meta,
     }
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE))
+    # written by Python, so a failed write (a full disk) raises OSError, not save_file's SafetensorError
+    (folder / WEIGHTS_FILE).write_bytes(save(state))
     (folder / META_FILE).write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
 
 

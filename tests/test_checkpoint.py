@@ -6,6 +6,7 @@ import pytest
 
 import finetune.checkpoint as checkpoint
 from finetune.checkpoint import recover_dir, write_dir_atomic
+from finetune.errors import FinetuneError
 
 
 def write_text(text):
@@ -36,7 +37,7 @@ def test_a_failed_swap_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
     path = tmp_path / "last"
     write_dir_atomic(path, write_text("first"))
     fail_rename_into(monkeypatch, "last")
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(FinetuneError, match="^cannot write .*last: simulated crash$"):
         write_dir_atomic(path, write_text("second"))
     assert (path / "checkpoint.json").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
@@ -73,7 +74,7 @@ def test_next_swap_after_an_interrupted_one_keeps_a_checkpoint_at_every_step(tmp
     path = tmp_path / "last"
     write_dir_atomic(path, write_text("first"))
     fail_rename_into(monkeypatch, "last")
-    with pytest.raises(OSError):
+    with pytest.raises(FinetuneError):
         write_dir_atomic(path, write_text("second"))
     monkeypatch.undo()
     write_dir_atomic(path, write_text("third"))

@@ -21,7 +21,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from finetune._io import atomic_write_text
+from finetune._io import atomic_write_text, ensure_folder
 from finetune._workers import auto_workers
 from finetune.checkpoint import save_checkpoint, write_json_atomic
 from finetune.config import Recipe, StageConfig
@@ -39,6 +39,7 @@ from finetune.training.freeze import (
 from finetune.training.loop import (
     make_grad_scaler,
     predict,
+    require_samples,
     resolve_precision,
     train_one_epoch,
     updates_per_epoch,
@@ -198,7 +199,7 @@ class Runner:
                 f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} or choose another --out"
             )
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ensure_folder(self.run_dir)
             if not self.resume:
                 run_folder.clear_partial_run(self.run_dir)
                 atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(self.raw, sort_keys=False))
@@ -274,7 +275,9 @@ class Runner:
                                          stats.samples, stats.skipped], self.dist, self.device)
             samples = max(totals[2], 1)
             if totals[3]:
-                log.warning("%s: skipped %d unreadable image(s)", where, int(totals[3]))
+                log.warning("%s: skipped %d unreadable image(s) (and survivors of batches they left at one)",
+                            where, int(totals[3]))
+            require_samples("train", int(totals[2]), int(totals[3]), where)
             val = self._validate(inputs)
             self.train_seconds += stats.seconds
             self.epoch_in_stage += 1
@@ -373,9 +376,14 @@ class Runner:
     def _validate(self, inputs: "StageInputs") -> dict[str, Any]:
         from finetune.evaluation import classification_metrics
 
+        where = f"stage {self.stage_index}, epoch {self.epoch_in_stage + 1}"
         labels, probs, skipped = predict(inputs.eval_module(), inputs.val_loader, device=self.device,
                                          amp_dtype=self.amp_dtype, channels_last=self.cfg.channels_last)
-        parts = ddp.all_gather_objects((labels, probs), self.dist)
+        parts = ddp.all_gather_objects((labels, probs, skipped), self.dist)
+        skipped = sum(p[2] for p in parts)
+        if skipped:
+            log.warning("%s: validation skipped %d unreadable image(s)", where, skipped)
+        require_samples("val", sum(len(p[0]) for p in parts), skipped, where)
         labels = np.concatenate([p[0] for p in parts])
         probs = np.concatenate([p[1] for p in parts if len(p[1])])
         return classification_metrics(labels, probs, class_names=self.classes)
