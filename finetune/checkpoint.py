@@ -102,6 +102,10 @@ def save_checkpoint(path: str | Path, model, meta: dict[str, Any], extra: Option
     ``meta`` should hold ``classes`` and ``preprocessing``; the backbone, head, format version and library
     versions are filled in here. ``extra(tmp_dir)``, when given, writes more files into the same folder
     before it is swapped in (the runner's resumable training state).
+
+    Raises:
+        FinetuneError: the folder could not be written (a full disk, no permission); the previous
+            checkpoint at ``path``, if any, is kept.
     """
 
     def write(tmp: Path) -> None:
@@ -109,7 +113,11 @@ def save_checkpoint(path: str | Path, model, meta: dict[str, Any], extra: Option
         if extra is not None:
             extra(tmp)
 
-    return write_dir_atomic(path, write)
+    try:
+        return write_dir_atomic(path, write)
+    except OSError as e:
+        kept = "; the previous one is kept" if Path(path).exists() else ""
+        raise FinetuneError(f"could not write checkpoint {path}: {e.strerror or e}{kept}") from e
 
 
 def write_model_files(folder: Path, model, meta: dict[str, Any]) -> None:
@@ -228,7 +236,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
     except FinetuneError as e:
         raise FinetuneError(f"{folder / META_FILE}: {e}") from None
     except TypeError as e:
-        raise FinetuneError(f"{folder / META_FILE}: backbone_kwargs {kwargs} do not fit {meta['backbone']}: {e}") from None
+        raise FinetuneError(
+            f"{folder / META_FILE}: backbone_kwargs {kwargs} do not fit {meta['backbone']}: {e}"
+        ) from None
     description = describe_model(meta["backbone"], meta["head"], meta["num_classes"], kwargs)
     load_weights(folder, model, description, map_location)
     return model.to(map_location).eval(), meta
