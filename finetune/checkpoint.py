@@ -110,6 +110,10 @@ def save_checkpoint(path: str | Path, model, meta: dict[str, Any], extra: Option
     ``meta`` should hold ``classes`` and ``preprocessing``; the backbone, head, format version and library
     versions are filled in here. ``extra(tmp_dir)``, when given, writes more files into the same folder
     before it is swapped in (the runner's resumable training state).
+
+    Raises:
+        FinetuneError: the folder could not be written (a full disk, no permission); the previous
+            checkpoint at ``path``, if any, is kept.
     """
 
     def write(tmp: Path) -> None:
@@ -117,7 +121,11 @@ def save_checkpoint(path: str | Path, model, meta: dict[str, Any], extra: Option
         if extra is not None:
             extra(tmp)
 
-    return write_dir_atomic(path, write)
+    try:
+        return write_dir_atomic(path, write)
+    except OSError as e:
+        kept = "; the previous one is kept" if Path(path).exists() else ""
+        raise FinetuneError(f"could not write checkpoint {path}: {e.strerror or e}{kept}") from e
 
 
 def write_model_files(folder: Path, model, meta: dict[str, Any]) -> None:
@@ -154,10 +162,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     folder = resolve_checkpoint(path)
+    file = folder / META_FILE
     try:
-        meta = json.loads((folder / META_FILE).read_text())
+        meta = json.loads(file.read_text())
     except json.JSONDecodeError as e:
-        raise FinetuneError(f"{folder / META_FILE} is not valid JSON: {e}") from None
+        raise FinetuneError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise FinetuneError(f"{file}: not a checkpoint description (a JSON object)")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise FinetuneError(
@@ -167,25 +178,76 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     for key in ("backbone", "head", "classes", "preprocessing"):
         if key not in meta:
             raise FinetuneError(f"checkpoint {folder} lacks '{key}' in {META_FILE}")
+    classes = meta["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise FinetuneError(f"{file}: classes must be a list of names, got {str(classes)[:60]!r}")
+    num_classes = meta.setdefault("num_classes", len(classes))
+    if num_classes != len(classes):
+        raise FinetuneError(f"{file} lists {len(classes)} classes for a model with {num_classes} outputs (num_classes)")
+    if not isinstance(meta.setdefault("backbone_kwargs", {}), dict):
+        raise FinetuneError(f"{file}: backbone_kwargs must be a mapping, got {meta['backbone_kwargs']!r}")
     return meta
+
+
+def describe_model(backbone: str, head: Any, num_classes: int, backbone_kwargs: dict[str, Any]) -> str:
+    """``backbone NAME, head HEAD, N classes[, backbone_kwargs {...}]``: a model in error messages."""
+    name = head.get("name") if isinstance(head, dict) else head
+    kwargs = f", backbone_kwargs {backbone_kwargs}" if backbone_kwargs else ""
+    return f"backbone {backbone}, head {name}, {num_classes} classes{kwargs}"
+
+
+def load_weights(folder: str | Path, model: torch.nn.Module, description: str,
+                 map_location: str | torch.device = "cpu") -> None:
+    """Load ``folder/model.safetensors`` into ``model``, refusing a missing or unreadable file and weights
+    whose names or shapes differ from the model's (``description`` names the model in the message)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise FinetuneError(f"{path} is missing")
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError) as e:
+        raise FinetuneError(f"{path} is not a readable safetensors file (truncated or corrupt: {e})") from None
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if wrong:
+        k = wrong[0]
+        detail = f"{k} is {list(state[k].shape)} in the file, {list(expected[k].shape)} in the model"
+    elif missing or unexpected:
+        detail = f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+    else:
+        model.load_state_dict(state)
+        return
+    raise FinetuneError(f"{path} does not fit the model ({description}): {detail}")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
     """Rebuild the model of a checkpoint folder (or a run folder) without network or pickled code.
 
+    ``checkpoint.json`` is checked against the weights: a missing, truncated or corrupt
+    ``model.safetensors``, or one made for another backbone, head, class count or ``backbone_kwargs``, is
+    refused with a :class:`~finetune.errors.FinetuneError` naming the file and the mismatch.
+
     Returns:
         ``(model, meta)``: the :class:`~finetune.models.FinetuneModel` in eval mode and the checkpoint metadata.
     """
-    from safetensors.torch import load_file
-
     from finetune.models import create_model
 
     folder = resolve_checkpoint(path)
     meta = read_meta(folder)
-    model = create_model(meta["backbone"], meta["num_classes"], head=meta["head"], pretrained=False,
-                         **meta.get("backbone_kwargs", {}))
-    state = load_file(str(folder / WEIGHTS_FILE), device=str(map_location))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise FinetuneError(f"checkpoint {folder} does not fit its model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    kwargs = meta["backbone_kwargs"]
+    try:
+        model = create_model(meta["backbone"], meta["num_classes"], head=meta["head"], pretrained=False, **kwargs)
+    except FinetuneError as e:
+        raise FinetuneError(f"{folder / META_FILE}: {e}") from None
+    except TypeError as e:
+        raise FinetuneError(
+            f"{folder / META_FILE}: backbone_kwargs {kwargs} do not fit {meta['backbone']}: {e}"
+        ) from None
+    description = describe_model(meta["backbone"], meta["head"], meta["num_classes"], kwargs)
+    load_weights(folder, model, description, map_location)
     return model.to(map_location).eval(), meta
