@@ -1,43 +1,133 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Output files: atomic writes (a reader sees the old file or the new one, never half of one), and
+failures to write reported as one line naming the path and the reason."""
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+
+from finetune.errors import FinetuneError
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8, newlines as given) to ``path`` through a temporary file and ``os.replace``.
-
-    The temporary file sits next to ``path`` (same filesystem, so the rename is atomic) and is removed
-    if writing fails. Parent folders are created.
-
-    Args:
-        path: Destination file.
-        text: Content to write.
-
-    Returns:
-        The destination path.
-    """
+    """Write ``text`` (UTF-8, newlines as given) to ``path`` atomically (see :func:`atomic_write`)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (see :func:`atomic_write_text`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "xb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+
+    return atomic_write(path, write)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Create ``path`` by calling ``write(tmp)`` on a temporary sibling, then ``fsync`` and ``os.replace``.
+
+    A reader sees the old file or the new one, never half of one: the temporary file sits next to
+    ``path`` (same filesystem, so the rename is atomic) and is removed if anything fails, leaving a
+    previous ``path`` untouched. Parent folders are created.
+
+    Args:
+        path: Destination file.
+        write: Writes the whole content into the file it is given (which does not exist yet).
+
+    Returns:
+        The destination path.
+
+    Raises:
+        FinetuneError: the file cannot be written (a file where a folder should be, a read-only or full
+            filesystem...), naming ``path`` and the reason.
+    """
+    path = Path(path)
+    ensure_folder(path.parent, for_path=path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # a full disk may only say so here (delayed allocation, NFS)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise output_error(path, e) from e
         raise
     return path
+
+
+def ensure_folder(folder: str | os.PathLike, *, for_path: str | os.PathLike | None = None) -> Path:
+    """Create ``folder`` and its parents (an existing folder is fine).
+
+    Raises:
+        FinetuneError: it cannot be created, naming ``for_path`` (default ``folder``) and the reason.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise output_error(for_path or folder, e) from e
+    return folder
+
+
+def check_output(path: str | os.PathLike, *, folder: bool = False) -> None:
+    """Fail before any work when output ``path`` (a file, or a ``folder``) clearly cannot be created.
+
+    Checks what can be known without writing: nothing where a folder is needed is a file, the path is not
+    the other kind of thing already, and the nearest existing folder is writable. Writes still go through
+    :func:`atomic_write` / :func:`ensure_folder`, which report what this cannot foresee (a full disk).
+
+    Raises:
+        FinetuneError: naming ``path`` and the reason.
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise FinetuneError(f"cannot write into {path}: it is a file, not a folder")
+    if not folder and path.is_dir():
+        raise FinetuneError(f"cannot write {path}: it is a folder")
+    blocker = _file_in_the_way(path)
+    if blocker is not None:
+        raise FinetuneError(f"cannot write {path}: {blocker} is a file, not a folder")
+    existing = _nearest_existing(path if folder else path.parent)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FinetuneError(f"cannot write {path}: {_unwritable_reason(existing)} ({existing})")
+
+
+def output_error(path: str | os.PathLike, error: OSError) -> FinetuneError:
+    """The one-line error for an output that could not be written: the path and the OS's reason."""
+    blocker = _file_in_the_way(Path(path))
+    reason = f"{blocker} is a file, not a folder" if blocker is not None else (error.strerror or str(error))
+    return FinetuneError(f"cannot write {path}: {reason}")
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is not a folder (so ``path`` cannot exist)."""
+    parent = _nearest_existing(Path(path).parent)
+    return None if parent.is_dir() else parent
+
+
+def _unwritable_reason(folder: Path) -> str:
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except OSError:
+        pass
+    return "permission denied"
 
 
 def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from finetune._io import atomic_write_text, fsync_dir, make_temp_dir
+from finetune._io import atomic_write_text, ensure_folder, fsync_dir, make_temp_dir, output_error
 from finetune._version import __version__
 from finetune.errors import FinetuneError
 
@@ -41,13 +41,18 @@ def write_dir_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     The swap is two renames (``path`` → ``path.old``, temporary → ``path``); if the second fails, the
     old folder is put back. A process killed between them leaves ``path.old``, which :func:`recover_dir`
     restores. Folders honour the umask.
+
+    Raises:
+        FinetuneError: the folder cannot be written (a read-only or full filesystem...), naming ``path``
+            and the reason; the previous folder is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover_dir(path)
-    tmp = make_temp_dir(path.parent, prefix=f".{path.name}.tmp-")
+    ensure_folder(path.parent, for_path=path)
+    tmp = None
     old = path.with_name(path.name + ".old")
     try:
+        recover_dir(path)
+        tmp = make_temp_dir(path.parent, prefix=f".{path.name}.tmp-")
         write(tmp)
         _fsync_dir_files(tmp)
         if path.exists():
@@ -60,8 +65,11 @@ def write_dir_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
             raise
         fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise output_error(path, e) from e
         raise
     return path
 
@@ -102,6 +110,10 @@ def save_checkpoint(path: str | Path, model, meta: dict[str, Any], extra: Option
     ``meta`` should hold ``classes`` and ``preprocessing``; the backbone, head, format version and library
     versions are filled in here. ``extra(tmp_dir)``, when given, writes more files into the same folder
     before it is swapped in (the runner's resumable training state).
+
+    Raises:
+        FinetuneError: the folder could not be written (a full disk, no permission); the previous
+            checkpoint at ``path``, if any, is kept.
     """
 
     def write(tmp: Path) -> None:
@@ -109,11 +121,15 @@ def save_checkpoint(path: str | Path, model, meta: dict[str, Any], extra: Option
         if extra is not None:
             extra(tmp)
 
-    return write_dir_atomic(path, write)
+    try:
+        return write_dir_atomic(path, write)
+    except OSError as e:
+        kept = "; the previous one is kept" if Path(path).exists() else ""
+        raise FinetuneError(f"could not write checkpoint {path}: {e.strerror or e}{kept}") from e
 
 
 def write_model_files(folder: Path, model, meta: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     model = getattr(model, "module", model)  # unwrap DDP
     full_meta = {
@@ -126,7 +142,8 @@ def write_model_files(folder: Path, model, meta: dict[str, Any]) -> None:
         **meta,
     }
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE))
+    # written by Python, so a failed write (a full disk) raises OSError, not save_file's SafetensorError
+    (folder / WEIGHTS_FILE).write_bytes(save(state))
     (folder / META_FILE).write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
 
 
@@ -145,10 +162,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     folder = resolve_checkpoint(path)
+    file = folder / META_FILE
     try:
-        meta = json.loads((folder / META_FILE).read_text())
+        meta = json.loads(file.read_text())
     except json.JSONDecodeError as e:
-        raise FinetuneError(f"{folder / META_FILE} is not valid JSON: {e}") from None
+        raise FinetuneError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise FinetuneError(f"{file}: not a checkpoint description (a JSON object)")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise FinetuneError(
@@ -158,25 +178,76 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     for key in ("backbone", "head", "classes", "preprocessing"):
         if key not in meta:
             raise FinetuneError(f"checkpoint {folder} lacks '{key}' in {META_FILE}")
+    classes = meta["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise FinetuneError(f"{file}: classes must be a list of names, got {str(classes)[:60]!r}")
+    num_classes = meta.setdefault("num_classes", len(classes))
+    if num_classes != len(classes):
+        raise FinetuneError(f"{file} lists {len(classes)} classes for a model with {num_classes} outputs (num_classes)")
+    if not isinstance(meta.setdefault("backbone_kwargs", {}), dict):
+        raise FinetuneError(f"{file}: backbone_kwargs must be a mapping, got {meta['backbone_kwargs']!r}")
     return meta
+
+
+def describe_model(backbone: str, head: Any, num_classes: int, backbone_kwargs: dict[str, Any]) -> str:
+    """``backbone NAME, head HEAD, N classes[, backbone_kwargs {...}]``: a model in error messages."""
+    name = head.get("name") if isinstance(head, dict) else head
+    kwargs = f", backbone_kwargs {backbone_kwargs}" if backbone_kwargs else ""
+    return f"backbone {backbone}, head {name}, {num_classes} classes{kwargs}"
+
+
+def load_weights(folder: str | Path, model: torch.nn.Module, description: str,
+                 map_location: str | torch.device = "cpu") -> None:
+    """Load ``folder/model.safetensors`` into ``model``, refusing a missing or unreadable file and weights
+    whose names or shapes differ from the model's (``description`` names the model in the message)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise FinetuneError(f"{path} is missing")
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError) as e:
+        raise FinetuneError(f"{path} is not a readable safetensors file (truncated or corrupt: {e})") from None
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if wrong:
+        k = wrong[0]
+        detail = f"{k} is {list(state[k].shape)} in the file, {list(expected[k].shape)} in the model"
+    elif missing or unexpected:
+        detail = f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+    else:
+        model.load_state_dict(state)
+        return
+    raise FinetuneError(f"{path} does not fit the model ({description}): {detail}")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
     """Rebuild the model of a checkpoint folder (or a run folder) without network or pickled code.
 
+    ``checkpoint.json`` is checked against the weights: a missing, truncated or corrupt
+    ``model.safetensors``, or one made for another backbone, head, class count or ``backbone_kwargs``, is
+    refused with a :class:`~finetune.errors.FinetuneError` naming the file and the mismatch.
+
     Returns:
         ``(model, meta)``: the :class:`~finetune.models.FinetuneModel` in eval mode and the checkpoint metadata.
     """
-    from safetensors.torch import load_file
-
     from finetune.models import create_model
 
     folder = resolve_checkpoint(path)
     meta = read_meta(folder)
-    model = create_model(meta["backbone"], meta["num_classes"], head=meta["head"], pretrained=False,
-                         **meta.get("backbone_kwargs", {}))
-    state = load_file(str(folder / WEIGHTS_FILE), device=str(map_location))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise FinetuneError(f"checkpoint {folder} does not fit its model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    kwargs = meta["backbone_kwargs"]
+    try:
+        model = create_model(meta["backbone"], meta["num_classes"], head=meta["head"], pretrained=False, **kwargs)
+    except FinetuneError as e:
+        raise FinetuneError(f"{folder / META_FILE}: {e}") from None
+    except TypeError as e:
+        raise FinetuneError(
+            f"{folder / META_FILE}: backbone_kwargs {kwargs} do not fit {meta['backbone']}: {e}"
+        ) from None
+    description = describe_model(meta["backbone"], meta["head"], meta["num_classes"], kwargs)
+    load_weights(folder, model, description, map_location)
     return model.to(map_location).eval(), meta

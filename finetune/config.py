@@ -202,6 +202,13 @@ class Recipe(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
+    @field_validator("stages")
+    @classmethod
+    def _some_epochs(cls, stages: list[StageConfig]) -> list[StageConfig]:
+        if not any(stage.epochs for stage in stages):
+            raise ValueError("at least one stage needs epochs > 0 (a run without epochs has no checkpoint)")
+        return stages
+
 
 # ------------------------------------------------------------------------------------------- loading
 
@@ -410,6 +417,17 @@ def load_recipe(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
 
 def resolved_dict(recipe: Recipe) -> dict[str, Any]:
     return recipe.model_dump(mode="json")
+
+
+def resolve_raw(raw: Any, source: str = "recipe") -> dict[str, Any]:
+    """A raw recipe checked by the schema alone (not against the model) and resolved like
+    :func:`resolved_dict`: stage defaults merged, every default filled in. For comparing recipes."""
+    if not isinstance(raw, dict):
+        raise FinetuneError(f"{source}: a recipe must be a YAML mapping")
+    try:
+        return resolved_dict(Recipe.model_validate(_merge_stage_defaults(raw)))
+    except ValidationError as e:
+        raise FinetuneError(_format_error(e, source)) from None
 
 
 def check_against_model(recipe: Recipe, source: str = "recipe") -> None:

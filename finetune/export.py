@@ -14,14 +14,16 @@ named ``input`` and returns ``N×C`` logits named ``logits``.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from finetune._io import atomic_write, atomic_write_text, check_output
 from finetune.errors import FinetuneError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
@@ -47,8 +49,9 @@ def export_model(
         The model file written.
 
     Raises:
-        FinetuneError: an unknown format, an ``out`` ending in ``.json``, or an export that fails or does
-            not reproduce the model's logits.
+        FinetuneError: an unknown format, an ``out`` ending in ``.json``, an export that fails or does
+            not reproduce the model's logits, or an output that cannot be written (a previous export at
+            ``out`` is then left as it was).
     """
     from finetune.checkpoint import load_checkpoint, resolve_checkpoint
 
@@ -59,14 +62,15 @@ def export_model(
     if out.suffix == ".json":
         raise FinetuneError(f"{out}: the model file cannot end in .json (the labels file is written beside it)")
     sidecar = out.with_suffix(".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output(out)
+    check_output(sidecar)
 
     model, meta = load_checkpoint(folder, map_location="cpu")
     info = export_info(meta, format=format, filename=out.name, source=folder)
     example = torch.randn(2, *meta["preprocessing"]["input_size"])
     writer = {"onnx": _write_onnx, "torchscript": _write_torchscript, "safetensors": _write_safetensors}[format]
-    _atomic(out, lambda tmp: writer(model, example, info, tmp))
-    _atomic(sidecar, lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8"))
+    atomic_write(out, lambda tmp: writer(model, example, info, tmp))
+    atomic_write_text(sidecar, json.dumps(info, indent=2) + "\n")
     return out
 
 
@@ -124,25 +128,17 @@ def _write_torchscript(model: torch.nn.Module, example: torch.Tensor, info: dict
                 f"TorchScript trace of {info['backbone']} does not reproduce the model on a batch of 3 "
                 "(the trace froze shape-dependent code); export to onnx instead"
             )
-        torch.jit.save(traced, str(path), _extra_files={"finetune.json": json.dumps(info)})
+        buffer = io.BytesIO()  # written by Python, so a failed write (a full disk) raises OSError
+        torch.jit.save(traced, buffer, _extra_files={"finetune.json": json.dumps(info)})
+        path.write_bytes(buffer.getvalue())
 
 
 def _write_safetensors(model: torch.nn.Module, example: torch.Tensor, info: dict[str, Any], path: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"finetune": json.dumps(info)})
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # written by Python, so a failed write (a full disk) raises OSError, not save_file's SafetensorError
+    path.write_bytes(save(state, metadata={"finetune": json.dumps(info)}))
 
 
 def _first_line(e: Exception) -> str:

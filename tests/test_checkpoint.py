@@ -6,6 +6,7 @@ import pytest
 
 import finetune.checkpoint as checkpoint
 from finetune.checkpoint import recover_dir, write_dir_atomic
+from finetune.errors import FinetuneError
 
 
 def write_text(text):
@@ -36,7 +37,7 @@ def test_a_failed_swap_puts_the_previous_checkpoint_back(tmp_path, monkeypatch):
     path = tmp_path / "last"
     write_dir_atomic(path, write_text("first"))
     fail_rename_into(monkeypatch, "last")
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(FinetuneError, match="^cannot write .*last: simulated crash$"):
         write_dir_atomic(path, write_text("second"))
     assert (path / "checkpoint.json").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
@@ -73,7 +74,7 @@ def test_next_swap_after_an_interrupted_one_keeps_a_checkpoint_at_every_step(tmp
     path = tmp_path / "last"
     write_dir_atomic(path, write_text("first"))
     fail_rename_into(monkeypatch, "last")
-    with pytest.raises(OSError):
+    with pytest.raises(FinetuneError):
         write_dir_atomic(path, write_text("second"))
     monkeypatch.undo()
     write_dir_atomic(path, write_text("third"))
@@ -85,3 +86,64 @@ def test_checkpoint_folders_honour_the_umask(tmp_path, umask_022):
     path = write_dir_atomic(tmp_path / "ckpt", write_text("x"))
     assert stat.S_IMODE(path.stat().st_mode) == 0o755
     assert stat.S_IMODE((path / "checkpoint.json").stat().st_mode) == 0o644
+
+
+# ------------------------------------------------------------------ checkpoints checked against their model
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A 3-class test_resnet + linear head checkpoint (written once; tests edit copies)."""
+    from finetune.checkpoint import save_checkpoint
+    from finetune.models import create_model
+
+    model = create_model("test_resnet", 3, head="linear")
+    meta = {"classes": ["a", "b", "c"], "preprocessing": {"input_size": [3, 32, 32]}}
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "best", model, meta)
+
+
+def edited(saved, tmp_path, weights=None, **meta_changes):
+    """A copy of ``saved`` with ``weights`` (bytes, or None to delete the file) and checkpoint.json changes."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(saved, tmp_path / "best")
+    if weights is not ...:
+        if weights is None:
+            (folder / "model.safetensors").unlink()
+        else:
+            path = folder / "model.safetensors"
+            path.write_bytes(weights(path.read_bytes()))
+    meta = json.loads((folder / "checkpoint.json").read_text())
+    meta.update(meta_changes)
+    (folder / "checkpoint.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.mark.parametrize("weights, meta, expected", [
+    (None, {}, r"model\.safetensors is missing"),
+    (lambda b: b"", {}, r"model\.safetensors is not a readable safetensors file"),
+    (lambda b: b[: len(b) // 2], {}, r"model\.safetensors is not a readable safetensors file"),
+    (..., {"backbone": "test_efficientnet"}, r"model\.safetensors does not fit .*backbone test_efficientnet"),
+    (..., {"num_classes": 5, "classes": list("abcde")}, r"does not fit .*5 classes.*head\.1\.weight"),
+    (..., {"classes": list("abcde")}, r"checkpoint\.json lists 5 classes for a model with 3 outputs"),
+    (..., {"backbone_kwargs": {"in_chans": 1}}, r"does not fit .*backbone_kwargs"),
+    (..., {"backbone_kwargs": {"no_such_option": 1}}, r"checkpoint\.json: backbone_kwargs .*no_such_option"),
+    (..., {"backbone": "no_such_backbone"}, r"checkpoint\.json: .*unknown timm backbone 'no_such_backbone'"),
+    (..., {"classes": "abc"}, r"checkpoint\.json: classes must be a list of names"),
+])
+def test_a_checkpoint_that_disagrees_with_its_model_is_refused_in_one_line_naming_the_file(
+        saved, tmp_path, weights, meta, expected):
+    from finetune.checkpoint import load_checkpoint
+    from finetune.errors import FinetuneError
+
+    folder = edited(saved, tmp_path, weights, **meta)
+    with pytest.raises(FinetuneError, match=expected) as e:
+        load_checkpoint(folder)
+    assert str(folder) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_intact_checkpoint_still_loads(saved):
+    from finetune.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(saved)
+    assert meta["classes"] == ["a", "b", "c"] and model.head[1].out_features == 3

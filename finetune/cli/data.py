@@ -165,10 +165,14 @@ def _format_inspect(report: dict) -> str:
 
 
 def _split(args: argparse.Namespace) -> int:
+    from finetune._io import check_output
     from finetune.data import DEFAULT_MAX_PIXELS, prepare_manifest
 
     _log_to_stderr()
     report = None if args.no_scan else args.report or args.out.with_name(args.out.stem + ".bad.csv")
+    for path in (args.out, report):  # before the scan, which may take long
+        if path is not None:
+            check_output(path)
     manifest, bad = prepare_manifest(
         args.root,
         card=args.card,

@@ -34,12 +34,17 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from finetune._io import check_output
     from finetune.checkpoint import load_checkpoint, resolve_checkpoint
     from finetune.evaluation import align_classes, evaluate
     from finetune.inference import resolve_device
 
     folder = resolve_checkpoint(args.checkpoint)
     run_dir = run_folder(folder)
+    out = Path(args.out) if args.out else (
+        run_dir / f"eval-{args.split}" if run_dir else folder.with_name(f"{folder.name}-eval-{args.split}")
+    )
+    check_output(out, folder=True)  # before scanning the data and running the model
     device = resolve_device(args.device)
     model, meta = load_checkpoint(folder, map_location=device)
     manifest = load_manifest(args.data, meta, run_dir)
@@ -47,9 +52,6 @@ def run(args) -> int:
     splits = manifest.splits() if args.split == "all" else [args.split]
     items = [(path, mapping[label]) for split in splits for path, label in manifest.items(split) if label in mapping]
     subset = len(mapping) < len(meta["classes"])
-    out = Path(args.out) if args.out else (
-        run_dir / f"eval-{args.split}" if run_dir else folder.with_name(f"{folder.name}-eval-{args.split}")
-    )
     metrics = evaluate(
         model, items, class_names=meta["classes"], preprocessing=meta["preprocessing"], out_dir=out,
         device=device, batch_size=args.batch_size, num_workers=args.num_workers, run_dir=run_dir,

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -30,11 +29,14 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from finetune._io import atomic_write_text, check_output
     from finetune.errors import FinetuneError
 
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in (".csv", ".json"):
         raise FinetuneError(f"--out must end in .csv or .json, got {out}")
+    if out is not None:
+        check_output(out)
     sources, missing = collect_images(args.paths)
     if not sources:  # refused before the model is loaded
         empty = [path for path in args.paths if path not in missing]
@@ -63,10 +65,7 @@ def run(args) -> int:
     if out is None:
         sys.stdout.write(text)
     else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
+        atomic_write_text(out, text)
     if failed:
         print(f"{len(failed)} of {len(records)} file(s) could not be read (see the error column)", file=sys.stderr)
     if out is not None:

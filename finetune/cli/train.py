@@ -59,7 +59,10 @@ def run(args) -> int:
         if args.recipe or args.overrides or args.data or args.backbone:
             raise FinetuneError("--resume continues a run with its saved recipe; give no recipe, --set, --data or --backbone")
         if not (Path(args.resume) / "recipe.yaml").is_file():
-            raise FinetuneError(f"nothing to resume in {args.resume}: no recipe.yaml")
+            from finetune.training.run_folder import restartable_hint
+
+            raise FinetuneError(f"nothing to resume in {args.resume}: no recipe.yaml (not a run folder, or a run "
+                                f"killed during its setup); {restartable_hint(Path(args.resume))}")
         train(None, resume=args.resume, quiet=args.quiet)
         return 0
     if args.recipe:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from pathlib import Path
 
 import cv2
@@ -83,11 +84,36 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
 
 
 def read_file(path: str | os.PathLike) -> bytes:
-    """A file's bytes, or `ImageDecodeError` (``"cannot read file: ..."``) when it cannot be read."""
+    """A regular file's bytes (symlinks followed), or `ImageDecodeError` when it cannot be read.
+
+    Anything else named like an image is refused without reading it: opening a FIFO for reading blocks
+    until a writer comes (forever), and a device or socket is not an image either.
+    """
     try:
-        return Path(path).read_bytes()
+        kind = _not_regular(os.stat(path).st_mode)
+        if kind:
+            raise ImageDecodeError(path, f"not a regular file ({kind})")
+        # O_NONBLOCK: should the path have become a FIFO since the stat, the open returns at once
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            kind = _not_regular(os.fstat(fd).st_mode)
+            if kind:
+                raise ImageDecodeError(path, f"not a regular file ({kind})")
+            return f.read()
+    except FileNotFoundError as e:
+        reason = "broken symbolic link (its target does not exist)" if os.path.islink(path) else e.strerror
+        raise ImageDecodeError(path, f"cannot read file: {reason}") from e
     except OSError as e:
         raise ImageDecodeError(path, f"cannot read file: {e.strerror or e}") from e
+
+
+def _not_regular(mode: int) -> str | None:
+    """What a file of ``mode`` is, when it is not a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def decode_image(data: bytes, path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:

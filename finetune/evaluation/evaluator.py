@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from finetune._io import atomic_write_bytes, check_output, ensure_folder
 from finetune.errors import FinetuneError
 from finetune.evaluation.metrics import classification_metrics, most_confused_pairs, per_class_rows
 from finetune.evaluation.plots import (
@@ -69,7 +70,8 @@ def evaluate(
         items: ``(image path, class index)`` pairs, indices into ``class_names``.
         class_names: the model's classes in index order.
         preprocessing: the checkpoint's preprocessing; the eval transform is built from it.
-        out_dir: the folder to write into (created if missing; other files in it are left alone).
+        out_dir: the folder to write into (created if missing; other files in it are left alone). It is
+            checked before the model runs; a file that cannot be written leaves its previous version.
         device: where the model runs.
         batch_size: images per forward pass.
         num_workers: DataLoader workers decoding images, or ``"auto"`` (the CPU cores, at most 8: the
@@ -86,13 +88,14 @@ def evaluate(
         The contents of ``metrics.json``.
 
     Raises:
-        FinetuneError: no items, a label outside ``class_names``, no readable image, or a model whose
-            outputs do not match ``class_names``.
+        FinetuneError: no items, a label outside ``class_names``, no readable image, a model whose
+            outputs do not match ``class_names``, or an ``out_dir`` that cannot be written.
     """
     from finetune.inference import eval_transform, predict_probabilities
 
     if not items:
         raise FinetuneError("nothing to evaluate: no images")
+    check_output(out_dir, folder=True)  # before the predictions, which may take long
     paths = [str(p) for p, _ in items]
     targets = np.array([int(t) for _, t in items], dtype=np.int64)
     if targets.min() < 0 or targets.max() >= len(class_names):
@@ -124,8 +127,7 @@ def evaluate(
     metrics["num_unreadable"] = len(unreadable)
     metrics["unreadable"] = [{"path": p, "reason": r} for p, r in unreadable]
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_folder(out_dir)
     names = list(class_names)
     rows = per_class_rows(confusion, names)
     pairs = most_confused_pairs(confusion, names)
@@ -134,7 +136,7 @@ def evaluate(
     _write_tables(out, rows, confusion, names, pairs, wrong)
     figures = _confusion_figures(confusion, names)
     for filename, (_, png) in figures.items():
-        _write(out / filename, png)
+        atomic_write_bytes(out / filename, png)
     if "confusion_matrix_top.png" not in figures:  # from an earlier evaluation with more classes
         (out / "confusion_matrix_top.png").unlink(missing_ok=True)
 
@@ -153,8 +155,8 @@ def evaluate(
         details={**(details or {}), "run folder": str(run_dir) if run_dir else "none"},
         unreadable=unreadable,
     )
-    _write(out / "report.html", report.encode("utf-8"))
-    _write(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode("utf-8"))
+    atomic_write_bytes(out / "report.html", report.encode("utf-8"))
+    atomic_write_bytes(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode("utf-8"))
     return metrics
 
 
@@ -211,16 +213,16 @@ def _write_tables(
     wrong: list[dict[str, Any]],
 ) -> None:
     """per_class.csv, confusion_matrix.csv, most_confused.csv and misclassified.csv."""
-    _write(out / "per_class.csv", _csv(
+    atomic_write_bytes(out / "per_class.csv", _csv(
         ["class", "precision", "recall", "f1", "support", "top_confusion", "top_confusion_count"],
         [[r["class"], f"{r['precision']:.6f}", f"{r['recall']:.6f}", f"{r['f1']:.6f}", r["support"],
           r["top_confusion"], r["top_confusion_count"]] for r in rows],
     ))
-    _write(out / "confusion_matrix.csv", _csv(
+    atomic_write_bytes(out / "confusion_matrix.csv", _csv(
         ["true\\predicted", *names], [[name, *map(int, confusion[i])] for i, name in enumerate(names)]
     ))
-    _write(out / "most_confused.csv", _csv(["true", "predicted", "count"], pairs))
-    _write(out / "misclassified.csv", _csv(
+    atomic_write_bytes(out / "most_confused.csv", _csv(["true", "predicted", "count"], pairs))
+    atomic_write_bytes(out / "misclassified.csv", _csv(
         ["path", "true", "predicted", "confidence", "true_probability"],
         [[w["path"], w["true"], w["predicted"], f"{w['confidence']:.6f}", f"{w['true_probability']:.6f}"]
          for w in wrong],
@@ -303,14 +305,3 @@ def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
     writer.writerow(header)
     writer.writerows(rows)
     return text.getvalue().encode("utf-8")
-
-
-def _write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

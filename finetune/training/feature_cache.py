@@ -42,8 +42,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from finetune._io import make_temp_dir
 from finetune._workers import auto_workers
-from finetune.errors import FinetuneError
 from finetune._version import __version__
+from finetune.errors import FinetuneError
 from finetune.training import distributed as ddp
 from finetune.training.loop import autocast
 
@@ -195,6 +195,8 @@ def extract_features(backbone, dataset, *, device, amp_dtype, batch_size: int, n
         feats.append(out.float().cpu())
         labels.append(batch_labels)
     backbone.train(was_training)
+    if not feats:
+        raise FinetuneError(f"no readable image left to extract {desc} from ({len(dataset)} skipped)")
     return torch.cat(feats).numpy(), torch.cat(labels).numpy().astype(np.int64)
 
 
@@ -277,14 +279,14 @@ def cached_feature_inputs(runner: "Runner", stage, trainable: set[str]):
                 ds.set_epoch(view)
                 feats, train_labels = extract_features(
                     runner.model.backbone, ds, device=runner.device, amp_dtype=runner.amp_dtype, batch_size=batch,
-                    num_workers=workers, channels_last=cfg.channels_last)
+                    num_workers=workers, channels_last=cfg.channels_last, desc="train split features")
                 train_views.append(feats)
             np.save(tmp / "train.npy", np.stack(train_views).astype(np.float16))
             np.save(tmp / "train_labels.npy", train_labels)
             feats, val_labels = extract_features(
                 runner.model.backbone, ImageDataset(items["val"], runner.eval_transform, seed=cfg.seed),
                 device=runner.device, amp_dtype=runner.amp_dtype, batch_size=batch, num_workers=workers,
-                channels_last=cfg.channels_last)
+                channels_last=cfg.channels_last, desc="val split features")
             np.save(tmp / "val.npy", feats[None].astype(np.float16))
             np.save(tmp / "val_labels.npy", val_labels)
             write_meta(tmp, settings)

@@ -89,6 +89,9 @@ def train_one_epoch(
 ) -> EpochStats:
     """Train ``model`` for one pass over ``loader`` (batches of ``(inputs, labels, skipped)``).
 
+    Samples of unreadable files are skipped and counted; so is the one sample left of a batch that
+    skipping shrank to one (BatchNorm cannot train on a batch of one).
+
     Every ``accumulation`` micro-batches make exactly one optimizer step, and so does a last partial
     window (with the mean gradient of its micro-batches): :func:`updates_per_epoch` updates. Gradients are
     unscaled before clipping, the scheduler steps per update (``scheduler.step_update(num_updates=...)``
@@ -105,29 +108,34 @@ def train_one_epoch(
     samples = skipped = 0
     updates = first_update
     optimizer.zero_grad(set_to_none=True)
+    pending = False  # gradients accumulated since the last update
     for step, (inputs, labels, batch_skipped) in enumerate(loader):
-        skipped += batch_skipped
-        if labels.numel() == 0:
-            continue
-        inputs = inputs.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        if channels_last and inputs.ndim == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
         boundary = (step + 1) % accumulation == 0 or step + 1 == n_batches
-        window = min(accumulation, n_batches - step + step % accumulation)  # micro-batches in this update
-        # DDP: only the micro-batch that ends an update all-reduces gradients
-        sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with autocast(device, amp_dtype):
-                logits = model(inputs)
-                loss = loss_fn(logits.float(), labels)
-            scaler.scale(loss / window).backward()
-        # record the first non-finite step on the device; checked at the sync points below
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-        loss_sum += loss.detach().double() * labels.numel()
-        correct += (logits.argmax(1) == labels).sum()
-        samples += labels.numel()
-        if boundary:
+        if labels.numel() == 1 and batch_skipped:
+            # unreadable files left one sample, which BatchNorm cannot train on: skip it too
+            labels, batch_skipped = labels[:0], batch_skipped + 1
+        skipped += batch_skipped
+        if labels.numel():
+            inputs = inputs.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if channels_last and inputs.ndim == 4:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            window = min(accumulation, n_batches - step + step % accumulation)  # micro-batches in this update
+            # DDP: only the micro-batch that ends an update all-reduces gradients
+            sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with autocast(device, amp_dtype):
+                    logits = model(inputs)
+                    loss = loss_fn(logits.float(), labels)
+                scaler.scale(loss / window).backward()
+            # record the first non-finite step on the device; checked at the sync points below
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            loss_sum += loss.detach().double() * labels.numel()
+            correct += (logits.argmax(1) == labels).sum()
+            samples += labels.numel()
+            pending = True
+        if boundary and pending:  # a window whose last micro-batch was skipped still makes its update
+            pending = False
             if clip_grad is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(
@@ -141,7 +149,7 @@ def train_one_epoch(
                 scheduler.step_update(num_updates=updates)
             if ema is not None:
                 ema.update()
-        if progress is not None and (step % 10 == 0 or step + 1 == n_batches):
+        if progress is not None and samples and (step % 10 == 0 or step + 1 == n_batches):
             _check_finite(first_bad, where)  # a CPU-GPU sync point, so only every 10 steps
             progress(step + 1, samples, loss.item(), max(g["lr"] for g in optimizer.param_groups))
     _check_finite(first_bad, where)
@@ -153,6 +161,17 @@ def train_one_epoch(
         skipped=skipped,
         updates=updates - first_update,
     )
+
+
+def require_samples(split: str, samples: int, skipped: int, where: str) -> None:
+    """Stop with one line when a pass over ``split`` read no image at all (its files vanished mid-run).
+
+    Raises:
+        FinetuneError: ``samples`` is 0, naming the split and ``where``; the last checkpoint is untouched.
+    """
+    if samples == 0:
+        raise FinetuneError(f"no readable image left in the {split} split at {where} ({skipped} skipped); "
+                            "stopped, the last checkpoint is kept")
 
 
 def _check_finite(first_bad: torch.Tensor, where: str) -> None:

@@ -21,7 +21,6 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from finetune._io import atomic_write_text
 from finetune._workers import auto_workers
 from finetune.checkpoint import save_checkpoint, write_json_atomic
 from finetune.config import Recipe, StageConfig
@@ -39,6 +38,7 @@ from finetune.training.freeze import (
 from finetune.training.loop import (
     make_grad_scaler,
     predict,
+    require_samples,
     resolve_precision,
     train_one_epoch,
     updates_per_epoch,
@@ -93,10 +93,20 @@ class Runner:
         self.train_seconds = 0.0
         self.resume_optimizer: Optional[dict[str, Any]] = None
         self._items: dict[str, list[tuple[Path, int]]] = {}
+        self._created: Optional[list[Path]] = None  # folders a fresh run's setup created (rank 0)
 
     # ------------------------------------------------------------------------------------------ setup
 
     def setup(self) -> None:
+        """Build everything a run needs. A fresh run's setup leaves nothing behind if it fails."""
+        try:
+            self._setup()
+        except BaseException:
+            if self._created is not None:
+                run_folder.discard_setup(self.run_dir, self._created)
+            raise
+
+    def _setup(self) -> None:
         from finetune.data import Manifest, build_transform, manifest_root, prepare_manifest
 
         cfg, data = self.cfg, self.recipe.data
@@ -115,8 +125,10 @@ class Runner:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
-        # data: the manifest is made once (rank 0) and reused on resume, so the split never changes
-        manifest_path = self.run_dir / "manifest.csv"
+        # data: the manifest is made once (rank 0) and reused on resume, so the split never changes; a fresh
+        # run stages its setup files until setup succeeds
+        setup_dir = self.run_dir if self.resume else self.run_dir / run_folder.SETUP_DIR
+        manifest_path = setup_dir / "manifest.csv"
         if self.is_main and not manifest_path.exists():
             if data.sample == "digits" and data.root:
                 from finetune.data import write_digits
@@ -125,7 +137,7 @@ class Runner:
             manifest, bad = prepare_manifest(
                 data.root, manifest=data.manifest, card=data.card, val=data.val, test=data.test,
                 train_per_class=data.train_per_class, exclude=tuple(data.exclude), seed=data.seed,
-                report_path=self.run_dir / "bad_files.csv",
+                report_path=setup_dir / "bad_files.csv",
             )
             if bad:
                 log.warning("excluded %d unreadable image(s); see %s", len(bad), self.run_dir / "bad_files.csv")
@@ -138,6 +150,9 @@ class Runner:
                 "(give data.val, or a validation folder named val/valid/validation)"
             )
         self.classes = list(self.manifest.classes)
+        if len(self.classes) < 2:
+            raise FinetuneError(f"classification needs at least two classes; {data.root or data.manifest} has "
+                                f"{len(self.classes)}: {', '.join(self.classes)}")
 
         # model
         m = self.recipe.model
@@ -155,6 +170,9 @@ class Runner:
         self.scaler = make_grad_scaler(self.device, self.amp_dtype)
         if self.resume:
             self.load_checkpoint(self.run_dir / "checkpoints" / "last")
+        elif self.is_main:
+            run_folder.commit_setup(self.run_dir, yaml.safe_dump(self.raw, sort_keys=False))
+        ddp.barrier(self.dist)
         log.info(
             "%s: %s + %s head, %d classes, %d train / %d val images, device %s, precision %s",
             self.recipe.name, m.backbone, self.model.head_config["name"], len(self.classes),
@@ -187,21 +205,20 @@ class Runner:
         log.setLevel(level)
 
     def _prepare_run_dir(self) -> None:
+        if not self.resume:
+            run_folder.check_outside_data(self.run_dir, self.recipe.data.root)
         if self.is_main:
             run_folder.recover(self.run_dir)
         ddp.barrier(self.dist)
         resumable = run_folder.is_resumable(self.run_dir)
         if self.resume and not resumable:
-            raise FinetuneError(f"nothing to resume in {self.run_dir}: no checkpoints/last/{STATE_FILE}")
+            raise FinetuneError(f"nothing to resume in {self.run_dir}: no checkpoints/last/{STATE_FILE} (the run "
+                                f"stopped before its first checkpoint); {run_folder.restartable_hint(self.run_dir)}")
         if not self.resume and resumable:
-            raise FinetuneError(
-                f"{self.run_dir} already holds a run; resume it with --resume {self.run_dir} or choose another --out"
-            )
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not self.resume:
-                run_folder.clear_partial_run(self.run_dir)
-                atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(self.raw, sort_keys=False))
+            raise FinetuneError(f"{self.run_dir} already holds a run; {run_folder.resumable_hint(self.run_dir)} "
+                                "(or choose another --out)")
+        if self.is_main and not self.resume:
+            self._created = run_folder.start_setup(self.run_dir)
         ddp.barrier(self.dist)
 
     # ------------------------------------------------------------------------------------------ train
@@ -274,7 +291,9 @@ class Runner:
                                          stats.samples, stats.skipped], self.dist, self.device)
             samples = max(totals[2], 1)
             if totals[3]:
-                log.warning("%s: skipped %d unreadable image(s)", where, int(totals[3]))
+                log.warning("%s: skipped %d unreadable image(s) (and survivors of batches they left at one)",
+                            where, int(totals[3]))
+            require_samples("train", int(totals[2]), int(totals[3]), where)
             val = self._validate(inputs)
             self.train_seconds += stats.seconds
             self.epoch_in_stage += 1
@@ -373,9 +392,14 @@ class Runner:
     def _validate(self, inputs: "StageInputs") -> dict[str, Any]:
         from finetune.evaluation import classification_metrics
 
+        where = f"stage {self.stage_index}, epoch {self.epoch_in_stage + 1}"
         labels, probs, skipped = predict(inputs.eval_module(), inputs.val_loader, device=self.device,
                                          amp_dtype=self.amp_dtype, channels_last=self.cfg.channels_last)
-        parts = ddp.all_gather_objects((labels, probs), self.dist)
+        parts = ddp.all_gather_objects((labels, probs, skipped), self.dist)
+        skipped = sum(p[2] for p in parts)
+        if skipped:
+            log.warning("%s: validation skipped %d unreadable image(s)", where, skipped)
+        require_samples("val", sum(len(p[0]) for p in parts), skipped, where)
         labels = np.concatenate([p[0] for p in parts])
         probs = np.concatenate([p[1] for p in parts if len(p[1])])
         return classification_metrics(labels, probs, class_names=self.classes)
@@ -416,10 +440,20 @@ class Runner:
                         extra=lambda folder: torch.save(state, folder / STATE_FILE))
 
     def load_checkpoint(self, folder: Path) -> None:
-        from safetensors.torch import load_file
+        """Restore ``checkpoints/last``, refusing a recipe changed in what it trains (see
+        :func:`~finetune.training.run_folder.check_resume_recipe`) and files that don't fit the model."""
+        from finetune.checkpoint import META_FILE, describe_model, load_weights, read_meta
+        from finetune.config import resolve_raw, resolved_dict
 
-        self.model.load_state_dict(load_file(str(folder / "model.safetensors"), device=str(self.device)))
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        meta = read_meta(folder)
+        state = run_folder.read_state(folder / STATE_FILE)
+        started = resolve_raw(meta.get("recipe"), source=f"the recipe {folder / META_FILE} recorded")
+        for change in run_folder.check_resume_recipe(self.run_dir / "recipe.yaml", started,
+                                                     resolved_dict(self.recipe), state["stage_index"]):
+            log.info("resuming with %s", change)
+        m = self.recipe.model
+        load_weights(folder, self.model, describe_model(m.backbone, m.head, len(self.classes), m.backbone_kwargs),
+                     self.device)
         self.stage_index = state["stage_index"]
         self.epoch_in_stage = state["epoch_in_stage"]
         self.updates_in_stage = state["updates_in_stage"]

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -101,3 +103,42 @@ def test_float_and_32_bit_tiffs_are_scaled_by_their_range(tmp_path, mode, scale,
     assert grey.min() == 0 and grey.max() == 255  # the full 8-bit range, not flat
     expected = np.round((pattern - pattern.min()) / (pattern.max() - pattern.min()) * 255)
     assert np.abs(grey - expected).max() <= 1  # the source's spatial pattern, scaled linearly
+
+
+@pytest.fixture
+def alarm():
+    """Fail instead of hanging: a blocked open or read is interrupted after 10 s."""
+    import signal
+
+    def timeout(signum, frame):
+        raise TimeoutError("blocked reading a file")
+
+    previous = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(10)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("fifo", "not a regular file (a FIFO)"),
+    ("folder", "not a regular file (a folder)"),
+    ("dangling link", "cannot read file: broken symbolic link (its target does not exist)"),
+])
+def test_only_regular_files_are_read_and_a_fifo_does_not_block(tmp_path, alarm, kind, reason):
+    path = tmp_path / "x.png"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(ImageDecodeError) as info:
+        load_image(path)
+    assert info.value.reason == reason
+
+
+def test_a_link_to_a_regular_image_is_followed(tmp_path, make_image):
+    target = make_image(tmp_path / "real.png")
+    (tmp_path / "link.png").symlink_to(target)
+    assert load_image(tmp_path / "link.png").shape[2] == 3

@@ -121,7 +121,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monke
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(FinetuneError, match=f"^cannot write {path}: disk full$"):
         Manifest(tmp_path, [ManifestRow("x/1.jpg", "x", "train")]).write_csv(path)
     assert path.read_bytes() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv"]

@@ -165,3 +165,18 @@ def test_predict_command_refuses_an_unknown_output_format(checkpoint, image_fold
     status = main(["predict", str(checkpoint), str(image_folder), "--out", str(tmp_path / "p.xlsx")])
 
     assert status == 2 and "--out must end in .csv or .json" in capsys.readouterr().err
+
+
+def test_load_and_export_refuse_a_checkpoint_listing_more_classes_than_its_model_has_outputs(checkpoint, tmp_path):
+    from finetune.export import export_model
+
+    bad = shutil.copytree(checkpoint, tmp_path / "bad")
+    meta = json.loads((bad / "checkpoint.json").read_text())
+    meta["classes"] += ["wolf", "owl"]  # 5 names for 3 outputs: labels and the export's JSON would be wrong
+    (bad / "checkpoint.json").write_text(json.dumps(meta))
+    expected = f"{bad / 'checkpoint.json'} lists 5 classes for a model with 3 outputs"
+    with pytest.raises(FinetuneError, match=expected):
+        load(bad)
+    with pytest.raises(FinetuneError, match=expected):
+        export_model(bad, format="safetensors", out=tmp_path / "bad.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]

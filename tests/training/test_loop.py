@@ -173,3 +173,34 @@ def test_last_partial_accumulation_window_steps_with_the_mean_gradient_of_its_mi
     torch.testing.assert_close(grads[0], full[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1], full[1], rtol=1e-5, atol=1e-6)
     assert updates_per_epoch(5, 3) == 2  # what the scheduler is sized with
+
+
+def test_a_batch_that_skipping_shrank_to_one_sample_is_dropped_and_counted():
+    """test_resnet's last stage is 1×1 at 32 px: BatchNorm in training mode cannot take one sample."""
+    data = batches(3)
+    data[1] = (data[1][0][:1], data[1][1][:1], 3)
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3, head="linear").train()
+    stats = train_one_epoch(model, data, torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                            device=torch.device("cpu"), amp_dtype=None, scaler=make_grad_scaler(torch.device("cpu"), None))
+    assert (stats.samples, stats.skipped, stats.updates) == (8, 4, 2)
+
+
+def test_a_window_whose_last_micro_batch_was_skipped_still_makes_its_update():
+    data = batches(4)
+    data[1] = (data[1][0][:0], data[1][1][:0], 4)  # every file of the window's last micro-batch vanished
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3, head="linear")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = train_one_epoch(model, data, opt, nn.CrossEntropyLoss(), device=torch.device("cpu"), amp_dtype=None,
+                            scaler=make_grad_scaler(torch.device("cpu"), None), accumulation=2)
+    assert (stats.samples, stats.skipped, stats.updates) == (12, 4, 2)
+
+
+def test_a_split_with_no_readable_image_is_one_line_naming_it():
+    from finetune.training.loop import require_samples
+
+    require_samples("val", 1, 5, "stage 0 (head), epoch 2")
+    with pytest.raises(FinetuneError, match=r"^no readable image left in the val split at stage 0 \(head\), "
+                                            r"epoch 2 \(6 skipped\); stopped, the last checkpoint is kept$"):
+        require_samples("val", 0, 6, "stage 0 (head), epoch 2")

@@ -31,24 +31,70 @@ def one_stage(tiny_recipe):
     return tiny_recipe
 
 
-def test_a_setup_that_failed_after_writing_the_manifest_is_replaced_with_the_new_split_options(
-        one_stage, tmp_path, monkeypatch):
-    run = tmp_path / "run"
-    real = runner_module.create_model
-
+def fail_after_the_manifest(monkeypatch):
     def fail(*args, **kwargs):
-        raise FinetuneError("cannot download the pretrained weights")  # setup fails after the manifest
+        raise FinetuneError("cannot download the pretrained weights")
 
     monkeypatch.setattr(runner_module, "create_model", fail)
+
+
+def snapshot(folder):
+    """Every file under ``folder`` (hidden ones too) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_setup_that_fails_after_the_manifest_leaves_no_run_folder_and_the_next_run_makes_its_own_split(
+        one_stage, tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "run"
+    fail_after_the_manifest(monkeypatch)
     with pytest.raises(FinetuneError, match="pretrained weights"):
         train(one_stage, run)
-    assert manifest_splits(run) == {"train", "val", "test"}
+    assert not (tmp_path / "runs").exists()  # nor the parent it created
 
-    monkeypatch.setattr(runner_module, "create_model", real)
+    monkeypatch.undo()
     one_stage["data"]["test"] = 0  # other split options for the next run into the same folder
     train(one_stage, run)
     assert manifest_splits(run) == {"train", "val"}
     assert len(rows(run)) == 2
+    assert not (run / ".setup.tmp").exists()
+
+
+def test_a_setup_that_fails_leaves_a_folder_that_existed_as_it_was(one_stage, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    (run / "manifest.csv").write_text("path,class,split\n")  # what an older failed setup left
+    (run / ".setup.tmp").mkdir()  # and a setup killed while staging its files
+    before = snapshot(run)
+    fail_after_the_manifest(monkeypatch)
+    with pytest.raises(FinetuneError, match="pretrained weights"):
+        train(one_stage, run)
+    assert snapshot(run) == before and not (run / ".setup.tmp").exists()
+
+
+def test_a_one_class_dataset_is_refused_and_leaves_nothing(one_stage, tmp_path, make_tiny_folder):
+    root = make_tiny_folder(tmp_path / "one")
+    for name in ("square", "stripes"):
+        shutil.rmtree(root / name)
+    one_stage["data"]["root"] = str(root)
+    with pytest.raises(FinetuneError, match="needs at least two classes; .* has 1: circle"):
+        train(one_stage, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_output_folder_inside_the_data_root_is_refused_before_anything_is_written(one_stage, tmp_path):
+    root = tmp_path / "tiny"
+    before = snapshot(root)
+    for out in (root, root / "runs" / "x"):
+        with pytest.raises(FinetuneError, match="is inside the data root"):
+            train(one_stage, out)
+    assert snapshot(root) == before and not (root / "runs").exists()
+
+
+def test_a_recipe_whose_stages_all_have_0_epochs_is_refused(one_stage):
+    one_stage["stages"] = [{"name": "a", "epochs": 0}, {"name": "b", "epochs": 0, "train": "head"}]
+    with pytest.raises(FinetuneError, match="stages: at least one stage needs epochs > 0"):
+        parse_recipe(one_stage)
 
 
 def test_a_run_killed_before_its_first_last_checkpoint_is_restarted_not_refused(one_stage, tmp_path):
@@ -100,3 +146,129 @@ def test_resume_recovers_a_last_checkpoint_killed_between_the_renames_of_its_swa
 
     assert rows(crashed) == rows(full)
     assert sorted(p.name for p in (crashed / "checkpoints").iterdir()) == ["best", "last"]
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_says_it_is_restartable(one_stage, tmp_path):
+    run = tmp_path / "run"
+    train(one_stage, run)
+    shutil.rmtree(run / "checkpoints" / "last")
+    with pytest.raises(FinetuneError) as e:
+        train(one_stage, run, resume=True)
+    assert str(e.value) == (
+        f"nothing to resume in {run}: no checkpoints/last/training_state.pt (the run stopped before its first "
+        f"checkpoint); restartable: finetune train {run / 'recipe.yaml'} --out {run}"
+    )
+
+
+def test_a_full_disk_while_writing_last_is_one_line_and_the_previous_checkpoint_stays(
+        one_stage, tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    run = tmp_path / "run"
+    real = safetensors.torch.save_file
+    writes = []
+
+    def full_disk_at_the_second_last(state, filename, *args, **kwargs):
+        if ".last.tmp-" in filename:
+            writes.append(filename)
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device", filename)
+        return real(state, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk_at_the_second_last)
+    with pytest.raises(FinetuneError) as e:
+        train(one_stage, run)
+    message = str(e.value)
+    assert message.startswith(f"could not write checkpoint {run / 'checkpoints' / 'last'}: No space left on device")
+    assert "\n" not in message
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "last"]  # no temporary folder left
+
+    monkeypatch.undo()
+    train(one_stage, run, resume=True)  # the epoch-1 checkpoint is intact
+    assert len(rows(run)) == 2
+
+
+def resumable_run(one_stage, tmp_path):
+    run = tmp_path / "run"
+    one_stage["stages"][0]["epochs"] = 1
+    train(one_stage, run)
+    return run
+
+
+def edit_recipe(run, change):
+    import yaml
+
+    raw = yaml.safe_load((run / "recipe.yaml").read_text())
+    change(raw)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(raw))
+
+
+def resume(run):
+    from finetune.training import train as train_entry
+
+    return train_entry(None, resume=run)
+
+
+@pytest.mark.parametrize("change, keys", [
+    (lambda r: r["model"].update(head={"name": "linear"}), "model.head.name, model.head.width"),
+    (lambda r: r["model"].update(backbone="test_efficientnet"), "model.backbone"),
+    (lambda r: r["training"].update(batch_size=4), "training.batch_size"),
+    (lambda r: r["stages"][0].update(train="last:1"), "stages.0.train"),
+    (lambda r: r["data"].update(val=0.5), "data.val"),
+])
+def test_resume_refuses_a_recipe_changed_in_what_it_trains_naming_the_keys(one_stage, tmp_path, change, keys):
+    run = resumable_run(one_stage, tmp_path)
+    edit_recipe(run, change)
+    before = snapshot(run)
+    with pytest.raises(FinetuneError) as e:
+        resume(run)
+    assert str(e.value).startswith(f"{run / 'recipe.yaml'} changed since the run started: {keys} (")
+    assert "\n" not in str(e.value)
+    assert snapshot(run) == before
+
+
+def test_resume_accepts_more_epochs_and_other_workers_and_trains_the_added_epochs(one_stage, tmp_path, caplog):
+    run = resumable_run(one_stage, tmp_path)
+    edit_recipe(run, lambda r: (r["stages"][0].update(epochs=3), r["data"].update(num_workers=1),
+                                r["output"].update(evaluate_test=False)))
+    summary = resume(run)
+    assert summary["epochs_run"] == 3 and len(rows(run)) == 3
+    assert "stages.0.epochs 1 -> 3" in caplog.text
+
+
+def test_resume_refuses_fewer_epochs_than_the_run_started_with(one_stage, tmp_path):
+    run = resumable_run(one_stage, tmp_path)
+    one_stage["stages"][0]["epochs"] = 3
+    edit_recipe(run, lambda r: r["stages"][0].update(epochs=3))
+    resume(run)
+    edit_recipe(run, lambda r: r["stages"][0].update(epochs=2))
+    with pytest.raises(FinetuneError, match=r"changed since the run started: stages\.0\.epochs \(3 -> 2"):
+        resume(run)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+@pytest.mark.parametrize("content", [b"\x00garbage bytes", "pickle"])
+def test_resume_refuses_a_tampered_training_state_in_one_line(one_stage, tmp_path, content):
+    import pickle
+
+    run = resumable_run(one_stage, tmp_path)
+    state = run / "checkpoints" / "last" / "training_state.pt"
+    state.write_bytes(pickle.dumps({"stage_index": _Exploit()}) if content == "pickle" else content)
+    with pytest.raises(FinetuneError) as e:
+        resume(run)
+    assert str(e.value).startswith(f"{state} is not a training state finetune wrote (")
+    assert "\n" not in str(e.value)
+
+
+def test_resume_refuses_truncated_weights_in_the_last_checkpoint(one_stage, tmp_path):
+    run = resumable_run(one_stage, tmp_path)
+    weights = run / "checkpoints" / "last" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(FinetuneError, match=f"{weights} is not a readable safetensors file"):
+        resume(run)
