@@ -75,7 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--input-size", type=int, default=64)
     args = p.parse_args(argv)
     from finetune.data import write_digits
-    from finetune.data.audit import audit_dataset
+    from finetune.audit import audit_dataset
 
     model = dict(backbone="test_resnet", pretrained=False, input_size=32) if args.tiny else \
         dict(backbone="tf_efficientnet_lite0", pretrained="offline", input_size=args.input_size)
@@ -108,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     tables = [_common.table("Seconds per step (features: extraction or cache read, cache key included).",
                             ["run", "wall s", "features s", "near-duplicates s", "label issues s", "outliers s"], rows)]
     notes = ["No benchmark folder of the scale issue exists in this repository, so only the digits are timed.",
-             "The planting is the same as tests/data/test_audit.py's planted-problems test."]
+             "The planting is the same as tests/test_audit.py's planted-problems test."]
     _common.write_result(
         args.out, "audit", title="Data audit: planted problems on the digits",
         command=_common.command_line("bench_audit.py", argv), tiny=args.tiny, wall_s=wall,

@@ -197,7 +197,7 @@ def _split(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from finetune.data.audit import audit_dataset, summary_text, to_json, write_audit
+    from finetune.audit import audit_dataset, summary_text, to_json, write_audit
 
     _log_to_stderr()  # progress and warnings; stdout stays the summary or pure JSON
     pretrained = {"none": False, "false": False, "true": True}.get(args.pretrained.lower(), args.pretrained)

@@ -1,9 +1,8 @@
-"""`finetune data audit` and the quick leakage check of `prepare_manifest` (what `finetune train` runs)."""
+"""`finetune data audit` (`finetune.audit`): planted problems on the digits, layouts, files, HTML, JSON."""
 from __future__ import annotations
 
 import csv
 import json
-import logging
 import re
 import shutil
 import subprocess
@@ -11,14 +10,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from finetune.data import prepare_manifest, write_digits
 
 from tests.conftest import write_tiny_folder
-
-AUDIT_HINT = "finetune data audit"
 
 
 def _pre_split(root: Path, per_class: int = 8) -> Path:
@@ -27,49 +23,6 @@ def _pre_split(root: Path, per_class: int = 8) -> Path:
     write_tiny_folder(root / "val", per_class=4, seed=1)
     write_tiny_folder(root / "test", per_class=4, seed=2)
     return root
-
-
-def _leak_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and AUDIT_HINT in r.getMessage()]
-
-
-def test_quick_leak_check_warns_about_a_resized_copy_across_splits(tmp_path, caplog):
-    root = _pre_split(tmp_path / "ds")
-    source = root / "train" / "circle" / "003.png"
-    Image.open(source).resize((48, 48), Image.Resampling.BICUBIC).save(root / "test" / "circle" / "copy.png")
-    with caplog.at_level(logging.WARNING):
-        prepare_manifest(root)
-    (message,) = _leak_warnings(caplog)
-    assert "train/circle/003.png" in message and "test/circle/copy.png" in message
-    assert "\n" not in message
-
-
-def test_quick_leak_check_warns_about_a_jpeg_reencoded_copy(tmp_path, caplog):
-    root = _pre_split(tmp_path / "ds")
-    Image.open(root / "train" / "square" / "001.png").save(root / "test" / "square" / "copy.jpg", quality=80)
-    with caplog.at_level(logging.WARNING):
-        prepare_manifest(root)
-    assert len(_leak_warnings(caplog)) == 1
-
-
-def test_quick_leak_check_is_silent_without_copies(tmp_path, caplog):
-    """Same-class images share a pattern (and often a perceptual hash) but are not copies: no warning,
-    on the tiny folder and on the digits (many look-alike 8×8 scans)."""
-    root = _pre_split(tmp_path / "ds")
-    digits = write_digits(tmp_path / "digits", size=32)
-    with caplog.at_level(logging.WARNING):
-        prepare_manifest(root)
-        prepare_manifest(digits)
-    assert _leak_warnings(caplog) == []
-
-
-def test_quick_leak_check_ignores_copies_within_one_split(tmp_path, caplog):
-    root = _pre_split(tmp_path / "ds")
-    src = root / "train" / "circle" / "003.png"
-    Image.open(src).resize((48, 48)).save(root / "train" / "circle" / "copy.png")
-    with caplog.at_level(logging.WARNING):
-        prepare_manifest(root)
-    assert _leak_warnings(caplog) == []
 
 
 # ---------------------------------------------------------------------------------- planted problems
@@ -114,7 +67,7 @@ def _plant(tmp_path: Path) -> tuple[Path, dict]:
 
 
 def test_audit_finds_planted_problems_in_digits(tmp_path):
-    from finetune.data.audit import audit_dataset
+    from finetune.audit import audit_dataset
 
     manifest, planted = _plant(tmp_path)
     audit = audit_dataset(manifest, input_size=64, device="cpu", cache_dir=tmp_path / "cache", batch_size=128)

@@ -1,5 +1,8 @@
 """`audit_dataset`: near-duplicates and leakage, likely label errors and outliers, from backbone features.
 
+A top-level module like `finetune.inference` and `finetune.export`: it composes the data layer (manifest,
+pixel similarity), a model, the training feature cache and the evaluation report's HTML helpers.
+
 The audit embeds every usable image once with a pretrained backbone (pooled features of the whole
 image: eval transform with ``crop_pct=1``), through the training feature cache, so a second audit of the
 same data and backbone skips the forward pass. Then, all on the features:
@@ -41,9 +44,7 @@ from typing import Any
 import numpy as np
 
 from finetune._io import atomic_write_text
-from finetune.data._decode import load_image
-from finetune.data._manifest import Manifest
-from finetune.data._similarity import COPY_SIMILARITY, thumbnail_views, view_similarity
+from finetune.data import COPY_SIMILARITY, Manifest, load_image, prepare_manifest, thumbnail_views, view_similarity
 from finetune.errors import FinetuneError
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def embed_manifest(
     """
     import torch
 
-    from finetune.data._transforms import build_transform
+    from finetune.data import build_transform
     from finetune.inference import resolve_device
     from finetune.models import create_model
     from finetune.training.feature_cache import cached_features
@@ -394,8 +395,6 @@ def audit_dataset(
     The images are found, scanned and split by `prepare_manifest` (bad files are left out), embedded by
     `embed_manifest` and audited by `audit_features`.
     """
-    from finetune.data._prepare import prepare_manifest
-
     manifest, _ = prepare_manifest(source, card=card, val=val, test=test, seed=seed)
     start = time.perf_counter()
     features, cached, embedding = embed_manifest(
@@ -443,7 +442,7 @@ def write_audit(audit: Audit, out_dir: str | os.PathLike) -> dict[str, str]:
     Returns:
         File name → path written.
     """
-    from finetune.data.audit_report import render_audit
+    from finetune.evaluation.audit_report import render_audit
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -461,7 +460,9 @@ def write_audit(audit: Audit, out_dir: str | os.PathLike) -> dict[str, str]:
     written = {}
     for name, (header, rows) in tables.items():
         written[name] = str(atomic_write_text(out / name, _csv(header, rows)))
-    written["audit.html"] = str(atomic_write_text(out / "audit.html", render_audit(audit, summary_text(audit))))
+    written["audit.html"] = str(atomic_write_text(out / "audit.html", render_audit(
+        audit.manifest, audit.near_duplicates, audit.label_issues, audit.outliers, summary=summary_text(audit),
+        settings=audit.settings)))
     return written
 
 
