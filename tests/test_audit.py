@@ -89,6 +89,21 @@ def test_audit_finds_planted_problems_in_digits(tmp_path):
     assert all(o["flagged"] for o in audit.outliers if o["path"] in planted["outliers"])
 
 
+def test_near_duplicates_find_a_crop_whose_embedding_drifted(tmp_path):
+    """Candidates also come from the nearest thumbnails: a 2-pixel crop whose embedding is nowhere near its
+    source's (here: unrelated random features) is still found, and no two different digits are grouped."""
+    from finetune.audit import find_near_duplicates
+
+    root = write_digits(tmp_path / "digits", size=32)
+    paths = sorted(root.rglob("*.png"))[:300]
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+    images.append(np.asarray(Image.fromarray(images[7]).crop((2, 2, 30, 30))))
+    features = np.random.default_rng(0).normal(size=(len(images), 64))  # cosine ~0 between any two
+
+    groups = find_near_duplicates(features, lambda i: images[i])
+    assert [members for members, _ in groups] == [[7, len(images) - 1]]
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 TINY = ("--backbone", "test_resnet", "--pretrained", "none", "--input-size", "32", "--device", "cpu")

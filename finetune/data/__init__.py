@@ -14,7 +14,13 @@ from finetune.data._prepare import manifest_root, prepare_manifest
 from finetune.data._resize_cache import resize_cache
 from finetune.data._sampling import BalancedSampler, class_counts, class_weights
 from finetune.data._scan import BadFile, ScanResult, scan_images, write_report
-from finetune.data._similarity import COPY_SIMILARITY, perceptual_hash, thumbnail_views, view_similarity
+from finetune.data._similarity import (
+    COPY_SIMILARITY,
+    perceptual_hash,
+    thumbnail_vector,
+    thumbnail_views,
+    view_similarity,
+)
 from finetune.data._split import split_classes
 from finetune.data._transforms import INTERPOLATIONS, build_transform
 
@@ -49,6 +55,7 @@ __all__ = [
     "resize_cache",
     "scan_images",
     "split_classes",
+    "thumbnail_vector",
     "thumbnail_views",
     "view_similarity",
     "write_digits",

@@ -12,7 +12,8 @@ different writers' ``7``, do not.
 * `thumbnail_views` and `view_similarity`: the image as 24×24 greyscale, mean-removed, unit-norm
   vectors, whole and centre/corner-cropped by 3, 6 and 10 % per side. The similarity of two images is
   the largest correlation of one's views with the other's whole view, so a copy cropped by up to
-  about 10 % still lines up with its original. `finetune data audit` confirms embedding neighbours with it.
+  about 10 % still lines up with its original. `finetune data audit` confirms near-duplicate candidates
+  with it; `thumbnail_vector` (the whole view alone) is what it searches for thumbnail neighbours.
 """
 from __future__ import annotations
 
@@ -40,6 +41,14 @@ def perceptual_hash(image: np.ndarray) -> int:
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
+def thumbnail_vector(image: np.ndarray) -> np.ndarray:
+    """The whole image as one unit vector of THUMBNAIL² pixels: the first row of `thumbnail_views`.
+
+    Two images' vectors correlate (dot product) near 1 when they look alike at thumbnail scale, so a
+    nearest-neighbour search over them finds copies whatever their embeddings say."""
+    return _unit(_grey(image).astype(np.float32))
+
+
 def thumbnail_views(image: np.ndarray) -> np.ndarray:
     """The whole image and its crops as ``1 + 5·len(CROPS)`` unit vectors (rows, float32) of THUMBNAIL² pixels."""
     grey = _grey(image).astype(np.float32)
@@ -49,15 +58,19 @@ def thumbnail_views(image: np.ndarray) -> np.ndarray:
         keep = 1.0 - 2 * c
         boxes += [(c, c, 1 - c, 1 - c), (0, 0, keep + c, keep + c), (2 * c, 0, 1, keep + c),
                   (0, 2 * c, keep + c, 1), (2 * c, 2 * c, 1, 1)]
-    views = []
-    for x0, y0, x1, y1 in boxes:
-        part = grey[int(round(y0 * h)):max(int(round(y1 * h)), int(round(y0 * h)) + 1),
-                    int(round(x0 * w)):max(int(round(x1 * w)), int(round(x0 * w)) + 1)]
-        v = cv2.resize(part, (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA).ravel()
-        v = v - v.mean()
-        norm = np.linalg.norm(v)
-        views.append(v / norm if norm > 1e-6 else v)
-    return np.stack(views)
+    return np.stack([
+        _unit(grey[int(round(y0 * h)):max(int(round(y1 * h)), int(round(y0 * h)) + 1),
+                   int(round(x0 * w)):max(int(round(x1 * w)), int(round(x0 * w)) + 1)])
+        for x0, y0, x1, y1 in boxes
+    ])
+
+
+def _unit(grey: np.ndarray) -> np.ndarray:
+    """A greyscale array as a THUMBNAIL² vector, mean removed, unit norm (zero when it has no contrast)."""
+    v = cv2.resize(grey, (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA).ravel()
+    v = v - v.mean()
+    norm = np.linalg.norm(v)
+    return v / norm if norm > 1e-6 else v
 
 
 def view_similarity(a: np.ndarray, b: np.ndarray) -> float:
