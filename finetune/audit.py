@@ -18,14 +18,15 @@ same data and backbone skips the forward pass. Then, all on the features:
   thumbnail stays its nearest; pixels cannot be compared all-pairs: the two neighbour searches find, the
   crop-aware pixels decide. Confirmed pairs are joined into groups; a group whose images sit in more than one split is
   **leakage** (a val/test image with a near-copy in train).
-* **Label issues** (`out_of_fold_probabilities`, `confident_learning`): k-fold (stratified, seeded)
+* **Label issues** (`out_of_fold_log_probabilities`, `confident_learning`): k-fold (stratified, seeded)
   out-of-fold class probabilities from a linear classifier on the features (L2-normalised, PCA to at
   most 128 dimensions, shrinkage LDA), so no image is scored by a model that saw it; then confident
   learning (Northcutt et al., JAIR 2021): per-class thresholds ``t_j`` = mean probability of class ``j``
   over the images labelled ``j``; an image is counted as truly of class ``j*``, the most probable of the
   classes whose probability reaches their threshold; an image labelled ``i ≠ j*`` is a label issue
-  (an off-diagonal entry of the confident joint). Issues are ranked by ``score = 1 - p(given label)``
-  (self-confidence), highest first; ``suggested`` is ``j*``.
+  (an off-diagonal entry of the confident joint). Issues are ranked by ``score = -log p(given label)``
+  (self-confidence in log space, from the classifier's decision function), highest first: unlike
+  ``1 - p``, it does not tie at 1 when the probabilities saturate to 0/1; ``suggested`` is ``j*``.
 * **Outliers** (`outlier_distances`): cosine distance of each image to the nearest class centroid (mean
   of the class's normalised features), highest first; ``flagged`` when above the median plus 6 median
   absolute deviations of all distances.
@@ -71,6 +72,8 @@ NEIGHBOURS = 10
 """Nearest images per image considered as near-duplicate candidates, in each of the two searches."""
 FOLDS = 5
 PCA_DIMS = 128
+MISSING_LOG_PROBABILITY = float(np.log(np.finfo(np.float64).tiny))
+"""Out-of-fold log-probability of a class the fold's model never saw (about -708: the least normal float)."""
 OUTLIER_MADS = 6.0
 FILES = ("near_duplicates.csv", "label_issues.csv", "outliers.csv", "audit.html")
 
@@ -255,17 +258,20 @@ def _candidates(vectors: np.ndarray, least: float, k: int) -> set[tuple[int, int
 
 # ---------------------------------------------------------------------------------------- label issues
 
-def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
-                              folds: int = FOLDS, seed: int = 0) -> np.ndarray:
-    """``N×num_classes`` class probabilities, each row from a model trained on the other folds.
+def out_of_fold_log_probabilities(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
+                                  folds: int = FOLDS, seed: int = 0) -> np.ndarray:
+    """``N×num_classes`` class log-probabilities, each row from a model trained on the other folds.
 
     The model: L2-normalised features, PCA to at most `PCA_DIMS` dimensions, shrinkage LDA (fast and
-    well calibrated on frozen features). Folds are stratified and seeded; a class missing from a fold's
-    training part gets probability 0 there.
+    well calibrated on frozen features). The log-probabilities are the log-softmax of its decision
+    function, so they keep ordering images where the probabilities round to exactly 0 or 1. Folds are
+    stratified and seeded; a class missing from a fold's training part (a class of one image) gets
+    `MISSING_LOG_PROBABILITY` there.
 
     Raises:
         FinetuneError: Fewer than two classes, or fewer than two images in the largest class.
     """
+    from scipy.special import log_softmax
     from sklearn.decomposition import PCA
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
     from sklearn.model_selection import StratifiedKFold
@@ -277,19 +283,22 @@ def out_of_fold_probabilities(features: np.ndarray, labels: np.ndarray, num_clas
         raise FinetuneError("label issues need at least two classes and a class with two images or more")
     x = normalize(features)
     splitter = StratifiedKFold(n_splits=int(min(folds, counts.max())), shuffle=True, random_state=seed)
-    probabilities = np.zeros((len(x), num_classes), dtype=np.float64)
+    log_probabilities = np.full((len(x), num_classes), MISSING_LOG_PROBABILITY, dtype=np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "the least populated class has only N members": handled below
         for train, held_out in splitter.split(x, labels):
             present = np.unique(labels[train])
             if len(present) < 2:
-                probabilities[held_out, labels[train][0]] = 1.0
+                log_probabilities[held_out, labels[train][0]] = 0.0
                 continue
             dims = max(1, min(PCA_DIMS, len(train) - 1, x.shape[1]))
             model = make_pipeline(PCA(dims, random_state=seed), LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto"))
             model.fit(x[train], labels[train])
-            probabilities[np.ix_(held_out, model.classes_)] = model.predict_proba(x[held_out])
-    return probabilities
+            decision = model.decision_function(x[held_out])
+            if decision.ndim == 1:  # two classes: the log-odds of the second
+                decision = np.column_stack([np.zeros_like(decision), decision])
+            log_probabilities[np.ix_(held_out, model.classes_)] = log_softmax(decision, axis=1)
+    return log_probabilities
 
 
 def confident_learning(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -367,16 +376,17 @@ def audit_features(
     start = time.perf_counter()
     issues = []
     try:
-        probabilities = out_of_fold_probabilities(features, labels, len(classes), folds=folds, seed=seed)
+        log_probabilities = out_of_fold_log_probabilities(features, labels, len(classes), folds=folds, seed=seed)
     except FinetuneError as e:
         logger.warning("no label issues: %s", e)
     else:
+        probabilities = np.exp(log_probabilities)
         is_issue, suggested = confident_learning(labels, probabilities)
         for i in np.flatnonzero(is_issue):
-            p_given = float(probabilities[i, labels[i]])
             issues.append({"path": rows[i].path, "split": rows[i].split, "given": rows[i].label,
-                           "suggested": classes[suggested[i]], "score": round(1.0 - p_given, 5),
-                           "p_given": round(p_given, 5), "p_suggested": round(float(probabilities[i, suggested[i]]), 5)})
+                           "suggested": classes[suggested[i]], "score": round(-float(log_probabilities[i, labels[i]]), 5),
+                           "p_given": round(float(probabilities[i, labels[i]]), 5),
+                           "p_suggested": round(float(probabilities[i, suggested[i]]), 5)})
         issues.sort(key=lambda r: (-r["score"], r["path"]))
     seconds["labels"] = time.perf_counter() - start
 

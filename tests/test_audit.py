@@ -104,6 +104,30 @@ def test_near_duplicates_find_a_crop_whose_embedding_drifted(tmp_path):
     assert [members for members, _ in groups] == [[7, len(images) - 1]]
 
 
+def test_label_issues_are_ranked_by_a_score_that_does_not_saturate(tmp_path):
+    """Well-separated classes make the out-of-fold probabilities exactly 0 or 1: the flipped images must
+    still get distinct scores (ranked by the given label's log-probability, not tied at 1 - p = 1)."""
+    from finetune.audit import audit_features
+    from finetune.data import Manifest, ManifestRow
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 60)
+    features = rng.normal(size=(180, 32)) + 40.0 * np.eye(3, 32)[labels]
+    given = labels.copy()
+    flipped = rng.choice(180, 8, replace=False)
+    given[flipped] = (labels[flipped] + 1) % 3
+    manifest = Manifest(tmp_path, [ManifestRow(f"{i:03d}.png", str(c), "train") for i, c in enumerate(given)])
+    order = [int(r.path[:3]) for r in manifest.rows]  # the manifest sorts its rows by class
+    noise = rng.integers(0, 256, (180, 16, 16, 3), dtype=np.uint8)
+
+    audit = audit_features(manifest, features[order], load=lambda i: noise[i])
+    top = audit.label_issues[: len(flipped)]
+    assert {r["path"] for r in top} == {f"{i:03d}.png" for i in flipped}
+    assert sum(r["p_given"] == 0.0 for r in top) >= 2  # the probabilities saturate...
+    scores = [r["score"] for r in top]
+    assert all(a > b for a, b in zip(scores, scores[1:]))  # ...the scores do not
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 
 TINY = ("--backbone", "test_resnet", "--pretrained", "none", "--input-size", "32", "--device", "cpu")

@@ -17,7 +17,7 @@ AUDIT_EPILOG = """\
 Near-duplicates: each image's 10 nearest images by embedding cosine (>= --duplicate-cosine) and its
 10 nearest by whole 24x24 greyscale thumbnail correlation (>= 0.7) are candidates, confirmed when their
 thumbnails correlate >= 0.999 (allowing crops of up to 10 % per side). Label issues: 5-fold out-of-fold probabilities of a linear classifier on the
-features, confident learning (Northcutt et al. 2021), ranked by 1 - p(given label). Outliers: cosine
+features, confident learning (Northcutt et al. 2021), ranked by -log p(given label). Outliers: cosine
 distance to the nearest class centroid, flagged above median + 6 MAD.
 
 --json prints one object: summary (images, classes, splits, near_duplicate_groups,
