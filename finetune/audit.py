@@ -408,6 +408,7 @@ def audit_features(
 def audit_dataset(
     source: str | os.PathLike,
     *,
+    root: str | os.PathLike | None = None,
     backbone: str = DEFAULT_BACKBONE,
     pretrained: bool | str = DEFAULT_PRETRAINED,
     input_size: int | None = None,
@@ -426,9 +427,16 @@ def audit_dataset(
     """Audit a dataset folder (pre-split or one folder, split as training would split it) or manifest.
 
     The images are found, scanned and split by `prepare_manifest` (bad files are left out), embedded by
-    `embed_manifest` and audited by `audit_features`.
+    `embed_manifest` and audited by `audit_features`. ``root`` is the folder a manifest's paths are
+    relative to (default: the manifest's folder).
+
+    Raises:
+        FinetuneError: ``root`` with a ``source`` that is not a manifest file, and `prepare_manifest`'s errors.
     """
-    manifest, _ = prepare_manifest(source, card=card, val=val, test=test, seed=seed)
+    if root is not None and not Path(source).is_file():
+        raise FinetuneError(f"a root (--root) is only for a manifest, and {source} is not a manifest file")
+    manifest, _ = prepare_manifest(root if root is not None else source, manifest=source if root is not None else None,
+                                   card=card, val=val, test=test, seed=seed)
     start = time.perf_counter()
     features, cached, embedding = embed_manifest(
         manifest, backbone=backbone, pretrained=pretrained, input_size=input_size, device=device,

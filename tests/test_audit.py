@@ -187,6 +187,18 @@ def test_cli_audits_a_manifest(tmp_path, capsys, tiny_folder):
     assert again["features_cached"] is True and again["outliers"] == first["outliers"]
 
 
+def test_cli_audits_a_manifest_outside_its_root(tmp_path, capsys, tiny_folder):
+    """``--root``: the folder a manifest's paths are relative to, as in a run folder's copy of the manifest."""
+    from finetune.data import prepare_manifest
+
+    manifest, _ = prepare_manifest(tiny_folder)
+    path = manifest.write_csv(tmp_path / "run" / "manifest.csv")
+    status, stdout, _, _ = _audit(capsys, tmp_path, path, "--root", str(tiny_folder), "--json")
+    assert status == 0 and json.loads(stdout)["summary"]["images"] == 36
+    status, _, stderr, _ = _audit(capsys, tmp_path, tiny_folder, "--root", str(tiny_folder))
+    assert status == 2 and "--root" in stderr and stderr.count("\n") == 1
+
+
 def test_cli_audit_errors_are_one_line(tmp_path, capsys):
     status, _, stderr, _ = _audit(capsys, tmp_path, tmp_path / "missing")
     assert status == 2 and stderr.startswith("finetune data: error:") and stderr.count("\n") == 1

@@ -84,6 +84,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     audit.add_argument("root", type=Path, metavar="ROOT|MANIFEST", help="dataset folder or manifest CSV")
+    audit.add_argument("--root", type=Path, metavar="DIR", dest="data_root",
+                       help="folder the manifest's paths are relative to (default: the manifest's folder)")
     audit.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: ./audit-NAME, NAME the root's)")
     audit.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
     audit.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm backbone (default tf_efficientnet_lite0)")
@@ -202,7 +204,7 @@ def _audit(args: argparse.Namespace) -> int:
     _log_to_stderr()  # progress and warnings; stdout stays the summary or pure JSON
     pretrained = {"none": False, "false": False, "true": True}.get(args.pretrained.lower(), args.pretrained)
     audit = audit_dataset(
-        args.root, backbone=args.backbone, pretrained=pretrained, input_size=args.input_size, card=args.card,
+        args.root, root=args.data_root, backbone=args.backbone, pretrained=pretrained, input_size=args.input_size, card=args.card,
         val=args.val, test=args.test, seed=args.seed, device=args.device, batch_size=args.batch_size,
         num_workers=args.num_workers, cache_dir=args.cache_dir, duplicate_cosine=args.duplicate_cosine,
         folds=args.folds,

@@ -129,7 +129,7 @@ def prepare_manifest(
     emptied = sorted(set(classes) - set(result.classes))
     if emptied:
         logger.warning("dropping class(es) with no usable image: %s", short_list(map(repr, emptied)))
-    _warn_leaks(result, results)
+    _warn_leaks(result, results, _audit_arguments(manifest, data_root))
     if not result.rows:
         raise FinetuneError(f"no usable image in {manifest or root}")
     counts = ", ".join(f"{s} {sum(c.values())}" for s, c in result.counts().items())
@@ -202,9 +202,20 @@ def _scan(root: Path, paths: list[str], report_path: str | os.PathLike | None, m
     return results
 
 
-def _warn_leaks(manifest: Manifest, results: list[ScanResult]) -> None:
+def _audit_arguments(manifest: str | os.PathLike | None, data_root: Path) -> str:
+    """What ``finetune data audit`` takes to audit this split: the manifest when training used one (with
+    ``--root`` when its paths are relative to another folder, as in a run's copy), else the dataset root."""
+    if manifest is None:
+        return str(data_root)
+    if Path(manifest).resolve().parent == data_root.resolve():
+        return str(manifest)
+    return f"{manifest} --root {data_root}"
+
+
+def _warn_leaks(manifest: Manifest, results: list[ScanResult], audit_arguments: str) -> None:
     """Warn about byte-identical images that sit in more than one split, and about resized or re-encoded
-    copies (same perceptual hash, confirmed by thumbnail correlation; see `hash_leaks`)."""
+    copies (same perceptual hash, confirmed by thumbnail correlation; see `hash_leaks`), pointing at
+    ``finetune data audit AUDIT_ARGUMENTS``."""
     leaked = leaks(manifest, duplicate_groups(results))
     if leaked:
         logger.warning(
@@ -222,7 +233,7 @@ def _warn_leaks(manifest: Manifest, results: list[ScanResult]) -> None:
         logger.warning(
             "%d group(s) of near-identical images (resized or re-encoded copies) sit in more than one split "
             "(leakage), e.g. %s; run `finetune data audit %s` for near-duplicates, label issues and outliers",
-            len(near), " ~ ".join(near[0]), manifest.root,
+            len(near), " ~ ".join(near[0]), audit_arguments,
         )
 
 

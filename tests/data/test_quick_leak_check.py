@@ -63,3 +63,20 @@ def test_quick_leak_check_ignores_copies_within_one_split(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         prepare_manifest(root)
     assert _leak_warnings(caplog) == []
+
+
+def test_quick_leak_check_names_the_manifest_training_used(tmp_path, caplog):
+    """Training from a manifest: the warning's command audits that manifest (its split), not the folder,
+    with ``--root`` where the manifest lies outside the folder its paths are relative to (a run's copy)."""
+    root = _pre_split(tmp_path / "ds")
+    Image.open(root / "train" / "circle" / "003.png").resize((48, 48)).save(root / "test" / "circle" / "copy.png")
+    manifest, _ = prepare_manifest(root)
+    inside, outside = manifest.write_csv(root / "split.csv"), manifest.write_csv(tmp_path / "run" / "manifest.csv")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        prepare_manifest(inside)
+        prepare_manifest(root, manifest=outside)
+    messages = _leak_warnings(caplog)
+    assert len(messages) == 2
+    assert f"`finetune data audit {inside}`" in messages[0]
+    assert f"`finetune data audit {outside} --root {root}`" in messages[1]
