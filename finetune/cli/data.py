@@ -1,4 +1,4 @@
-"""`finetune data`: inspect a dataset, write a split manifest, write the embedded sample dataset."""
+"""`finetune data`: inspect or audit a dataset, write a split manifest, write the embedded sample dataset."""
 from __future__ import annotations
 
 import argparse
@@ -13,12 +13,26 @@ num_images, image_size (width/height min, median, max), modes, bad_files ([{path
 duplicates ([{paths, splits, leak}]).
 """
 
+AUDIT_EPILOG = """\
+Near-duplicates: each image's 10 nearest images by embedding cosine (>= --duplicate-cosine) and its
+10 nearest by whole 24x24 greyscale thumbnail correlation (>= 0.7) are candidates, confirmed when their
+thumbnails correlate >= 0.999 (allowing crops of up to 10 % per side). Label issues: 5-fold out-of-fold probabilities of a linear classifier on the
+features, confident learning (Northcutt et al. 2021), ranked by -log p(given label). Outliers: cosine
+distance to the nearest class centroid, flagged above median + 6 MAD.
+
+--json prints one object: summary (images, classes, splits, near_duplicate_groups,
+near_duplicate_images, leaking_groups, leaked_images, label_issues, outliers_flagged), settings,
+features_cached, seconds, near_duplicates ([{group, paths, splits, classes, leak, similarity}]),
+label_issues ([{path, split, given, suggested, score, p_given, p_suggested}]), outliers ([{path,
+split, class, distance, nearest_class, flagged}]) and files (name -> path).
+"""
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "data",
-        help="inspect, split or create datasets",
-        description="Inspect a dataset, write a split manifest, or write the embedded sample dataset.",
+        help="inspect, audit, split or create datasets",
+        description="Inspect or audit a dataset, write a split manifest, or write the embedded sample dataset.",
     )
     parser.set_defaults(func=lambda args: _print_help(parser))
     commands = parser.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
@@ -57,6 +71,40 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     split.add_argument("--report", type=Path, help="bad-file report CSV (default: MANIFEST with .bad.csv)")
     _add_max_pixels(split)
     split.set_defaults(func=_split)
+
+    audit = commands.add_parser(
+        "audit",
+        help="find near-duplicates and leakage, likely label errors and outliers (writes CSVs and audit.html)",
+        description="Embed every usable image with a pretrained backbone (cached like training's features) and "
+        "write near_duplicates.csv (groups; leak=1 where a group spans splits), label_issues.csv (out-of-fold "
+        "confident learning: given and suggested label, score), outliers.csv (farthest from every class) and "
+        "a self-contained audit.html into --out; print a one-paragraph summary. A one-folder dataset is split "
+        "as training would split it (--card/--val/--test/--seed).",
+        epilog=AUDIT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    audit.add_argument("root", type=Path, metavar="ROOT|MANIFEST", help="dataset folder or manifest CSV")
+    audit.add_argument("--root", type=Path, metavar="DIR", dest="data_root",
+                       help="folder the manifest's paths are relative to (default: the manifest's folder)")
+    audit.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: ./audit-NAME, NAME the root's)")
+    audit.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    audit.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm backbone (default tf_efficientnet_lite0)")
+    audit.add_argument("--pretrained", default="offline", metavar="offline|true|none|PATH",
+                       help="backbone weights: offline package weights (default), true (timm hub), none (random "
+                       "init: tests only), or a weights file")
+    audit.add_argument("--input-size", type=int, metavar="PX", help="square input side (default: the backbone's)")
+    audit.add_argument("--card", help="dataset card giving the split protocol")
+    audit.add_argument("--val", type=float, help="val fraction for a one-folder dataset (as in training)")
+    audit.add_argument("--test", type=float, help="test fraction for a one-folder dataset (as in training)")
+    audit.add_argument("--seed", type=int, default=0, help="split and fold seed (default 0)")
+    audit.add_argument("--duplicate-cosine", type=float, default=0.85,
+                       help="least embedding cosine of a near-duplicate candidate (default 0.85)")
+    audit.add_argument("--folds", type=int, default=5, help="folds of the out-of-fold classifier (default 5)")
+    audit.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    audit.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    audit.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images (default 0)")
+    audit.add_argument("--cache-dir", type=Path, help="feature cache (default $FINETUNE_CACHE or ~/.cache/finetune)")
+    audit.set_defaults(func=_audit)
 
     sample = commands.add_parser("sample", help="write an embedded sample dataset as a PNG class-folder dataset")
     sample.add_argument("name", choices=["digits"], help="digits: scikit-learn's 1,797 handwritten 8×8 digits")
@@ -147,6 +195,23 @@ def _split(args: argparse.Namespace) -> int:
               "(data.root, --set data.root=ROOT), or write the manifest into it")
     if report is not None:
         print(f"bad files: {len(bad)}, listed in {report}")
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from finetune.audit import audit_dataset, summary_text, to_json, write_audit
+
+    _log_to_stderr()  # progress and warnings; stdout stays the summary or pure JSON
+    pretrained = {"none": False, "false": False, "true": True}.get(args.pretrained.lower(), args.pretrained)
+    audit = audit_dataset(
+        args.root, root=args.data_root, backbone=args.backbone, pretrained=pretrained, input_size=args.input_size, card=args.card,
+        val=args.val, test=args.test, seed=args.seed, device=args.device, batch_size=args.batch_size,
+        num_workers=args.num_workers, cache_dir=args.cache_dir, duplicate_cosine=args.duplicate_cosine,
+        folds=args.folds,
+    )
+    out = args.out or Path(f"audit-{args.root.resolve().stem}")
+    files = write_audit(audit, out)
+    print(json.dumps(to_json(audit, files), indent=2, ensure_ascii=False) if args.json else summary_text(audit, out))
     return 0
 
 

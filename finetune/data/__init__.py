@@ -14,11 +14,19 @@ from finetune.data._prepare import manifest_root, prepare_manifest
 from finetune.data._resize_cache import resize_cache
 from finetune.data._sampling import BalancedSampler, class_counts, class_weights
 from finetune.data._scan import BadFile, ScanResult, scan_images, write_report
+from finetune.data._similarity import (
+    COPY_SIMILARITY,
+    perceptual_hash,
+    thumbnail_vector,
+    thumbnail_views,
+    view_similarity,
+)
 from finetune.data._split import split_classes
 from finetune.data._transforms import INTERPOLATIONS, build_transform
 
 __all__ = [
     "BadFile",
+    "COPY_SIMILARITY",
     "BalancedSampler",
     "DEFAULT_MAX_PIXELS",
     "DatasetCard",
@@ -42,10 +50,14 @@ __all__ = [
     "load_card",
     "load_image",
     "manifest_root",
+    "perceptual_hash",
     "prepare_manifest",
     "resize_cache",
     "scan_images",
     "split_classes",
+    "thumbnail_vector",
+    "thumbnail_views",
+    "view_similarity",
     "write_digits",
     "write_report",
 ]

@@ -7,10 +7,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from finetune.data._cards import load_card
-from finetune.data._decode import DEFAULT_MAX_PIXELS
+from finetune.data._decode import DEFAULT_MAX_PIXELS, load_image
 from finetune.data._layout import PRE_SPLIT, UNSPLIT, DatasetFolder, discover, short_list
 from finetune.data._manifest import Manifest
 from finetune.data._scan import BadFile, ScanResult, bad_files, duplicate_groups, leaks, scan_images, write_report
+from finetune.data._similarity import hash_leaks
 from finetune.data._split import split_classes, validate_split_options
 from finetune.errors import FinetuneError
 
@@ -128,7 +129,7 @@ def prepare_manifest(
     emptied = sorted(set(classes) - set(result.classes))
     if emptied:
         logger.warning("dropping class(es) with no usable image: %s", short_list(map(repr, emptied)))
-    _warn_leaks(result, results)
+    _warn_leaks(result, results, _audit_arguments(manifest, data_root))
     if not result.rows:
         raise FinetuneError(f"no usable image in {manifest or root}")
     counts = ", ".join(f"{s} {sum(c.values())}" for s, c in result.counts().items())
@@ -201,14 +202,38 @@ def _scan(root: Path, paths: list[str], report_path: str | os.PathLike | None, m
     return results
 
 
-def _warn_leaks(manifest: Manifest, results: list[ScanResult]) -> None:
-    """Warn about byte-identical images that sit in more than one split."""
+def _audit_arguments(manifest: str | os.PathLike | None, data_root: Path) -> str:
+    """What ``finetune data audit`` takes to audit this split: the manifest when training used one (with
+    ``--root`` when its paths are relative to another folder, as in a run's copy), else the dataset root."""
+    if manifest is None:
+        return str(data_root)
+    if Path(manifest).resolve().parent == data_root.resolve():
+        return str(manifest)
+    return f"{manifest} --root {data_root}"
+
+
+def _warn_leaks(manifest: Manifest, results: list[ScanResult], audit_arguments: str) -> None:
+    """Warn about byte-identical images that sit in more than one split, and about resized or re-encoded
+    copies (same perceptual hash, confirmed by thumbnail correlation; see `hash_leaks`), pointing at
+    ``finetune data audit AUDIT_ARGUMENTS``."""
     leaked = leaks(manifest, duplicate_groups(results))
     if leaked:
         logger.warning(
             "%d group(s) of byte-identical images sit in more than one split (leakage), e.g. %s",
             len(leaked),
             " = ".join(leaked[0]),
+        )
+    split_of = {r.path: r.split for r in manifest.rows}
+    scanned = [r for r in results if r.reason is None and r.path in split_of]
+    identical = {p for group in leaked for p in group}
+    near = [g for g in hash_leaks([r.path for r in scanned], [split_of[r.path] for r in scanned],
+                                  [r.phash for r in scanned], lambda p: load_image(manifest.root / p))
+            if not set(g) <= identical]
+    if near:
+        logger.warning(
+            "%d group(s) of near-identical images (resized or re-encoded copies) sit in more than one split "
+            "(leakage), e.g. %s; run `finetune data audit %s` for near-duplicates, label issues and outliers",
+            len(near), " ~ ".join(near[0]), audit_arguments,
         )
 
 

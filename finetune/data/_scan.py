@@ -20,6 +20,7 @@ from typing import NamedTuple
 from finetune.data._decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, read_file
 from finetune._io import atomic_write_text
 from finetune.data._manifest import Manifest
+from finetune.data._similarity import perceptual_hash
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class ScanResult(NamedTuple):
         height: Height after EXIF orientation (0 for a bad file).
         mode: The file's Pillow mode (``"RGB"``, ``"L"``, ``"CMYK"``...), ``""`` for a bad file.
         sha256: Hex digest of the file's bytes (``""`` for a bad file).
+        phash: 64-bit perceptual hash of the decoded image (`perceptual_hash`; 0 for a bad file).
     """
 
     path: str
@@ -54,6 +56,7 @@ class ScanResult(NamedTuple):
     height: int = 0
     mode: str = ""
     sha256: str = ""
+    phash: int = 0
 
 
 def scan_images(root: Path, paths: Sequence[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[ScanResult]:
@@ -76,7 +79,8 @@ def scan_images(root: Path, paths: Sequence[str], *, max_pixels: int = DEFAULT_M
             image, mode = decode_image(data, rel, max_pixels)
         except ImageDecodeError as e:
             return ScanResult(rel, e.reason)
-        return ScanResult(rel, None, image.shape[1], image.shape[0], mode, hashlib.sha256(data).hexdigest())
+        return ScanResult(rel, None, image.shape[1], image.shape[0], mode, hashlib.sha256(data).hexdigest(),
+                          perceptual_hash(image))
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         results = list(pool.map(scan, paths))

@@ -142,7 +142,7 @@ def evaluate(
 
     curves, log = _run_history(run_dir)
     for w in wrong[:REPORT_THUMBNAILS]:
-        w["thumbnail"] = _thumbnail(w["path"])
+        w["thumbnail"] = thumbnail(w["path"])
     report = render_report(
         title=f"Evaluation: {metrics['num_samples']} images, {len(names)} classes",
         metrics=metrics,
@@ -283,7 +283,7 @@ def _run_history(run_dir: str | os.PathLike | None) -> tuple[bytes | None, list[
     return curves, log
 
 
-def _thumbnail(path: str) -> bytes | None:
+def thumbnail(path: str) -> bytes | None:
     """A JPEG thumbnail of an image file, or ``None`` when it cannot be read."""
     from PIL import Image
 

@@ -27,7 +27,8 @@ _HEADLINE = (
     ("num_samples", "Images", "int"),
 )
 
-_CSS = """
+# The page style and script, shared by every self-contained page (report.html, audit.html).
+CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d1d1f;background:#f6f6f8}
 main{max-width:1200px;margin:0 auto;padding:16px 24px 48px}
 h1{font-size:22px;margin:8px 0 4px}h2{font-size:18px;margin:32px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
@@ -50,7 +51,7 @@ figcaption{font-size:12px}.bad{color:#b42318}.good{color:#067647}
 input[type=search]{padding:4px 8px;margin:6px 0;width:260px}
 """
 
-_SCRIPT = """
+SCRIPT = """
 document.querySelectorAll("table.sortable").forEach(function (table) {
   table.querySelectorAll("th").forEach(function (th, col) {
     th.addEventListener("click", function () {
@@ -118,8 +119,8 @@ def render_report(
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body><main>",
-        f"<h1>{_e(title)}</h1><nav>{nav}</nav>",
+        f"<title>{escape(title)}</title><style>{CSS}</style></head><body><main>",
+        f"<h1>{escape(title)}</h1><nav>{nav}</nav>",
         _summary(metrics, len(unreadable)),
         _confusion(confusion_figures),
         _per_class(per_class),
@@ -127,16 +128,18 @@ def render_report(
         _misclassified(misclassified),
         _training(training_curves, training_log),
         _details(details or {}, unreadable),
-        f"</main><script>{_SCRIPT}</script></body></html>",
+        f"</main><script>{SCRIPT}</script></body></html>",
     ]
     return "\n".join(parts) + "\n"
 
 
-def _e(value: Any) -> str:
+def escape(value: Any) -> str:
+    """``str(value)`` HTML-escaped, quotes included (safe in text and in attribute values)."""
     return html.escape(str(value), quote=True)
 
 
-def _data_uri(data: bytes, mime: str) -> str:
+def data_uri(data: bytes, mime: str) -> str:
+    """``data`` as an inline ``data:`` URI, so a page needs no file beside it."""
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
@@ -160,8 +163,8 @@ def _summary(metrics: Mapping[str, Any], num_unreadable: int) -> str:
 
 def _confusion(figures: Sequence[tuple[str, bytes]]) -> str:
     blocks = "".join(
-        f'<div><h3>{_e(caption)}</h3><div class="scroll"><img class="zoom" alt="{_e(caption)}" '
-        f'src="{_data_uri(png, "image/png")}"></div></div>'
+        f'<div><h3>{escape(caption)}</h3><div class="scroll"><img class="zoom" alt="{escape(caption)}" '
+        f'src="{data_uri(png, "image/png")}"></div></div>'
         for caption, png in figures
     )
     return (
@@ -174,12 +177,12 @@ def _confusion(figures: Sequence[tuple[str, bytes]]) -> str:
 def _per_class(rows: Sequence[Mapping[str, Any]]) -> str:
     body = []
     for r in sorted(rows, key=lambda r: (r["f1"], r["class"])):
-        confusion = f'{_e(r["top_confusion"])} ({r["top_confusion_count"]})' if r["top_confusion"] else ""
+        confusion = f'{escape(r["top_confusion"])} ({r["top_confusion_count"]})' if r["top_confusion"] else ""
         body.append(
-            f'<tr><td data-v="{_e(r["class"])}">{_e(r["class"])}</td>'
+            f'<tr><td data-v="{escape(r["class"])}">{escape(r["class"])}</td>'
             + "".join(f'<td class="n" data-v="{r[k]:.6f}">{r[k]:.3f}</td>' for k in ("f1", "precision", "recall"))
             + f'<td class="n" data-v="{r["support"]}">{r["support"]}</td>'
-            f'<td data-v="{_e(r["top_confusion"])}">{confusion}</td></tr>'
+            f'<td data-v="{escape(r["top_confusion"])}">{confusion}</td></tr>'
         )
     head = "".join(
         f'<th data-type="{kind}">{label}</th>'
@@ -199,7 +202,7 @@ def _most_confused(pairs: Sequence[tuple[str, str, int]]) -> str:
     if not pairs:
         return '<section id="most-confused"><h2>Most confused pairs</h2><p>No misclassification.</p></section>'
     body = "".join(
-        f'<tr><td>{_e(t)}</td><td>{_e(p)}</td><td class="n">{c}</td></tr>' for t, p, c in pairs
+        f'<tr><td>{escape(t)}</td><td>{escape(p)}</td><td class="n">{c}</td></tr>' for t, p, c in pairs
     )
     return (
         '<section id="most-confused"><h2>Most confused pairs</h2>'
@@ -213,13 +216,13 @@ def _misclassified(items: Sequence[Mapping[str, Any]]) -> str:
         return '<section id="misclassified"><h2>Worst misclassifications</h2><p>No misclassification.</p></section>'
     figures = []
     for item in items:
-        image = (f'<img alt="{_e(item["path"])}" src="{_data_uri(item["thumbnail"], "image/jpeg")}">'
+        image = (f'<img alt="{escape(item["path"])}" src="{data_uri(item["thumbnail"], "image/jpeg")}">'
                  if item.get("thumbnail") else '<div class="muted">(image unreadable)</div>')
         figures.append(
-            f'<figure title="{_e(item["path"])}">{image}<figcaption>'
-            f'<div class="good">true: {_e(item["true"])}</div>'
-            f'<div class="bad">predicted: {_e(item["predicted"])} ({100 * item["confidence"]:.1f}%)</div>'
-            f'<div class="muted">{_e(item["path"])}</div></figcaption></figure>'
+            f'<figure title="{escape(item["path"])}">{image}<figcaption>'
+            f'<div class="good">true: {escape(item["true"])}</div>'
+            f'<div class="bad">predicted: {escape(item["predicted"])} ({100 * item["confidence"]:.1f}%)</div>'
+            f'<div class="muted">{escape(item["path"])}</div></figcaption></figure>'
         )
     return (
         '<section id="misclassified"><h2>Worst misclassifications</h2>'
@@ -234,11 +237,11 @@ def _training(curves: bytes | None, log: Sequence[Mapping[str, str]]) -> str:
                 "run folder, so there are no training curves.</p></section>")
     parts = ['<section id="training"><h2>Training</h2>']
     if curves is not None:
-        parts.append(f'<img class="zoom" alt="training curves" src="{_data_uri(curves, "image/png")}">')
+        parts.append(f'<img class="zoom" alt="training curves" src="{data_uri(curves, "image/png")}">')
     if log:
         columns = list(log[0])
-        head = "".join(f"<th>{_e(c)}</th>" for c in columns)
-        body = "".join("<tr>" + "".join(f"<td>{_e(row.get(c, ''))}</td>" for c in columns) + "</tr>" for row in log)
+        head = "".join(f"<th>{escape(c)}</th>" for c in columns)
+        body = "".join("<tr>" + "".join(f"<td>{escape(row.get(c, ''))}</td>" for c in columns) + "</tr>" for row in log)
         parts.append(f'<details><summary>metrics.csv ({len(log)} rows)</summary><div class="scroll"><table>'
                      f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div></details>")
     parts.append("</section>")
@@ -246,10 +249,10 @@ def _training(curves: bytes | None, log: Sequence[Mapping[str, str]]) -> str:
 
 
 def _details(details: Mapping[str, Any], unreadable: Sequence[tuple[str, str]]) -> str:
-    rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in details.items())
+    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in details.items())
     parts = [f'<section id="details"><h2>Details</h2><table>{rows}</table>']
     if unreadable:
-        items = "".join(f"<li>{_e(path)}: {_e(reason)}</li>" for path, reason in unreadable)
+        items = "".join(f"<li>{escape(path)}: {escape(reason)}</li>" for path, reason in unreadable)
         parts.append(f'<h3>Unreadable images ({len(unreadable)})</h3><ul>{items}</ul>')
     parts.append("</section>")
     return "".join(parts)

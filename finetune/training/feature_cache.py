@@ -200,6 +200,40 @@ def extract_features(backbone, dataset, *, device, amp_dtype, batch_size: int, n
     return torch.cat(feats).numpy(), torch.cat(labels).numpy().astype(np.int64)
 
 
+def cached_features(backbone, items: list[tuple[Path, int]], transform, *, settings: dict[str, Any],
+                    cache_dir: str | os.PathLike | None, device, amp_dtype=None, batch_size: int = 64,
+                    num_workers: int = 0, max_bytes: int = 8 * 1024**3) -> tuple[np.ndarray, bool]:
+    """Pooled eval-transform features of every item, from the cache or extracted once and cached there.
+
+    The same cache as training's head-only stages (keyed by :func:`cache_key` over the backbone's weights,
+    ``settings`` plus :func:`code_fingerprint`, and the items), for callers outside a run, such as
+    ``finetune data audit``. An unreadable item raises rather than shifting the rows.
+
+    Returns:
+        ``(features, cached)``: an ``N×F`` float32 array in the order of ``items``, and whether it came
+        from the cache.
+    """
+    from finetune.data import ImageDataset
+
+    settings = {"code": code_fingerprint(), **settings}
+    cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    folder = cache_root / cache_key(backbone, settings, {"all": items})
+    cached = is_complete(folder)
+    if not cached:
+        def write(tmp: Path) -> None:
+            feats, _ = extract_features(backbone, ImageDataset(items, transform), device=device, amp_dtype=amp_dtype,
+                                        batch_size=batch_size, num_workers=num_workers)
+            if len(feats) != len(items):
+                raise FinetuneError(f"{len(items) - len(feats)} image(s) became unreadable while extracting features")
+            np.save(tmp / "features.npy", feats.astype(np.float16))
+            write_meta(tmp, settings)
+
+        _write_folder(folder, write)
+        evict(cache_root, max_bytes, keep=folder)
+    os.utime(folder / "meta.json")  # mark as recently used for eviction
+    return np.load(folder / "features.npy").astype(np.float32), cached
+
+
 def cached_feature_inputs(runner: "Runner", stage, trainable: set[str]):
     """StageInputs that train the head on cached features, or None when the stage can't use the cache."""
     from finetune.data import ImageDataset

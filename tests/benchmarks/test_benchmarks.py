@@ -22,6 +22,7 @@ SCRIPTS = {
     "bench_heads.py": ("heads", {"linear", "spinal (default: 4x1024, p 0.5)", "mlp (default: 4096-4096)"}),
     "bench_quickstart.py": ("quickstart", {"wall_s", "cpu_s", "test_accuracy", "stages", "targets"}),
     "bench_head_accuracy.py": ("head_accuracy", {"stats", "difference", "runs"}),
+    "bench_audit.py": ("audit", {"figures", "runs"}),
 }
 
 
@@ -136,3 +137,11 @@ def test_results_md_keeps_every_section(tmp_path, digits):
     text = (tmp_path / "RESULTS.md").read_text()
     assert "Heads: spinal vs linear vs MLP" in text and "Decoding: Pillow vs OpenCV" in text
     assert "No GPU was available" in text or "GPU: none" not in text
+
+
+def test_audit(tmp_path):
+    doc = run_tiny("bench_audit.py", tmp_path)
+    figures = doc["results"]["figures"]
+    assert 0 <= figures["label_precision_at_k"] <= 1 and 0 <= figures["duplicate_recall"] <= 1
+    assert doc["results"]["runs"]["cached"]["features_cached"] is True
+    assert doc["results"]["runs"]["extract"]["features_cached"] is False
