@@ -121,11 +121,7 @@ def save_checkpoint(path: str | Path, model, meta: dict[str, Any], extra: Option
         if extra is not None:
             extra(tmp)
 
-    try:
-        return write_dir_atomic(path, write)
-    except OSError as e:
-        kept = "; the previous one is kept" if Path(path).exists() else ""
-        raise FinetuneError(f"could not write checkpoint {path}: {e.strerror or e}{kept}") from e
+    return write_dir_atomic(path, write)
 
 
 def write_model_files(folder: Path, model, meta: dict[str, Any]) -> None:

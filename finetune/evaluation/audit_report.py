@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 from finetune.data import Manifest
 from finetune.evaluation.evaluator import thumbnail
-from finetune.evaluation.report import CSS, SCRIPT, data_uri, escape
+from finetune.evaluation.report import data_uri, escape, html_page
 
 SECTIONS = ("summary", "classes", "near-duplicates", "label-issues", "outliers")
 TOP = 24
@@ -43,13 +43,7 @@ def render_audit(
             thumbs[path] = thumbnail(str(root / path))
         return thumbs[path]
 
-    nav = "".join(f'<a href="#{s}">{s.replace("-", " ")}</a>' for s in SECTIONS)
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>Data audit: {escape(root)}</title><style>{CSS}</style></head><body><main>",
-        f"<h1>Data audit: {escape(root)}</h1><nav>{nav}</nav>",
+    return html_page(f"Data audit: {root}", SECTIONS, [
         f'<section id="summary"><h2>Summary</h2><p>{escape(summary)}</p>{_settings(settings)}</section>',
         _classes(manifest, near_duplicates, label_issues),
         _duplicates(near_duplicates[:TOP], thumb, len(near_duplicates)),
@@ -61,9 +55,7 @@ def render_audit(
                  lambda r: (f'<div>{escape(r["class"])}; nearest: {escape(r["nearest_class"])}</div>'
                             f'<div class="{"bad" if r["flagged"] else "muted"}">distance {r["distance"]:.3f}</div>'),
                  "Farthest from every class centroid first; all listed are in outliers.csv."),
-        f"</main><script>{SCRIPT}</script></body></html>",
-    ]
-    return "\n".join(parts) + "\n"
+    ])
 
 
 def _settings(settings: Mapping[str, Any]) -> str:

@@ -114,13 +114,7 @@ def render_report(
     Returns:
         The complete HTML document.
     """
-    nav = "".join(f'<a href="#{s}">{s.replace("-", " ")}</a>' for s in SECTIONS)
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{escape(title)}</title><style>{CSS}</style></head><body><main>",
-        f"<h1>{escape(title)}</h1><nav>{nav}</nav>",
+    return html_page(title, SECTIONS, [
         _summary(metrics, len(unreadable)),
         _confusion(confusion_figures),
         _per_class(per_class),
@@ -128,9 +122,22 @@ def render_report(
         _misclassified(misclassified),
         _training(training_curves, training_log),
         _details(details or {}, unreadable),
+    ])
+
+
+def html_page(title: str, sections: Sequence[str], body: Sequence[str]) -> str:
+    """A self-contained page: ``title``, a navigation bar to the ``sections`` ids, the ``body`` parts (HTML),
+    the shared stylesheet and the table-sorting script."""
+    nav = "".join(f'<a href="#{s}">{s.replace("-", " ")}</a>' for s in sections)
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{escape(title)}</title><style>{CSS}</style></head><body><main>",
+        f"<h1>{escape(title)}</h1><nav>{nav}</nav>",
+        *body,
         f"</main><script>{SCRIPT}</script></body></html>",
-    ]
-    return "\n".join(parts) + "\n"
+    ]) + "\n"
 
 
 def escape(value: Any) -> str:

@@ -6,6 +6,7 @@ A run folder holds ``recipe.yaml`` (resolved), ``manifest.csv``, ``bad_files.csv
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -437,7 +438,7 @@ class Runner:
             "rng": rng_state(),
         }
         save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self._meta(),
-                        extra=lambda folder: torch.save(state, folder / STATE_FILE))
+                        extra=lambda folder: (folder / STATE_FILE).write_bytes(_serialize(state)))
 
     def load_checkpoint(self, folder: Path) -> None:
         """Restore ``checkpoints/last``, refusing a recipe changed in what it trains (see
@@ -629,6 +630,14 @@ def _select_value(val: dict[str, Any], metric: str) -> float:
 
 def _json_metrics(val: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in val.items() if isinstance(v, (int, float, str))}
+
+
+def _serialize(state: dict[str, Any]) -> bytes:
+    """``torch.save`` into memory: the file is then written by Python, so a full disk raises OSError (which
+    the checkpoint writer reports in one line) rather than torch's RuntimeError."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
 
 
 def seed_everything(seed: int) -> None:
