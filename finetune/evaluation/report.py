@@ -28,7 +28,7 @@ _HEADLINE = (
 )
 
 # The page style and script, shared by every self-contained page (report.html, audit.html).
-CSS = """
+_CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d1d1f;background:#f6f6f8}
 main{max-width:1200px;margin:0 auto;padding:16px 24px 48px}
 h1{font-size:22px;margin:8px 0 4px}h2{font-size:18px;margin:32px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
@@ -51,7 +51,7 @@ figcaption{font-size:12px}.bad{color:#b42318}.good{color:#067647}
 input[type=search]{padding:4px 8px;margin:6px 0;width:260px}
 """
 
-SCRIPT = """
+_SCRIPT = """
 document.querySelectorAll("table.sortable").forEach(function (table) {
   table.querySelectorAll("th").forEach(function (th, col) {
     th.addEventListener("click", function () {
@@ -133,10 +133,10 @@ def html_page(title: str, sections: Sequence[str], body: Sequence[str]) -> str:
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{escape(title)}</title><style>{CSS}</style></head><body><main>",
+        f"<title>{escape(title)}</title><style>{_CSS}</style></head><body><main>",
         f"<h1>{escape(title)}</h1><nav>{nav}</nav>",
         *body,
-        f"</main><script>{SCRIPT}</script></body></html>",
+        f"</main><script>{_SCRIPT}</script></body></html>",
     ]) + "\n"
 
 
