@@ -351,6 +351,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         f"Generated {doc['files']:,} files ({doc['bytes'] / 1e6:,.0f} MB) in {doc['seconds']:.0f} s on {doc['workers']} "
         f"process(es): {rate:.0f} files/s (seed {doc['seed']}).",
     ]
+    full = len(plan(args.dest, seed=args.seed, classes=225, per_class=120, eval_per_class=5, caltech_classes=102,
+                    caltech_per_class=60, specials=6, bad_per_kind=2)[0])
+    if doc["files"] != full:
+        summary.append(f"The default setting (225 classes, ~120 train images each) writes {full:,} files: about "
+                       f"{full / rate / 60:.0f} min at this rate on {doc['workers']} process(es).")
     rows = [[name, v["layout"], v["classes"], ", ".join(f"{k} {n:,}" for k, n in v["images"].items()),
              ", ".join(f"{k} {len(p)}" for k, p in v["special"].items()), len(v["bad_files"])]
             for name, v in doc["variants"].items()]
