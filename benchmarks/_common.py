@@ -30,7 +30,7 @@ REPO_ROOT = BENCH_DIR.parent
 START_LOAD = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 # section order in RESULTS.md; a result whose name is not listed goes last
-ORDER = ("step", "feature_cache", "data", "decode", "heads", "quickstart", "head_accuracy", "audit")
+ORDER = ("dataset", "gpu", "step", "feature_cache", "data", "decode", "heads", "quickstart", "head_accuracy", "audit")
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -295,11 +295,30 @@ def render_results(out: Path) -> str:
         "",
     ]
     lines += _machine_section(docs)
+    if not any(d["name"] == "gpu" and not d.get("tiny") and d["machine"].get("gpu") != "none" for d in docs):
+        lines += _GPU_PENDING
     for doc in docs:
         lines += _section(doc)
     text = "\n".join(lines).rstrip() + "\n"
     (Path(out) / "RESULTS.md").write_text(text)
     return text
+
+
+_GPU_PENDING = [
+    "## GPU: pending",
+    "",
+    "No GPU has been lent to this project yet, so there are no GPU figures. On a machine with a CUDA GPU, one",
+    "command runs the GPU tests (`pytest -m gpu tests/gpu`) and `benchmarks/bench_gpu.py` (training step vs a",
+    "plain loop with AMP + channels_last for resnet50 and tf_efficientnet_lite0, model FLOP utilisation,",
+    "cached-feature extraction) in under 8 minutes and writes everything under the folder it is given:",
+    "",
+    "```bash",
+    "benchmarks/gpu_check.sh gpu-check-out",
+    "cp gpu-check-out/results/gpu.json benchmarks/results/ && python benchmarks/_common.py   # this section, filled in",
+    "```",
+    "",
+]
+"""Shown until a GPU result (results/gpu.json from a real GPU) exists."""
 
 
 def _order(name: str) -> int:
@@ -395,3 +414,8 @@ def command_line(script: str, argv: Optional[Sequence[str]]) -> str:
             continue
         shown.append(a)
     return " ".join(["python", f"benchmarks/{script}", *shown])
+
+
+if __name__ == "__main__":  # regenerate RESULTS.md from results/*.json (e.g. after copying in gpu.json)
+    render_results(BENCH_DIR)
+    print(f"wrote {BENCH_DIR / 'RESULTS.md'}")

@@ -160,6 +160,8 @@ class TrainingConfig(_Section):
     precision: Precision = "auto"
     channels_last: bool = False
     compile: bool = False
+    # on CUDA a run also turns on cuDNN's autotuner and TF32 for fp32 matmuls/convolutions
+    # (finetune/training/cuda.py); deterministic keeps the autotuner off
     device: str = "auto"
     seed: int = 0
     deterministic: bool = False

@@ -29,6 +29,7 @@ from finetune.errors import FinetuneError
 from finetune.models import FinetuneModel, create_model
 from finetune.training import distributed as ddp
 from finetune.training import run_folder
+from finetune.training.cuda import configure_cuda
 from finetune.training.ema import Ema, stage_state_names
 from finetune.training.freeze import (
     apply_trainable,
@@ -116,6 +117,7 @@ class Runner:
         self.device = ddp.rank_device(cfg.device, self.dist)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        configure_cuda(self.device, deterministic=cfg.deterministic)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.is_main = self.dist.is_main
         self._setup_logging()

@@ -23,6 +23,7 @@ SCRIPTS = {
     "bench_quickstart.py": ("quickstart", {"wall_s", "cpu_s", "test_accuracy", "stages", "targets"}),
     "bench_head_accuracy.py": ("head_accuracy", {"stats", "difference", "runs"}),
     "bench_audit.py": ("audit", {"figures", "runs"}),
+    "bench_gpu.py": ("gpu", {"train", "extraction", "device", "precision", "peak_tflops"}),
 }
 
 
@@ -145,3 +146,33 @@ def test_audit(tmp_path):
     assert 0 <= figures["label_precision_at_k"] <= 1 and 0 <= figures["duplicate_recall"] <= 1
     assert doc["results"]["runs"]["cached"]["features_cached"] is True
     assert doc["results"]["runs"]["extract"]["features_cached"] is False
+
+
+def test_gpu_bench_runs_on_the_cpu_when_tiny(tmp_path):
+    doc = run_tiny("bench_gpu.py", tmp_path, "--device", "cpu")
+    results = doc["results"]
+    assert results["device"] == "CPU" and results["precision"] == "fp32" and results["peak_tflops"] is None
+    train = results["train"]["test_resnet"]
+    assert set(train["images_per_s"]) == {"finetune", "plain", "plain (again)"}
+    assert all(v["median"] > 0 for v in train["images_per_s"].values()) and train["ratio"]["median"] > 0
+    assert train["train_gflops_per_image"] > 0 and train["achieved_tflops"] > 0 and train["mfu"] is None
+    extraction = results["extraction"]
+    assert extraction["images"] > 0 and extraction["fraction_of_forward"]["median"] > 0
+    assert all(v["median"] > 0 for v in extraction["images_per_s"].values())
+
+
+def test_gpu_bench_knows_the_peaks_and_timm_figures_it_compares_with():
+    bench = load_script("bench_gpu.py")
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.peak_tflops("NVIDIA H200") == 989.0 and bench.peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert bench.peak_tflops("Tesla T4") == 65.0 and bench.peak_tflops("NVIDIA L40S") == 362.0
+    assert bench.peak_tflops("some future card") is None
+    assert set(bench.TIMM_PUBLISHED) == set(bench.MODELS)
+    # GFLOP per training image of resnet50 at 224 px: 3 x its 4.1 GMAC forward
+    import torch
+    from finetune.models import create_model
+
+    model = create_model("resnet50", 1000, head="linear", pretrained=False)
+    gflops = bench.train_flops_per_image(model, 224, torch.device("cpu"), None) / 1e9
+    assert 24 < gflops < 25.5

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Every GPU check in one command: the tests marked gpu, then benchmarks/bench_gpu.py. Results go to OUTDIR:
+#
+#   benchmarks/gpu_check.sh OUTDIR          # PYTHON=/path/to/python to choose the interpreter
+#
+# OUTDIR/device.txt         the card, driver, torch/CUDA versions (nvidia-smi)
+# OUTDIR/gpu-tests.xml      JUnit XML of `pytest -m gpu tests/gpu` (and gpu-tests.log, its output)
+# OUTDIR/results/gpu.json   bench_gpu.py's figures, rewritten after each part (and bench_gpu.log)
+# OUTDIR/RESULTS.md         the same figures as the RESULTS.md section they become
+# OUTDIR/SUMMARY.md         test counts, exit statuses, the figures' summary lines, how to publish them
+#
+# At most 8 minutes: the tests get GPU_CHECK_TESTS_S seconds (default 230), the benchmark
+# GPU_CHECK_BENCH_S (default 190); each part is stopped at its limit and what it wrote so far stays.
+# Publish the figures: cp OUTDIR/results/gpu.json benchmarks/results/ && python benchmarks/_common.py
+set -uo pipefail
+
+OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-$(command -v python || command -v python3)}
+TESTS_S=${GPU_CHECK_TESTS_S:-230}
+BENCH_S=${GPU_CHECK_BENCH_S:-190}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+cd "$REPO" || exit 2
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # the checked-out code, whatever is installed
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+
+{
+    date -Is
+    git rev-parse --short HEAD 2>/dev/null
+    nvidia-smi 2>&1 || echo "nvidia-smi: not available"
+    "$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "available", torch.cuda.is_available(), "devices", torch.cuda.device_count(), *(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))'
+} > "$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+
+echo "== gpu tests (limit ${TESTS_S}s) -> $OUT/gpu-tests.log"
+timeout -k 10 "$TESTS_S" "$PY" -m pytest -m gpu tests/gpu -v -rs -p no:cacheprovider \
+    --junitxml "$OUT/gpu-tests.xml" > "$OUT/gpu-tests.log" 2>&1
+tests_rc=$?
+tail -n 25 "$OUT/gpu-tests.log"
+
+echo "== bench_gpu.py (limit ${BENCH_S}s) -> $OUT/bench_gpu.log"
+timeout -k 10 "$BENCH_S" "$PY" benchmarks/bench_gpu.py --out "$OUT" --budget $((BENCH_S - 70)) \
+    > "$OUT/bench_gpu.log" 2>&1
+bench_rc=$?
+tail -n 8 "$OUT/bench_gpu.log"
+
+"$PY" - "$OUT" "$tests_rc" "$bench_rc" "$(( $(date +%s) - start ))" <<'PY'
+import json, sys, xml.etree.ElementTree as ET
+from pathlib import Path
+
+out, tests_rc, bench_rc, seconds = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+status = lambda rc: "ok" if rc == 0 else ("stopped at its time limit" if rc in (124, 137) else f"exit status {rc}")
+lines = ["# GPU check", "", f"{seconds} s in all.", "", "```", (out / "device.txt").read_text().strip(), "```", ""]
+try:
+    suites = ET.parse(out / "gpu-tests.xml").getroot()
+    suite = suites if suites.tag == "testsuite" else suites.find("testsuite")
+    n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+    lines.append(f"- gpu tests: {status(tests_rc)}; {passed} passed, {n['failures']} failed, {n['errors']} errors, "
+                 f"{n['skipped']} skipped of {n['tests']} (gpu-tests.xml, gpu-tests.log)")
+    for case in suite.iter("testcase"):
+        for kind in ("failure", "error"):
+            bad = case.find(kind)
+            if bad is not None:
+                lines.append(f"  - {kind}: {case.get('name')}: {(bad.get('message') or '').splitlines()[0][:300] if bad.get('message') else ''}")
+except (OSError, ET.ParseError):
+    lines.append(f"- gpu tests: {status(tests_rc)}; no JUnit XML (see gpu-tests.log)")
+try:
+    doc = json.loads((out / "results" / "gpu.json").read_text())
+    lines.append(f"- bench_gpu.py: {status(bench_rc)}; figures in results/gpu.json and RESULTS.md:")
+    lines += [f"  - {line}" for line in doc["summary"]]
+    lines += ["", "Publish: `cp " + str(out / "results" / "gpu.json") + " benchmarks/results/ && python benchmarks/_common.py`"]
+except (OSError, ValueError, KeyError):
+    lines.append(f"- bench_gpu.py: {status(bench_rc)}; no figures (see bench_gpu.log)")
+(out / "SUMMARY.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
