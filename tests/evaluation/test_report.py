@@ -55,7 +55,9 @@ def test_report_contains_every_section(report):
         assert f'<section id="{section}">' in text
     assert text.count('<img class="zoom" alt="Counts') == 1 and text.count('alt="Row-normalised') == 1
     assert text.count("<tr><td data-v=") == 3  # a per-class row for each class
-    assert text.count("<figure") == 2  # dog/02.png → class 0, fox/01.png → dog
+    # worst mistakes: dog/02.png → class 0, fox/01.png → dog; then the most confident correct one per class
+    assert text.count("<figure") == 2 + 3
+    assert "No heat-maps: the model (ColourNet) is not a timm backbone plus a head." in text
     assert 'alt="training curves"' in text and "metrics.csv (3 rows)" in text
     assert "Accuracy" in text and "Macro F1" in text and "Calibration error" in text
     assert "corrupt.png" in text and "runs/x/checkpoints/best" in text
