@@ -20,10 +20,13 @@ caller by the package (its ``reshape_transform``), which would add an sdist-only
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
+import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -204,3 +207,92 @@ def _to_grid(backbone: nn.Module, x: torch.Tensor, input_size: Sequence[int]) ->
     if height * width != count:
         raise FinetuneError(f"cannot arrange {count} tokens as a grid for a {input_size[0]}×{input_size[1]} input")
     return tokens.transpose(1, 2).reshape(x.shape[0], x.shape[2], height, width)
+
+
+def write_explanations(
+    model: nn.Module,
+    sources: Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    classes: Sequence[str],
+    preprocessing: Mapping[str, Any],
+    target: str | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 16,
+) -> list[dict[str, Any]]:
+    """Grad-CAM overlays of image files, written into ``out_dir``.
+
+    Files: ``NNNN-NAME.png`` per readable image (what the model saw, at its input size, with the heat-map
+    of the explained class), ``explanations.json`` (one record per image, in order: ``path``,
+    ``predicted``, ``probability``, ``explained``, ``explained_probability``, ``overlay``, ``error``)
+    and a self-contained ``index.html`` showing them.
+
+    Args:
+        model: as for :func:`grad_cam`.
+        sources: image files.
+        out_dir: the folder to write into (created if missing).
+        classes: the model's class names in index order.
+        preprocessing: the checkpoint's preprocessing.
+        target: the class to explain for every image; default each image's predicted class.
+        device: where the model runs.
+        batch_size: images per forward and backward pass.
+
+    Returns:
+        The records of ``explanations.json``.
+
+    Raises:
+        FinetuneError: an unknown ``target``, or no readable image.
+    """
+    from finetune._io import atomic_write_bytes, ensure_folder
+    from finetune.evaluation.report import data_uri, escape, html_page
+    from finetune.inference import eval_transform
+
+    if target is not None and target not in classes:
+        shown = ", ".join(repr(c) for c in list(classes)[:10]) + (" ..." if len(classes) > 10 else "")
+        raise FinetuneError(f"unknown class {target!r} (the checkpoint's classes: {shown})")
+    targets = None if target is None else [list(classes).index(target)] * len(sources)
+    explanations, errors = explain(model, sources, eval_transform(preprocessing), mean=preprocessing["mean"],
+                                   std=preprocessing["std"], targets=targets, device=device, batch_size=batch_size)
+    if len(errors) == len(sources):
+        first = min(errors)
+        raise FinetuneError(f"none of the {len(sources)} image(s) could be read (first: {sources[first]}: {errors[first]})")
+    out = ensure_folder(out_dir)
+    records, figures = [], []
+    for i, (source, e) in enumerate(zip(sources, explanations)):
+        if e is None:
+            records.append({"path": str(source), "predicted": None, "probability": None, "explained": None,
+                            "explained_probability": None, "overlay": None, "error": errors[i]})
+            continue
+        predicted = int(e.probabilities.argmax())
+        name = f"{i:04d}-{_safe_stem(source)}.png"
+        picture = e.overlay()
+        atomic_write_bytes(out / name, encode(picture, size=None, format="PNG"))
+        record = {"path": str(source), "predicted": classes[predicted], "probability": float(e.probabilities[predicted]),
+                  "explained": classes[e.target], "explained_probability": float(e.probabilities[e.target]),
+                  "overlay": name, "error": None}
+        records.append(record)
+        figures.append(
+            f'<figure title="{escape(source)}"><img class="heat-map" alt="{escape(source)}" '
+            f'src="{data_uri(encode(picture), "image/jpeg")}"><figcaption>'
+            f'<div>predicted: {escape(record["predicted"])} ({100 * record["probability"]:.1f}%)</div>'
+            f'<div class="muted">heat-map of {escape(record["explained"])} '
+            f'({100 * record["explained_probability"]:.1f}%)</div>'
+            f'<div class="muted">{escape(source)}</div></figcaption></figure>'
+        )
+    unreadable = "".join(f"<li>{escape(r['path'])}: {escape(r['error'])}</li>" for r in records if r["error"])
+    page = html_page(f"Explanations: {len(figures)} image(s)", ("explanations",), [
+        '<section id="explanations"><h2>Explanations</h2><p class="muted">Grad-CAM on the image the model saw '
+        "(after its resize and crop); red marks the regions whose features raised the explained class's "
+        f'score most.</p><div class="grid">{"".join(figures)}</div>'
+        + (f"<h3>Unreadable images</h3><ul>{unreadable}</ul>" if unreadable else "") + "</section>",
+    ])
+    atomic_write_bytes(out / "index.html", page.encode("utf-8"))
+    atomic_write_bytes(out / "explanations.json", (json.dumps(records, indent=2) + "\n").encode("utf-8"))
+    return records
+
+
+def _safe_stem(source: str | os.PathLike) -> str:
+    """The file name's stem with anything but letters, digits, ``-``, ``_`` and ``.`` replaced, at most 60
+    characters: a file name that is safe everywhere."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(source).stem)[:60]
+    return stem or "image"
