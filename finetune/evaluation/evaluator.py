@@ -279,13 +279,13 @@ def _add_heatmaps(
 ) -> str:
     """Set each item's ``heatmap`` (a JPEG of its image with the Grad-CAM of its predicted class); return the
     note the report shows about them."""
-    from finetune.evaluation.explain import encode, explain, supports_cam
+    from finetune.evaluation.explain import encode, explain_images, supports_cam
     from finetune.inference import eval_transform
 
     if not supports_cam(model):
         return f"No heat-maps: the model ({type(model).__name__}) is not a timm backbone plus a head."
     index = {name: i for i, name in enumerate(names)}
-    explanations, _ = explain(
+    explanations, _ = explain_images(
         model, [item["path"] for item in items], eval_transform(preprocessing), mean=preprocessing["mean"],
         std=preprocessing["std"], targets=[index[item["predicted"]] for item in items], device=device,
         batch_size=min(batch_size, 16),

@@ -105,7 +105,7 @@ def grad_cam(model: nn.Module, images: torch.Tensor, targets: Sequence[int] | No
     return logits.detach().softmax(dim=1).cpu(), (cam / peak).cpu()
 
 
-def explain(
+def explain_images(
     model: nn.Module,
     sources: Sequence[str | os.PathLike | np.ndarray],
     transform: Callable,
@@ -251,7 +251,7 @@ def write_explanations(
         shown = ", ".join(repr(c) for c in list(classes)[:10]) + (" ..." if len(classes) > 10 else "")
         raise FinetuneError(f"unknown class {target!r} (the checkpoint's classes: {shown})")
     targets = None if target is None else [list(classes).index(target)] * len(sources)
-    explanations, errors = explain(model, sources, eval_transform(preprocessing), mean=preprocessing["mean"],
+    explanations, errors = explain_images(model, sources, eval_transform(preprocessing), mean=preprocessing["mean"],
                                    std=preprocessing["std"], targets=targets, device=device, batch_size=batch_size)
     if len(errors) == len(sources):
         first = min(errors)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from finetune.checkpoint import load_checkpoint
 from finetune.evaluation import evaluate
-from finetune.evaluation.explain import encode, explain, grad_cam, overlay
+from finetune.evaluation.explain import encode, explain_images, grad_cam, overlay
 from finetune.evaluation.report import render_report
 from finetune.inference import eval_transform
 from finetune.models import create_model
@@ -69,8 +69,8 @@ def test_explain_reads_files_shows_what_the_model_saw_and_reports_unreadable_one
     Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "red.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
 
-    results, errors = explain(model, [tmp_path / "red.png", tmp_path / "broken.png"], eval_transform(pre),
-                              mean=pre["mean"], std=pre["std"], targets=[2, 2])
+    results, errors = explain_images(model, [tmp_path / "red.png", tmp_path / "broken.png"], eval_transform(pre),
+                                     mean=pre["mean"], std=pre["std"], targets=[2, 2])
 
     assert results[1] is None and set(errors) == {1}
     seen = results[0]

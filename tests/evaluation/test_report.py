@@ -1,3 +1,4 @@
+import copy
 import csv
 import re
 from pathlib import Path
@@ -9,6 +10,7 @@ from finetune.evaluation import evaluate
 from finetune.evaluation.report import SECTIONS
 
 from tests.browser import assert_page_works, render
+from tests.evaluation.conftest import PREPROCESSING, ColourNet, write_images
 
 EVIL = "<img src=x onerror=alert(1)>"
 CLASSES = [EVIL, "dog", "fox"]  # ColourNet: red → class 0, green → dog, blue → fox
@@ -32,9 +34,12 @@ def write_run(run_dir: Path) -> Path:
     return run_dir
 
 
-@pytest.fixture
-def report(tmp_path, write_images, colour_net, preprocessing) -> Path:
-    """report.html of an evaluation with a class folder named like an XSS payload, from a run."""
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    """report.html of an evaluation with a class folder named like an XSS payload, from a run (made once: the
+    tests only read it)."""
+    tmp_path = tmp_path_factory.mktemp("report")
+    colour_net, preprocessing = ColourNet(), copy.deepcopy(PREPROCESSING)
     root = write_images(tmp_path / "images", {EVIL: [RED] * 3, "dog": [GREEN, GREEN, RED], "fox": [BLUE, GREEN, BLUE]})
     items = [(p, i) for i, name in enumerate(CLASSES) for p in sorted((root / name).iterdir())]
     (root / "fox" / "corrupt.png").write_bytes(b"\x89PNG broken")
