@@ -14,6 +14,7 @@ from PIL import Image
 
 from finetune.data import prepare_manifest, write_digits
 
+from tests.browser import assert_page_works, render
 from tests.conftest import write_tiny_folder
 
 
@@ -163,6 +164,20 @@ def test_cli_audits_a_pre_split_folder_with_json_and_a_self_contained_escaped_re
     page = (out / "audit.html").read_text(encoding="utf-8")
     assert "&lt;script&gt;" in page and page.count("<script") == 1  # the page's own script only
     assert "data:image/jpeg;base64," in page and not re.search(r"""(src|href)=["']?(https?:)?//""", page)
+
+
+def test_audit_page_works_in_headless_chromium(tmp_path, capsys):
+    root = _pre_split(tmp_path / "ds", per_class=4)
+    for split in ("train", "val", "test"):
+        shutil.move(root / split / "stripes", root / split / "<script>")
+    Image.open(root / "train" / "circle" / "003.png").resize((48, 48)).save(root / "test" / "circle" / "copy.png")
+    status, _, _, out = _audit(capsys, tmp_path, root)
+    assert status == 0
+
+    checks, screenshot, log = render(out / "audit.html", tmp_path)
+
+    assert len(checks["images"]) >= 2  # at least the leaking pair's thumbnails
+    assert_page_works(checks, screenshot, log, tables=1, literal="<script>")
 
 
 def test_cli_audits_a_one_folder_dataset_split_as_training_splits_it(tmp_path, capsys, tiny_folder):

@@ -91,6 +91,9 @@ CASES = [
          setup=tiny_checkpoint),
     Case("predict-nothing-to-read", ("predict", "ckpt", "gone.png", "tiny/circle/none", "--out", "p.csv"),
          "no such file or folder: gone.png, tiny/circle/none"),
+    Case("explain-every-input-fails", ("explain", "ckpt", "empty.png", "fake.jpg", "--out", "heat", "--device", "cpu"),
+         "none of the 2 image(s) could be read (first: empty.png: ", files={"empty.png": b"", "fake.jpg": b"not a jpeg"},
+         setup=tiny_checkpoint),
     # error lines are capped, however long the value they name
     Case("recipe-path-too-long", ("validate", "x" * 5000 + ".yaml"),
          "cannot read the recipe (File name too long): xxx"),

@@ -76,3 +76,5 @@ def test_readme_commands_run_as_shown(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == len(list((tmp_path / "data" / "digits" / "3").glob("*.png")))
     assert (tmp_path / "model.onnx").stat().st_size > 1_000_000
+    explained = json.loads((tmp_path / "explain-digits" / "explanations.json").read_text())
+    assert [r["predicted"] for r in explained] == ["3", "8"] and (tmp_path / "explain-digits" / "index.html").is_file()

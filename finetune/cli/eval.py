@@ -30,6 +30,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-workers", type=workers_arg, default="auto",
                    help="image-decoding worker processes, or auto: the CPU cores, at most 8 (default auto)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--no-explain", dest="explain", action="store_false",
+                   help="no Grad-CAM heat-maps in report.html (each costs about two predictions on the CPU)")
     p.set_defaults(func=run)
 
 
@@ -55,7 +57,7 @@ def run(args) -> int:
     metrics = evaluate(
         model, items, class_names=meta["classes"], preprocessing=meta["preprocessing"], out_dir=out,
         device=device, batch_size=args.batch_size, num_workers=args.num_workers, run_dir=run_dir,
-        labels=sorted(mapping.values()) if subset else None, progress=True,
+        labels=sorted(mapping.values()) if subset else None, progress=True, explain=args.explain,
         details={
             "checkpoint": str(folder), "model": f"{meta['backbone']} + {meta['head']['name']} head",
             "data": str(args.data), "split": args.split,

@@ -1,5 +1,7 @@
-"""Evaluation: metrics, confusion-matrix plots, the HTML report, and ``evaluate`` which writes them all."""
+"""Evaluation: metrics, confusion-matrix plots, the HTML report, Grad-CAM explanations, and ``evaluate`` which
+writes them all."""
 from finetune.evaluation.evaluator import align_classes, evaluate
+from finetune.evaluation.explain import explain_images, grad_cam, write_explanations
 from finetune.evaluation.metrics import (
     classification_metrics,
     expected_calibration_error,
@@ -13,6 +15,7 @@ from finetune.evaluation.report import render_report
 
 __all__ = [
     "align_classes", "evaluate",
+    "explain_images", "grad_cam", "write_explanations",
     "classification_metrics", "expected_calibration_error", "most_confused_pairs", "negative_log_likelihood",
     "per_class_rows", "topk_accuracy",
     "cluster_order", "confusion_matrix_png", "most_confused_classes", "row_normalize",

@@ -10,7 +10,9 @@ complete):
   ``confusion_matrix_top.png`` zooms on the 30 classes of the most frequent confusions.
 * ``most_confused.csv``: ``true, predicted, count`` for every confused pair, most frequent first.
 * ``misclassified.csv``: ``path, true, predicted, confidence, true_probability``, most confident first.
-* ``report.html``: see :mod:`finetune.evaluation.report`.
+* ``report.html``: see :mod:`finetune.evaluation.report`. With a timm backbone plus a head, its thumbnails of
+  the worst mistakes and of the most confident correct prediction of each class carry a Grad-CAM heat-map
+  of the predicted class (:mod:`finetune.evaluation.explain`).
 * ``metrics.json``: the headline numbers of :func:`~finetune.evaluation.classification_metrics`, plus the
   unreadable images left out.
 """
@@ -44,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 REPORT_THUMBNAILS = 24
 """How many of the worst misclassifications the report shows as thumbnails."""
+CORRECT_PER_CLASS = 1
+"""How many correct predictions of each class (the most confident) the report shows with their heat-map."""
 _THUMBNAIL_SIZE = 160
 
 
@@ -62,6 +66,7 @@ def evaluate(
     labels: Sequence[int] | None = None,
     details: Mapping[str, Any] | None = None,
     progress: bool = False,
+    explain: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on labelled images and write every evaluation file into ``out_dir``.
 
@@ -83,6 +88,8 @@ def evaluate(
             set shares with the model.
         details: what was evaluated (checkpoint, data, split ...), listed in the report.
         progress: show a progress bar on stderr.
+        explain: put Grad-CAM heat-maps on the report's thumbnails (one forward and backward pass per
+            thumbnail; only for a model with a timm backbone and a head).
 
     Returns:
         The contents of ``metrics.json``.
@@ -141,14 +148,20 @@ def evaluate(
         (out / "confusion_matrix_top.png").unlink(missing_ok=True)
 
     curves, log = _run_history(run_dir)
-    for w in wrong[:REPORT_THUMBNAILS]:
-        w["thumbnail"] = thumbnail(w["path"])
+    shown = wrong[:REPORT_THUMBNAILS]
+    correct = _most_confident_correct(indices, probs, y_true, paths, names)
+    note = _add_heatmaps(model, [*shown, *correct], names, preprocessing, device, batch_size) if explain else ""
+    for item in [*shown, *correct]:
+        if not item.get("heatmap"):
+            item["thumbnail"] = thumbnail(item["path"])
     report = render_report(
         title=f"Evaluation: {metrics['num_samples']} images, {len(names)} classes",
         metrics=metrics,
         per_class=rows,
         most_confused=pairs[:100],
-        misclassified=wrong[:REPORT_THUMBNAILS],
+        misclassified=shown,
+        correct=correct,
+        explanation_note=note,
         confusion_figures=list(figures.values()),
         training_curves=curves,
         training_log=log,
@@ -245,6 +258,42 @@ def _misclassified(
         for r in np.flatnonzero(y_pred != y_true)
     ]
     return sorted(rows, key=lambda w: (-w["confidence"], w["path"]))
+
+
+def _most_confident_correct(
+    indices: np.ndarray, probs: np.ndarray, y_true: np.ndarray, paths: Sequence[str], names: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The :data:`CORRECT_PER_CLASS` most confident correct predictions of each class, in class order."""
+    y_pred = probs.argmax(axis=1)
+    rows = []
+    for c, name in enumerate(names):
+        hits = np.flatnonzero((y_true == c) & (y_pred == c))
+        for r in hits[np.argsort(-probs[hits, c], kind="stable")][:CORRECT_PER_CLASS]:
+            rows.append({"path": paths[indices[r]], "true": name, "predicted": name, "confidence": float(probs[r, c])})
+    return rows
+
+
+def _add_heatmaps(
+    model: nn.Module, items: list[dict[str, Any]], names: Sequence[str], preprocessing: Mapping[str, Any],
+    device: torch.device, batch_size: int,
+) -> str:
+    """Set each item's ``heatmap`` (a JPEG of its image with the Grad-CAM of its predicted class); return the
+    note the report shows about them."""
+    from finetune.evaluation.explain import encode, explain_images, supports_cam
+    from finetune.inference import eval_transform
+
+    if not supports_cam(model):
+        return f"No heat-maps: the model ({type(model).__name__}) is not a timm backbone plus a head."
+    index = {name: i for i, name in enumerate(names)}
+    explanations, _ = explain_images(
+        model, [item["path"] for item in items], eval_transform(preprocessing), mean=preprocessing["mean"],
+        std=preprocessing["std"], targets=[index[item["predicted"]] for item in items], device=device,
+        batch_size=min(batch_size, 16),
+    )
+    for item, explanation in zip(items, explanations):
+        item["heatmap"] = encode(explanation.overlay()) if explanation is not None else None
+    return ("Heat-maps: Grad-CAM of the predicted class on the image the model saw (after its resize and crop); "
+            "red marks the regions whose features raised that class's score most.")
 
 
 def _confusion_figures(confusion: np.ndarray, names: list[str]) -> dict[str, tuple[str, bytes]]:

@@ -12,7 +12,7 @@ import html
 from typing import Any, Mapping, Sequence
 
 # Section ids, in page order; tests check that each is present.
-SECTIONS = ("summary", "confusion", "per-class", "most-confused", "misclassified", "training", "details")
+SECTIONS = ("summary", "confusion", "per-class", "most-confused", "misclassified", "correct", "training", "details")
 
 _HEADLINE = (
     ("accuracy", "Accuracy", "pct"),
@@ -95,6 +95,8 @@ def render_report(
     training_log: Sequence[Mapping[str, str]] = (),
     details: Mapping[str, Any] | None = None,
     unreadable: Sequence[tuple[str, str]] = (),
+    correct: Sequence[Mapping[str, Any]] = (),
+    explanation_note: str = "",
 ) -> str:
     """The HTML text of the report.
 
@@ -104,12 +106,16 @@ def render_report(
         per_class: rows of :func:`~finetune.evaluation.per_class_rows`.
         most_confused: ``(true, predicted, count)`` pairs, most frequent first.
         misclassified: the worst misclassifications, worst first: dicts with ``path``, ``true``,
-            ``predicted``, ``confidence`` and ``thumbnail`` (JPEG bytes, or ``None`` when unreadable).
+            ``predicted``, ``confidence``, ``thumbnail`` (JPEG bytes, or ``None`` when unreadable) and
+            optionally ``heatmap`` (JPEG bytes of the image with its class-activation map), shown instead.
         confusion_figures: ``(caption, PNG bytes)`` of the confusion-matrix plots.
         training_curves: the run's ``training_curves.png``, when the checkpoint comes from a run.
         training_log: the run's ``metrics.csv`` rows, when the checkpoint comes from a run.
         details: what was evaluated (checkpoint, data, split, ...), shown as a key/value table.
         unreadable: ``(path, reason)`` of images that could not be read and were left out.
+        correct: a sample of correct predictions per class, as ``misclassified`` (``heatmap``, no
+            ``thumbnail``).
+        explanation_note: what the heat-maps show (or why there are none), above both galleries.
 
     Returns:
         The complete HTML document.
@@ -119,7 +125,8 @@ def render_report(
         _confusion(confusion_figures),
         _per_class(per_class),
         _most_confused(most_confused),
-        _misclassified(misclassified),
+        _misclassified(misclassified, explanation_note),
+        _correct(correct, explanation_note),
         _training(training_curves, training_log),
         _details(details or {}, unreadable),
     ])
@@ -218,23 +225,36 @@ def _most_confused(pairs: Sequence[tuple[str, str, int]]) -> str:
     )
 
 
-def _misclassified(items: Sequence[Mapping[str, Any]]) -> str:
+def _misclassified(items: Sequence[Mapping[str, Any]], note: str = "") -> str:
     if not items:
         return '<section id="misclassified"><h2>Worst misclassifications</h2><p>No misclassification.</p></section>'
-    figures = []
-    for item in items:
-        image = (f'<img alt="{escape(item["path"])}" src="{data_uri(item["thumbnail"], "image/jpeg")}">'
-                 if item.get("thumbnail") else '<div class="muted">(image unreadable)</div>')
-        figures.append(
-            f'<figure title="{escape(item["path"])}">{image}<figcaption>'
-            f'<div class="good">true: {escape(item["true"])}</div>'
-            f'<div class="bad">predicted: {escape(item["predicted"])} ({100 * item["confidence"]:.1f}%)</div>'
-            f'<div class="muted">{escape(item["path"])}</div></figcaption></figure>'
-        )
     return (
         '<section id="misclassified"><h2>Worst misclassifications</h2>'
-        '<p class="muted">The most confident wrong predictions; all are in misclassified.csv.</p>'
-        f'<div class="grid">{"".join(figures)}</div></section>'
+        f'<p class="muted">The most confident wrong predictions; all are in misclassified.csv. {escape(note)}</p>'
+        f'<div class="grid">{"".join(_figure(item, "bad") for item in items)}</div></section>'
+    )
+
+
+def _correct(items: Sequence[Mapping[str, Any]], note: str) -> str:
+    if not items:
+        return '<section id="correct"><h2>Correct predictions</h2><p>No correct prediction.</p></section>'
+    return (
+        '<section id="correct"><h2>Correct predictions</h2>'
+        f'<p class="muted">The most confident correct prediction of each class. {escape(note)}</p>'
+        f'<div class="grid">{"".join(_figure(item, "good") for item in items)}</div></section>'
+    )
+
+
+def _figure(item: Mapping[str, Any], verdict: str) -> str:
+    """A thumbnail (its heat-map version when there is one) with the true and predicted class."""
+    picture, kind = (item["heatmap"], "heat-map") if item.get("heatmap") else (item.get("thumbnail"), "image")
+    image = (f'<img class="{kind}" alt="{escape(item["path"])}" src="{data_uri(picture, "image/jpeg")}">'
+             if picture else '<div class="muted">(image unreadable)</div>')
+    true = f'<div class="good">true: {escape(item["true"])}</div>' if verdict == "bad" else ""
+    return (
+        f'<figure title="{escape(item["path"])}">{image}<figcaption>{true}'
+        f'<div class="{verdict}">predicted: {escape(item["predicted"])} ({100 * item["confidence"]:.1f}%)</div>'
+        f'<div class="muted">{escape(item["path"])}</div></figcaption></figure>'
     )
 
 
