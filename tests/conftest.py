@@ -1,6 +1,13 @@
 """Shared fixtures: a tiny learnable image folder and a tiny recipe for fast end-to-end runs on CPU."""
 from __future__ import annotations
 
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n auto` runs one worker per core: one thread each (and in the CLIs they start), not a
+    # thread pool per core in every worker. Set before NumPy/torch are imported.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import copy
 from pathlib import Path
 
@@ -64,3 +71,8 @@ def tiny_recipe(tiny_folder, tmp_path):
 def make_tiny_folder():
     """``write_tiny_folder(root, per_class=12, size=36, seed=0)`` as a fixture."""
     return write_tiny_folder
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first: a parallel run (`-n auto`) then ends with many short tests, not one long one."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -52,25 +52,47 @@ def test_readme_command_parses(command):
     assert getattr(args, "func", None) is not None, f"README command names no sub-command: {command}"
 
 
-@pytest.mark.slow
-def test_readme_commands_run_as_shown(tmp_path):
-    """Run every README command in order, as shown, in a scratch copy of the repository layout."""
+# README's commands run in three independent chains (each in README's order, each in its own scratch
+# folder) so a parallel test run overlaps them; every command README shows belongs to exactly one chain.
+QUICKSTART = "finetune train recipes/quickstart.yaml"
+NEEDS = {"defaults": "finetune data sample"}  # a chain's set-up command, taken from the "data" chain
+
+
+def chain_of(command: str) -> str:
+    """quickstart: the quickstart run and what README does with its checkpoint; defaults: the no-recipe
+    run; data: everything else (the CLI tour, the data commands, the quick run and its resume)."""
+    if command == QUICKSTART or " runs/quickstart/" in command:  # the commands that use its checkpoint
+        return "quickstart"
+    return "defaults" if command.startswith("finetune train --data") else "data"
+
+
+def test_every_readme_command_belongs_to_a_chain_that_runs_it():
+    chains = {name: [c for c in readme_commands() if chain_of(c) == name] for name in ("quickstart", "defaults", "data")}
+    assert all(chains.values()), chains
+    assert sum(map(len, chains.values())) == len(readme_commands())
+    # a chain's commands need what earlier commands of the same chain (or its set-up command) made
+    assert any(c.startswith(NEEDS["defaults"]) for c in chains["data"])
+    assert chains["quickstart"][0] == QUICKSTART
+
+
+def run_chain(name: str, tmp_path: Path) -> None:
     (tmp_path / "recipes").symlink_to(REPO / "recipes")
     env = {**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache")}
     for command in readme_commands():
-        argv = shlex.split(command)
-        done = subprocess.run([sys.executable, "-m", "finetune", *argv[1:]], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, f"`{command}` exited {done.returncode}:\n{done.stderr[-3000:]}"
-        assert "Traceback" not in done.stderr, f"`{command}` printed a traceback:\n{done.stderr[-3000:]}"
+        if chain_of(command) == name or command.startswith(NEEDS.get(name, "\0")):
+            argv = shlex.split(command)
+            done = subprocess.run([sys.executable, "-m", "finetune", *argv[1:]], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=900)
+            assert done.returncode == 0, f"`{command}` exited {done.returncode}:\n{done.stderr[-3000:]}"
+            assert "Traceback" not in done.stderr, f"`{command}` printed a traceback:\n{done.stderr[-3000:]}"
 
-    # what README says the commands produce
+
+@pytest.mark.slow
+def test_readme_quickstart_commands_run_as_shown(tmp_path):
+    run_chain("quickstart", tmp_path)
     summary = json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())
     assert summary["test"]["accuracy"] >= 0.98  # README: "reaches at least 98% test accuracy"
     assert (tmp_path / "runs" / "quickstart" / "eval" / "report.html").is_file()
-    assert (tmp_path / "data" / "digits" / "split.csv").is_file()
-    for run in ("quick", "defaults"):
-        assert (tmp_path / "runs" / run / "checkpoints" / "best" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "runs" / "quickstart" / "eval-again" / "metrics.json").read_text())["accuracy"] >= 0.98
     with open(tmp_path / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -78,3 +100,17 @@ def test_readme_commands_run_as_shown(tmp_path):
     assert (tmp_path / "model.onnx").stat().st_size > 1_000_000
     explained = json.loads((tmp_path / "explain-digits" / "explanations.json").read_text())
     assert [r["predicted"] for r in explained] == ["3", "8"] and (tmp_path / "explain-digits" / "index.html").is_file()
+
+
+@pytest.mark.slow
+def test_readme_defaults_commands_run_as_shown(tmp_path):
+    run_chain("defaults", tmp_path)
+    assert (tmp_path / "runs" / "defaults" / "checkpoints" / "best" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_readme_data_commands_run_as_shown(tmp_path):
+    run_chain("data", tmp_path)
+    assert (tmp_path / "data" / "digits" / "split.csv").is_file()
+    assert (tmp_path / "audit-digits" / "audit.html").is_file()
+    assert (tmp_path / "runs" / "quick" / "checkpoints" / "best" / "model.safetensors").is_file()
