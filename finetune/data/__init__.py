@@ -22,7 +22,7 @@ from finetune.data._similarity import (
     view_similarity,
 )
 from finetune.data._split import split_classes
-from finetune.data._transforms import INTERPOLATIONS, build_transform
+from finetune.data._transforms import INTERPOLATIONS, build_transform, preprocessing_transform, resolve_preprocessing
 
 __all__ = [
     "BadFile",
@@ -52,7 +52,9 @@ __all__ = [
     "manifest_root",
     "perceptual_hash",
     "prepare_manifest",
+    "preprocessing_transform",
     "resize_cache",
+    "resolve_preprocessing",
     "scan_images",
     "split_classes",
     "thumbnail_vector",

@@ -14,14 +14,13 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-import finetune
 from finetune.errors import FinetuneError
 
 
 def _cards_dir() -> Path:
     """``finetune/cards/`` in an installed package (setup.py ships ``datasets/`` there), else the ``datasets/``
     folder of the source checkout the package is imported from."""
-    package = Path(finetune.__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # finetune/ (`import finetune` would close a cycle)
     installed = package / "cards"
     return installed if installed.is_dir() else package.parent / "datasets"
 

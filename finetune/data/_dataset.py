@@ -75,16 +75,25 @@ class ImageDataset(Dataset):
         return self.transform(image=image)["image"], label
 
 
-def collate_skip(batch: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Collate samples, dropping the ``None`` of unreadable files.
+def collate_skip(
+    batch: list[tuple[torch.Tensor, int] | None] | tuple[torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The one collate of finetune: samples to ``(inputs, labels, skipped)``, dropping the ``None`` of
+    unreadable files.
 
     Args:
-        batch: Samples from `ImageDataset`.
+        batch: Samples ``(input, label)`` or ``None`` (`ImageDataset`, prediction's sources), or a batch a
+            dataset already assembled with ``__getitems__`` as an ``(inputs, labels)`` pair of tensors (the
+            feature cache's one fancy index per batch), passed through.
 
     Returns:
-        ``(images, labels, skipped)``: the stacked images (N×3×H×W), their labels (int64, N) and how many
-        samples were dropped. When all were dropped, ``images`` and ``labels`` are empty (N = 0).
+        ``(inputs, labels, skipped)``: the stacked inputs (N×3×H×W images, or N×F features), their labels
+        (int64, N) and how many samples were dropped. When all were dropped, ``inputs`` and ``labels`` are
+        empty (N = 0).
     """
+    if isinstance(batch, tuple):
+        inputs, labels = batch
+        return inputs, labels, 0
     kept = [sample for sample in batch if sample is not None]
     skipped = len(batch) - len(kept)
     if not kept:

@@ -85,6 +85,49 @@ def build_transform(
     return A.Compose([*steps, A.Normalize(mean=tuple(mean), std=tuple(std)), A.ToTensorV2()])
 
 
+def resolve_preprocessing(
+    data_config: Mapping,
+    *,
+    input_size: int | Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str | None = None,
+    crop_pct: float | None = None,
+    eval_transforms: Sequence[Mapping] | None = None,
+) -> dict:
+    """A checkpoint's ``preprocessing``: the backbone's timm data config with the recipe's overrides applied
+    (None keeps the backbone's value)."""
+    size = input_size if input_size is not None else data_config["input_size"]
+    if isinstance(size, int):
+        size = (3, size, size)
+    elif len(size) == 2:
+        size = (3, *size)
+    return {
+        "input_size": list(size),
+        "mean": list(mean or data_config["mean"]),
+        "std": list(std or data_config["std"]),
+        "interpolation": interpolation or data_config.get("interpolation", "bicubic"),
+        "crop_pct": crop_pct or data_config.get("crop_pct", 0.875),
+        "crop_mode": data_config.get("crop_mode", "center"),
+        "eval_transforms": eval_transforms,
+    }
+
+
+def preprocessing_transform(preprocessing: Mapping, *, train: bool = False,
+                            ops: Sequence[Mapping] | None = None) -> A.Compose:
+    """The pipeline ``preprocessing`` (:func:`resolve_preprocessing`) describes: eval with its
+    ``eval_transforms``, or train with ``ops`` (the recipe's ``train_transforms``)."""
+    return build_transform(
+        train,
+        input_size=preprocessing["input_size"],
+        mean=preprocessing["mean"],
+        std=preprocessing["std"],
+        interpolation=preprocessing.get("interpolation", "bicubic"),
+        crop_pct=preprocessing.get("crop_pct", 0.875),
+        ops=ops if train else preprocessing.get("eval_transforms"),
+    )
+
+
 def _size(input_size: int | Sequence[int]) -> tuple[int, int]:
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)[-2:]
     if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
