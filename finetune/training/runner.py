@@ -1,10 +1,9 @@
-"""The recipe runner: recipe → builders → stages → checkpoints → report, composed from ``run_folder``,
-``loaders``, ``optim``, ``loop``, ``selection``, ``state``, ``feature_cache`` and ``reporting``.
+"""The recipe runner: recipe → builders (``run_folder``, ``loaders``, ``optim``, ``feature_cache``) → stages
+(``loop``, ``selection``) → checkpoints (``state``) → report (``reporting``).
 
 A run folder holds ``recipe.yaml`` (resolved), ``manifest.csv``, ``bad_files.csv``, ``metrics.csv``,
 ``per_class_recall.csv``, ``training_curves.png``, ``checkpoints/{last,best}``, ``summary.json`` and
-``eval/`` (the best checkpoint on the test split). Only rank 0 writes.
-"""
+``eval/`` (the best checkpoint on the test split). Only rank 0 writes."""
 from __future__ import annotations
 
 import logging
@@ -35,7 +34,6 @@ from finetune.training.reporting import (Progress, epoch_row, evaluate_test, for
 from finetune.training.state import RunState, load_state_dict, seed_everything, serialize, state_dict
 
 log = logging.getLogger("finetune")
-STATE_FILE = run_folder.STATE_FILE
 
 
 def run_training(recipe: Recipe, resolved: dict[str, Any], *, run_dir: str | Path, resume: bool = False,
@@ -62,9 +60,7 @@ class Runner:
         self._items: dict[str, list[tuple[Path, int]]] = {}
         self._created: Optional[list[Path]] = None  # folders a fresh run's setup created (rank 0)
 
-    @property
-    def history(self) -> list[dict[str, Any]]:
-        return self.state.history
+    history = property(lambda self: self.state.history, doc="The metrics.csv rows so far.")
 
     def setup(self) -> None:
         """Build everything a run needs. A fresh run's setup leaves nothing behind if it fails."""
@@ -221,7 +217,7 @@ class Runner:
         """Write ``checkpoints/last``: the model plus everything an exact resume needs."""
         data = serialize(state_dict(self.state, optimizer, self.scaler, self.ema))
         save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self._meta(),
-                        extra=lambda folder: (folder / STATE_FILE).write_bytes(data))
+                        extra=lambda folder: (folder / run_folder.STATE_FILE).write_bytes(data))
 
     def load_checkpoint(self, folder: Path) -> None:
         """Restore ``checkpoints/last``, refusing a recipe changed in what it trains (see

@@ -14,8 +14,7 @@ Ops are named albumentations transforms with their keyword arguments, as a recip
 
 which is the SpinalNet seed's Bird-225 and Caltech-101 train pipeline (``Resize((230, 230)) →
 RandomRotation(15) → RandomCrop(224) → RandomHorizontalFlip``); its eval pipeline is
-``[{"name": "Resize", "height": 224, "width": 224}]``.
-"""
+``[{"name": "Resize", "height": 224, "width": 224}]``."""
 from __future__ import annotations
 
 import inspect
