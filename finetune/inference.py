@@ -9,7 +9,9 @@ files, PIL images or RGB arrays into top-k labels with probabilities::
     pred.labels, pred.probabilities   # the top 3
 
 Loading reads ``checkpoint.json`` and ``model.safetensors`` only: no recipe, no training data, no network
-and no pickled code. :func:`predict_probabilities` is the batched loop underneath, shared with evaluation.
+and no pickled code. :func:`predict_probabilities` (shared with evaluation) batches images with the one
+collate and runs :func:`finetune._device.forward_batches`, the forward pass validation and feature
+extraction use too.
 """
 from __future__ import annotations
 
