@@ -92,8 +92,9 @@ def sync(device: torch.device) -> None:
 def make_sides(model: nn.Module, batches: list, device: torch.device, amp_dtype, *, epochs: int):
     """finetune's ``train_one_epoch`` and a hand-written AMP + channels_last loop, callables returning img/s."""
     from finetune.config import OptimizerConfig, ScheduleConfig
-    from finetune.training.loop import autocast, make_grad_scaler, train_one_epoch
-    from finetune.training.runner import make_optimizer, make_scheduler
+    from finetune._device import autocast
+    from finetune.training.loop import make_grad_scaler, train_one_epoch
+    from finetune.training.optim import make_optimizer, make_scheduler
 
     loss_fn = nn.CrossEntropyLoss()
     scaler = make_grad_scaler(device, amp_dtype)
@@ -137,7 +138,7 @@ def train_flops_per_image(model: nn.Module, size: int, device: torch.device, amp
     groups (tf_efficientnet_lite0's depthwise convolutions came out at 32 GFLOP instead of about 2.3)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from finetune.training.loop import autocast
+    from finetune._device import autocast
 
     x = torch.randn(2, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast(device, amp_dtype):
@@ -222,7 +223,7 @@ def measure_extraction(args, device: torch.device, amp_dtype, work: Path) -> dic
     n_batches = max(1, math.ceil(len(items) / args.extract_batch))
 
     def forward_only() -> float:
-        from finetune.training.loop import autocast
+        from finetune._device import autocast
 
         sync(device)
         t = time.perf_counter()
@@ -330,7 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         args.models, args.extract_model = ["test_resnet"], "test_resnet"
         args.extract_classes, args.extract_per_class, args.extract_batch, args.extract_rounds = 2, 3, 4, 1
     from finetune.training.cuda import configure_cuda
-    from finetune.training.loop import resolve_device, resolve_precision
+    from finetune._device import resolve_device, resolve_precision
 
     wall = time.perf_counter()
     device = resolve_device(args.device)

@@ -44,8 +44,9 @@ def make_sides(module: nn.Module, batches: list, *, epochs: int):
     to ``plain`` is the noise floor.
     """
     from finetune.config import OptimizerConfig, ScheduleConfig
-    from finetune.training.loop import make_grad_scaler, resolve_precision, train_one_epoch
-    from finetune.training.runner import make_optimizer, make_scheduler
+    from finetune._device import resolve_precision
+    from finetune.training.loop import make_grad_scaler, train_one_epoch
+    from finetune.training.optim import make_optimizer, make_scheduler
 
     device = torch.device("cpu")
     loss_fn = nn.CrossEntropyLoss()

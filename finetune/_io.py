@@ -1,5 +1,6 @@
 """Output files: atomic writes (a reader sees the old file or the new one, never half of one), and
-failures to write reported as one line naming the path and the reason."""
+failures to write reported as one line naming the path and the reason; and where caches live
+(:func:`cache_root`)."""
 from __future__ import annotations
 
 import contextlib
@@ -159,3 +160,11 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where finetune's caches live: ``cache_dir`` (``training.cache_dir``) when given, else
+    ``$FINETUNE_CACHE``, else ``~/.cache/finetune``."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))

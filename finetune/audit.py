@@ -142,7 +142,7 @@ def embed_manifest(
     import torch
 
     from finetune.data import build_transform
-    from finetune.inference import resolve_device
+    from finetune._device import resolve_device
     from finetune.models import create_model
     from finetune.training.feature_cache import cached_features
 

@@ -9,7 +9,9 @@ files, PIL images or RGB arrays into top-k labels with probabilities::
     pred.labels, pred.probabilities   # the top 3
 
 Loading reads ``checkpoint.json`` and ``model.safetensors`` only: no recipe, no training data, no network
-and no pickled code. :func:`predict_probabilities` is the batched loop underneath, shared with evaluation.
+and no pickled code. :func:`predict_probabilities` (shared with evaluation) batches images with the one
+collate and runs :func:`finetune._device.forward_batches`, the forward pass validation and feature
+extraction use too.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from finetune._device import forward_batches, resolve_device
 from finetune._workers import inference_workers
 from finetune.errors import FinetuneError
 
@@ -147,32 +150,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Predict
     return Predictor.from_checkpoint(path, device=device)
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` → ``cuda`` when available, else ``cpu``; anything else as ``torch.device``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as e:
-        raise FinetuneError(f"unknown device {device!r}: {e}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise FinetuneError(f"device {device!r} asked for, but CUDA is not available (use cpu or auto)")
-    return resolved
-
-
 def eval_transform(preprocessing: Mapping[str, Any]) -> Callable:
     """The eval pipeline a checkpoint's ``preprocessing`` describes."""
-    from finetune.data import build_transform
+    from finetune.data import preprocessing_transform
 
-    return build_transform(
-        False,
-        input_size=preprocessing["input_size"],
-        mean=preprocessing["mean"],
-        std=preprocessing["std"],
-        interpolation=preprocessing.get("interpolation", "bicubic"),
-        crop_pct=preprocessing.get("crop_pct", 0.875),
-        ops=preprocessing.get("eval_transforms"),
-    )
+    return preprocessing_transform(preprocessing)
 
 
 def predict_probabilities(
@@ -204,32 +186,21 @@ def predict_probabilities(
         their ``float32`` probabilities (``len(indices)×C``), and position → reason for those that could
         not be read.
     """
+    from finetune.data import collate_skip
+
     device = torch.device(device)
     loader = DataLoader(
         _SourceDataset(sources, transform), batch_size=batch_size,
         num_workers=inference_workers(num_workers, len(sources), batch_size),
-        collate_fn=_collate, pin_memory=device.type == "cuda",
+        collate_fn=collate_skip, pin_memory=device.type == "cuda",
     )
-    indices: list[np.ndarray] = []
-    probs: list[np.ndarray] = []
-    errors: dict[int, str] = {}
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    with torch.inference_mode():
-        for batch_indices, images, batch_errors in (progress(loader) if progress else loader):
-            errors.update(batch_errors)
-            if not len(batch_indices):
-                continue
-            with autocast:
-                logits = model(images.to(device, non_blocking=True))
-            probs.append(logits.float().softmax(dim=1).cpu().numpy())
-            indices.append(np.asarray(batch_indices, dtype=np.int64))
-    if not probs:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32), errors
-    return np.concatenate(indices), np.concatenate(probs), errors
+    indices, probs, _ = forward_batches(model, loader, device=device, amp_dtype=amp_dtype, progress=progress)
+    unread = sorted(set(range(len(sources))) - set(indices.tolist()))
+    return indices, probs, {i: _unreadable_reason(sources[i]) for i in unread}
 
 
 class _SourceDataset(Dataset):
-    """``(index, tensor, None)`` for a readable image, ``(index, None, reason)`` for one that is not."""
+    """``(tensor, index)`` for a readable image, ``None`` for one that is not (:func:`collate_skip` drops it)."""
 
     def __init__(self, sources: Sequence[ImageSource], transform: Callable):
         self.sources = sources
@@ -243,17 +214,20 @@ class _SourceDataset(Dataset):
 
         try:
             image = _to_array(self.sources[index])
-        except ImageDecodeError as e:
-            return index, None, e.reason
-        return index, self.transform(image=image)["image"], None
+        except ImageDecodeError:
+            return None
+        return self.transform(image=image)["image"], index
 
 
-def _collate(batch):
-    kept = [(i, x) for i, x, _ in batch if x is not None]
-    errors = {i: reason for i, x, reason in batch if x is None}
-    if not kept:
-        return [], torch.empty(0), errors
-    return [i for i, _ in kept], torch.stack([x for _, x in kept]), errors
+def _unreadable_reason(source: ImageSource) -> str:
+    """Why ``source`` could not be read: decoding it again (only the failures) gives the reason."""
+    from finetune.data import ImageDecodeError
+
+    try:
+        _to_array(source)
+    except ImageDecodeError as e:
+        return e.reason
+    return "could not be read while predicting"
 
 
 def _to_array(source: ImageSource) -> np.ndarray:

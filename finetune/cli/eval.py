@@ -39,7 +39,7 @@ def run(args) -> int:
     from finetune._io import check_output
     from finetune.checkpoint import load_checkpoint, resolve_checkpoint
     from finetune.evaluation import align_classes, evaluate
-    from finetune.inference import resolve_device
+    from finetune._device import resolve_device
 
     folder = resolve_checkpoint(args.checkpoint)
     run_dir = run_folder(folder)

@@ -35,7 +35,7 @@ def run(args) -> int:
         raise FinetuneError(f"no image files found in {', '.join(args.paths)}")
     from finetune.checkpoint import load_checkpoint  # imports torch: after the arguments are checked
     from finetune.evaluation.explain import write_explanations
-    from finetune.inference import resolve_device
+    from finetune._device import resolve_device
 
     device = resolve_device(args.device)
     model, meta = load_checkpoint(args.checkpoint, map_location=device)

@@ -1,28 +1,35 @@
-"""The data layer: image folders and manifests, decoding, albumentations pipelines, sampling, dataset cards.
+"""The data layer, five modules plus cards; everything public is importable from here.
 
-The runner calls `prepare_manifest` (layout detection, seeded split, bad-file scan), builds pipelines with
-`build_transform`, wraps `Manifest.items` in `ImageDataset` and batches with `collate_skip`.
+* `images`: decoding (`load_image`), the pre-training scan, pixel similarity, the resize cache.
+* `layout`: dataset folders (`discover`, `find_images`) and the seeded split (`split_classes`).
+* `manifest`: the split manifest (`Manifest`), `prepare_manifest` (find, scan, split: what a run calls)
+  and `inspect_dataset`.
+* `transforms`: albumentations pipelines (`build_transform`) and a checkpoint's preprocessing.
+* `datasets`: `ImageDataset`, the one collate `collate_skip`, class balance (`BalancedSampler`, weights).
+* `cards`: dataset cards and the embedded digits sample (`write_digits`).
 """
-from finetune.data._cards import DatasetCard, list_cards, load_card
-from finetune.data._dataset import ImageDataset, collate_skip
-from finetune.data._decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, decode_image, load_image
-from finetune.data._digits import write_digits
-from finetune.data._inspect import inspect_dataset
-from finetune.data._layout import DatasetFolder, discover, find_images
-from finetune.data._manifest import Manifest, ManifestRow
-from finetune.data._prepare import manifest_root, prepare_manifest
-from finetune.data._resize_cache import resize_cache
-from finetune.data._sampling import BalancedSampler, class_counts, class_weights
-from finetune.data._scan import BadFile, ScanResult, scan_images, write_report
-from finetune.data._similarity import (
+from finetune.data.cards import DatasetCard, list_cards, load_card, write_digits
+from finetune.data.datasets import BalancedSampler, ImageDataset, class_counts, class_weights, collate_skip
+from finetune.data.images import (
     COPY_SIMILARITY,
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    BadFile,
+    ImageDecodeError,
+    ScanResult,
+    decode_image,
+    load_image,
     perceptual_hash,
+    resize_cache,
+    scan_images,
     thumbnail_vector,
     thumbnail_views,
     view_similarity,
+    write_report,
 )
-from finetune.data._split import split_classes
-from finetune.data._transforms import INTERPOLATIONS, build_transform
+from finetune.data.layout import DatasetFolder, discover, find_images, split_classes
+from finetune.data.manifest import Manifest, ManifestRow, inspect_dataset, manifest_root, prepare_manifest
+from finetune.data.transforms import INTERPOLATIONS, build_transform, preprocessing_transform, resolve_preprocessing
 
 __all__ = [
     "BadFile",
@@ -52,7 +59,9 @@ __all__ = [
     "manifest_root",
     "perceptual_hash",
     "prepare_manifest",
+    "preprocessing_transform",
     "resize_cache",
+    "resolve_preprocessing",
     "scan_images",
     "split_classes",
     "thumbnail_vector",

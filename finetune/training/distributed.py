@@ -10,7 +10,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from finetune._device import resolve_device
 from finetune.errors import FinetuneError
+from finetune.training.cuda import configure_cuda
 
 
 @dataclass(frozen=True)
@@ -51,14 +53,32 @@ def rank_device(device: str, info: DistInfo) -> torch.device:
     Under torchrun (several processes) each rank takes ``cuda:LOCAL_RANK``; ``cuda:N`` would put every
     rank on GPU N, so it is refused (choose the GPUs with ``CUDA_VISIBLE_DEVICES``).
     """
-    from finetune.training.loop import resolve_device
-
     if info.enabled and re.fullmatch(r"cuda:\d+", device):
         raise FinetuneError(
             f"training.device is {device}, but torchrun started {info.world_size} processes and each needs its "
             "own GPU: use device: cuda or auto (rank r takes cuda:LOCAL_RANK; choose GPUs with CUDA_VISIBLE_DEVICES)"
         )
-    return resolve_device(device, info.local_rank)
+    return resolve_device(device, info.local_rank, setting="training.device")
+
+
+def join(device: str, timeout: Optional[timedelta] = None, deterministic: bool = False) -> tuple[DistInfo, torch.device]:
+    """Join the process group torchrun describes (if any) and take this process's device for ``device``
+    (``training.device``; made the current CUDA device, with the CUDA defaults of ``training/cuda.py``;
+    ``deterministic`` keeps cuDNN's autotuner off)."""
+    device_type = "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    info = init_distributed(device_type, timeout=timeout)
+    resolved = rank_device(device, info)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    configure_cuda(resolved, deterministic=deterministic)
+    return info, resolved
+
+
+def wrap(module: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel under torchrun (gradients all-reduced), else as it is."""
+    if not info.enabled:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def barrier(info: DistInfo) -> None:

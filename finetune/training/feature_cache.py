@@ -34,27 +34,24 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
-from finetune._io import make_temp_dir
-from finetune._workers import auto_workers
+from finetune._device import forward_batches
+from finetune._io import cache_root, make_temp_dir
 from finetune._version import __version__
 from finetune.errors import FinetuneError
 from finetune.training import distributed as ddp
-from finetune.training.loop import autocast
-
-if TYPE_CHECKING:
-    from finetune.training.runner import Runner
 
 log = logging.getLogger("finetune")
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune")) / "features"
+def features_folder(cache_dir: str | os.PathLike | None) -> Path:
+    """Where feature cache entries live: ``cache_dir`` itself, else ``features/`` under the default root."""
+    return cache_root(cache_dir) if cache_dir else cache_root() / "features"
 
 
 def is_head_only(trainable: set[str]) -> bool:
@@ -167,37 +164,19 @@ class FeatureDataset(Dataset):
         return features, torch.from_numpy(self.labels[rows])
 
 
-def collate_features(batch):
-    features, labels = batch
-    return features, labels, 0
-
-
-@torch.inference_mode()
 def extract_features(backbone, dataset, *, device, amp_dtype, batch_size: int, num_workers: int,
                      channels_last: bool = False, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
     """Pooled backbone features for every readable sample of ``dataset`` (BatchNorm in eval mode)."""
     from finetune.data import collate_skip
 
-    was_training = backbone.training
-    backbone.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_skip, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(0))  # leave the global RNG alone
-    feats, labels = [], []
-    for images, batch_labels, _ in loader:
-        if batch_labels.numel() == 0:
-            continue
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            out = backbone(images)
-        feats.append(out.float().cpu())
-        labels.append(batch_labels)
-    backbone.train(was_training)
-    if not feats:
+    labels, feats, _ = forward_batches(backbone, loader, device=device, amp_dtype=amp_dtype,
+                                       channels_last=channels_last, softmax=False)
+    if not len(labels):
         raise FinetuneError(f"no readable image left to extract {desc} from ({len(dataset)} skipped)")
-    return torch.cat(feats).numpy(), torch.cat(labels).numpy().astype(np.int64)
+    return feats, labels
 
 
 def cached_features(backbone, items: list[tuple[Path, int]], transform, *, settings: dict[str, Any],
@@ -216,8 +195,8 @@ def cached_features(backbone, items: list[tuple[Path, int]], transform, *, setti
     from finetune.data import ImageDataset
 
     settings = {"code": code_fingerprint(), **settings}
-    cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    folder = cache_root / cache_key(backbone, settings, {"all": items})
+    root = features_folder(cache_dir)
+    folder = root / cache_key(backbone, settings, {"all": items})
     cached = is_complete(folder)
     if not cached:
         def write(tmp: Path) -> None:
@@ -229,93 +208,96 @@ def cached_features(backbone, items: list[tuple[Path, int]], transform, *, setti
             write_meta(tmp, settings)
 
         _write_folder(folder, write)
-        evict(cache_root, max_bytes, keep=folder)
+        evict(root, max_bytes, keep=folder)
     os.utime(folder / "meta.json")  # mark as recently used for eviction
     return np.load(folder / "features.npy").astype(np.float32), cached
 
 
-def cached_feature_inputs(runner: "Runner", stage, trainable: set[str]):
-    """StageInputs that train the head on cached features, or None when the stage can't use the cache."""
-    from finetune.data import ImageDataset
-    from finetune.training.runner import (
-        ShardSampler,
-        StageInputs,
-        drop_last_for,
-    )
+def stage_features(
+    backbone: torch.nn.Module,
+    items: dict[str, list[tuple[Path, int]]],
+    *,
+    train_transform: Callable,
+    eval_transform: Callable,
+    views: int,
+    key_parts: dict[str, Any],
+    cache_dir: str | os.PathLike | None,
+    max_bytes: int,
+    num_features: int,
+    dist: ddp.DistInfo,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype],
+    seed: int,
+    batch_size: int,
+    num_workers: int,
+    channels_last: bool = False,
+) -> Optional[tuple[FeatureDataset, FeatureDataset]]:
+    """The train and val features of a head-only stage, from the cache or extracted once into it.
 
-    if stage.feature_cache is False or not is_head_only(trainable):
-        return None
-    cfg = runner.cfg
-    views = stage.feature_cache_views
-    items = {"train": runner.items("train"), "val": runner.items("val")}
+    Args:
+        backbone: the frozen backbone (images → pooled features).
+        items: ``(path, label)`` of the ``train`` and ``val`` splits.
+        train_transform: makes the ``views`` augmented train views (``views >= 1``).
+        eval_transform: makes the val features, and the train features when ``views`` is 0.
+        views: 0 (the eval transform) or K augmented views; epoch ``e`` trains on view ``e % K``.
+        key_parts: what else the features depend on (backbone name and kwargs, preprocessing, the
+            recipe's train transforms); the cache key adds the code, views, seed and precision.
+        cache_dir: the cache folder (None: the default, see :func:`features_folder`).
+        max_bytes: the cache's size limit; a stage whose features alone exceed it runs uncached.
+        num_features: the backbone's feature width.
+        dist: the process group: one process per machine extracts, the others wait and read.
+        device, amp_dtype, channels_last: how the backbone runs.
+        seed: the augmentation seed.
+        batch_size, num_workers: the extraction's loader.
+
+    Returns:
+        ``(train, val)`` datasets of ``(features, label)``, or None when the features would exceed
+        ``max_bytes``.
+    """
+    from finetune.data import ImageDataset
+
     n_rows = max(views, 1) * len(items["train"]) + len(items["val"])
-    nbytes = n_rows * runner.model.num_features * 2  # stored as float16
-    limit = int(cfg.cache_max_gb * 1024**3)
-    if nbytes > limit:
+    nbytes = n_rows * num_features * 2  # stored as float16
+    if nbytes > max_bytes:
         log.warning("feature cache would take %.1f GB > training.cache_max_gb; stage runs uncached", nbytes / 1024**3)
         return None
+    settings = {"code": code_fingerprint(), **key_parts, "views": views, "seed": seed, "amp": str(amp_dtype),
+                "channels_last": channels_last}
+    root = features_folder(cache_dir)
+    key = cache_key(backbone, settings, items) if dist.is_main else None
+    folder = root / ddp.broadcast_object(key, dist)
 
-    settings = {
-        "code": code_fingerprint(), "backbone": runner.model.backbone_name,
-        "backbone_kwargs": runner.model.backbone_kwargs, "preprocessing": runner.preprocessing,
-        "train_transforms": runner.recipe.data.train_transforms, "views": views, "seed": cfg.seed,
-        "amp": str(runner.amp_dtype), "channels_last": cfg.channels_last,
-    }
-    cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    key = cache_key(runner.model.backbone, settings, items) if runner.dist.is_main else None
-    folder = cache_root / ddp.broadcast_object(key, runner.dist)
-    workers = auto_workers(runner.recipe.data.num_workers, 1)
-    batch = cfg.eval_batch_size or cfg.batch_size * 2
+    def extract(dataset, desc):
+        return extract_features(backbone, dataset, device=device, amp_dtype=amp_dtype, batch_size=batch_size,
+                                num_workers=num_workers, channels_last=channels_last, desc=desc)
 
     # one process per machine computes; the others wait and read
-    if runner.dist.local_rank == 0 and not is_complete(folder):
+    if dist.local_rank == 0 and not is_complete(folder):
         start = time.perf_counter()
 
         def write(tmp: Path) -> None:
             train_views = []
             for view in range(max(views, 1)):
-                transform = runner.train_transform if views else runner.eval_transform
-                ds = ImageDataset(items["train"], transform, seed=cfg.seed)
+                ds = ImageDataset(items["train"], train_transform if views else eval_transform, seed=seed)
                 ds.set_epoch(view)
-                feats, train_labels = extract_features(
-                    runner.model.backbone, ds, device=runner.device, amp_dtype=runner.amp_dtype, batch_size=batch,
-                    num_workers=workers, channels_last=cfg.channels_last, desc="train split features")
+                feats, train_labels = extract(ds, "train split features")
                 train_views.append(feats)
             np.save(tmp / "train.npy", np.stack(train_views).astype(np.float16))
             np.save(tmp / "train_labels.npy", train_labels)
-            feats, val_labels = extract_features(
-                runner.model.backbone, ImageDataset(items["val"], runner.eval_transform, seed=cfg.seed),
-                device=runner.device, amp_dtype=runner.amp_dtype, batch_size=batch, num_workers=workers,
-                channels_last=cfg.channels_last, desc="val split features")
+            feats, val_labels = extract(ImageDataset(items["val"], eval_transform, seed=seed), "val split features")
             np.save(tmp / "val.npy", feats[None].astype(np.float16))
             np.save(tmp / "val_labels.npy", val_labels)
             write_meta(tmp, settings)
 
         _write_folder(folder, write)
         log.info("cached backbone features in %.1fs (%s)", time.perf_counter() - start, folder)
-        evict(cache_root, limit, keep=folder)
+        evict(root, max_bytes, keep=folder)
     else:
         log.info("using cached backbone features (%s)", folder)
-    ddp.barrier(runner.dist)
+    ddp.barrier(dist)
     os.utime(folder / "meta.json")  # mark as recently used for eviction
-
-    train_ds = FeatureDataset(np.load(folder / "train.npy", mmap_mode="r"), np.load(folder / "train_labels.npy"))
-    val_ds = FeatureDataset(np.load(folder / "val.npy", mmap_mode="r"), np.load(folder / "val_labels.npy"))
-    world, rank = runner.dist.world_size, runner.dist.rank
-    train_sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    train_loader = DataLoader(
-        train_ds, batch_size=cfg.batch_size, collate_fn=collate_features, sampler=train_sampler,
-        generator=torch.Generator().manual_seed(0), drop_last=drop_last_for(train_sampler, cfg.batch_size, True),
-    )
-    val_loader = DataLoader(val_ds, batch_size=batch, collate_fn=collate_features, generator=torch.Generator().manual_seed(0),
-                            sampler=ShardSampler(len(val_ds), rank, world))
-    return StageInputs(
-        module=runner.model.head,
-        train_loader=train_loader,
-        val_loader=val_loader,
-        eval_module=lambda: (runner.ema.module if runner.ema is not None else runner.model).head,
-        datasets=[],
-    )
+    return tuple(FeatureDataset(np.load(folder / f"{split}.npy", mmap_mode="r"), np.load(folder / f"{split}_labels.npy"))
+                 for split in ("train", "val"))
 
 
 _KEY = re.compile(r"[0-9a-f]{24}")

@@ -75,6 +75,17 @@ def frozen_batchnorms(model: nn.Module, trainable: set[str], mode: str = "auto")
     return frozen
 
 
+def freeze_stage(model: nn.Module, train: Selection, batchnorm: str = "auto") -> tuple[set[str], list[nn.Module]]:
+    """Apply a stage's ``train`` selection and ``batchnorm`` mode to ``model``.
+
+    Returns:
+        ``(trainable, frozen_bn)``: the trainable parameter names and the BatchNorm layers kept in eval mode.
+    """
+    trainable = select_trainable(model, train)
+    apply_trainable(model, trainable)
+    return trainable, frozen_batchnorms(model, trainable, batchnorm)
+
+
 def set_train_mode(model: nn.Module, frozen_bn: list[nn.Module]) -> None:
     """``model.train()``, then keep the frozen BatchNorm layers in eval mode so their running
     statistics don't drift while the rest trains."""

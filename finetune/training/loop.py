@@ -1,4 +1,4 @@
-"""The training loop: one epoch of updates, and prediction for validation.
+"""The training loop: :func:`train_one_epoch` (the updates) and :func:`evaluate` (validation).
 
 One code path for fp32, bf16 and fp16: ``autocast`` is a no-op when ``amp_dtype`` is None, and the
 GradScaler is enabled only for fp16 (bf16 has fp32's range and needs no loss scaling).
@@ -6,44 +6,20 @@ GradScaler is enabled only for fp16 (bf16 has fp32's range and needs no loss sca
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from finetune._device import autocast, forward_batches
 from finetune.errors import FinetuneError
+from finetune.training import distributed as ddp
 
-
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto`` → the local rank's CUDA device when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FinetuneError(f"training.device is {device} but no CUDA device is available (use auto or cpu)")
-    if device == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype for ``precision`` on ``device``; None means fp32 (no autocast).
-
-    auto: bf16 on CUDA devices with native bf16 (compute capability 8.0 or newer: Ampere, Hopper, …), else
-    fp16 with a GradScaler (T4, V100: ``torch.cuda.is_bf16_supported()`` says yes there too, but emulates
-    it, slowly); fp32 on the CPU. bf16/fp16 on the CPU are used only when asked for.
-    """
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
-    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+log = logging.getLogger("finetune")
 
 
 def make_grad_scaler(device: torch.device, amp_dtype: Optional[torch.dtype]) -> torch.amp.GradScaler:
@@ -174,41 +150,44 @@ def require_samples(split: str, samples: int, skipped: int, where: str) -> None:
                             "stopped, the last checkpoint is kept")
 
 
+def reduce_epoch(stats: EpochStats, dist: ddp.DistInfo, device: torch.device, where: str) -> list[float]:
+    """Sum an epoch's training statistics over the ranks: ``[loss × samples, accuracy × samples, samples,
+    skipped]``; warns about skipped images.
+
+    Raises:
+        FinetuneError: no rank trained on any image (see :func:`require_samples`).
+    """
+    totals = ddp.all_reduce_sum([stats.loss * stats.samples, stats.accuracy * stats.samples, stats.samples,
+                                 stats.skipped], dist, device)
+    if totals[3]:
+        log.warning("%s: skipped %d unreadable image(s) (and survivors of batches they left at one)",
+                    where, int(totals[3]))
+    require_samples("train", int(totals[2]), int(totals[3]), where)
+    return totals
+
+
 def _check_finite(first_bad: torch.Tensor, where: str) -> None:
     bad = int(first_bad.item())
     if bad >= 0:
         raise FinetuneError(f"non-finite loss at {where}, step {bad + 1}; stopped, the last good checkpoint is kept")
 
 
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    loader: Iterable,
-    *,
-    device: torch.device,
-    amp_dtype: Optional[torch.dtype] = None,
-    channels_last: bool = False,
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Class probabilities for every sample of ``loader``.
+def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device, amp_dtype: Optional[torch.dtype],
+             channels_last: bool, class_names: list[str], dist: ddp.DistInfo, where: str) -> dict[str, Any]:
+    """Validation metrics of ``model`` over ``loader``, gathered from every rank (each validates its shard).
 
-    Returns:
-        ``(labels, probabilities, skipped)``: int array (N,), float32 array (N, C), unreadable files.
+    Raises:
+        FinetuneError: no rank read any image (see :func:`require_samples`).
     """
-    was_training = model.training
-    model.eval()
-    all_labels, all_probs, skipped = [], [], 0
-    for inputs, labels, batch_skipped in loader:
-        skipped += batch_skipped
-        if labels.numel() == 0:
-            continue
-        inputs = inputs.to(device, non_blocking=True)
-        if channels_last and inputs.ndim == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            logits = model(inputs)
-        all_probs.append(logits.float().softmax(1).cpu())
-        all_labels.append(labels)
-    model.train(was_training)
-    if not all_labels:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32), skipped
-    return torch.cat(all_labels).numpy(), torch.cat(all_probs).numpy(), skipped
+    from finetune.evaluation.metrics import classification_metrics
+
+    labels, probs, skipped = forward_batches(model, loader, device=device, amp_dtype=amp_dtype,
+                                             channels_last=channels_last)
+    parts = ddp.all_gather_objects((labels, probs, skipped), dist)
+    skipped = sum(p[2] for p in parts)
+    if skipped:
+        log.warning("%s: validation skipped %d unreadable image(s)", where, skipped)
+    require_samples("val", sum(len(p[0]) for p in parts), skipped, where)
+    labels = np.concatenate([p[0] for p in parts])
+    probs = np.concatenate([p[1] for p in parts if len(p[1])])
+    return classification_metrics(labels, probs, class_names=class_names)

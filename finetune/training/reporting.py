@@ -4,11 +4,61 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from finetune._io import atomic_write_bytes, atomic_write_text
+
+
+METRIC_COLUMNS = [
+    "stage", "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1",
+    "val_balanced_acc", "images_per_s", "seconds",
+]
+
+
+def setup_logging(is_main: bool) -> None:
+    """The ``finetune`` logger prints bare lines on stderr: progress from rank 0, warnings from every rank."""
+    log = logging.getLogger("finetune")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+def epoch_row(*, stage: int, epoch: int, lr: float, totals: list[float], seconds: float,
+              val: dict[str, Any]) -> dict[str, Any]:
+    """An epoch's ``metrics.csv`` row from the summed train ``totals`` of every rank (loss × samples,
+    accuracy × samples, samples, skipped) and the validation metrics."""
+    samples = max(totals[2], 1)
+    return {
+        "stage": stage, "epoch": epoch, "lr": lr,
+        "train_loss": totals[0] / samples, "train_acc": totals[1] / samples,
+        "val_loss": val["loss"], "val_acc": val["accuracy"], "val_macro_f1": val["macro_f1"],
+        "val_balanced_acc": val["balanced_accuracy"],
+        "images_per_s": totals[2] / seconds if seconds else 0.0,
+        "seconds": seconds,
+    }
+
+
+def log_epoch(where: str, row: dict[str, Any], best: bool) -> None:
+    logging.getLogger("finetune").info(
+        "%s: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | %.0f img/s%s", where, row["train_loss"],
+        row["train_acc"], row["val_loss"], row["val_acc"], row["val_macro_f1"], row["images_per_s"],
+        " | best" if best else "",
+    )
+
+
+def write_logs(run_dir: Path, classes: list[str], history: list[dict[str, Any]],
+               recall_history: list[dict[str, Any]]) -> None:
+    """``metrics.csv``, ``per_class_recall.csv`` and ``training_curves.png`` of the epochs so far."""
+    write_csv_atomic(run_dir / "metrics.csv", METRIC_COLUMNS, history)
+    write_csv_atomic(run_dir / "per_class_recall.csv", ["epoch", *classes], recall_history)
+    plot_training_curves(history, run_dir / "training_curves.png")
 
 
 def write_csv_atomic(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
@@ -48,6 +98,36 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def run_summary(*, name: str, run_dir: Path, select: str, best: dict[str, Any] | None, train_seconds: float,
+                epochs_run: int) -> dict[str, Any]:
+    """``summary.json`` of a finished run (the runner adds ``test``)."""
+    return {
+        "name": name,
+        "run_dir": str(run_dir),
+        "best_epoch": best["epoch"] if best else None,
+        "best_metric": {"name": select, "value": best["value"]} if best else None,
+        "best_val": best["val"] if best else None,
+        "train_seconds": round(train_seconds, 2),
+        "epochs_run": epochs_run,
+        "best_checkpoint": str(run_dir / "checkpoints" / "best"),
+    }
+
+
+def evaluate_test(run_dir: Path, items: list[tuple[Path, int]], *, device, batch_size: int, num_workers,
+                  amp_dtype) -> dict[str, Any]:
+    """Evaluate ``checkpoints/best`` on the test ``items`` into ``run_dir/eval``; the summary's ``test``."""
+    from finetune.checkpoint import load_checkpoint
+    from finetune.evaluation import evaluate
+
+    model, meta = load_checkpoint(run_dir / "checkpoints" / "best", map_location=device)
+    metrics = evaluate(
+        model, items, class_names=meta["classes"], preprocessing=meta["preprocessing"], out_dir=run_dir / "eval",
+        device=str(device), batch_size=batch_size, num_workers=num_workers, run_dir=run_dir, amp_dtype=amp_dtype,
+    )
+    return {k: metrics[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "top5_accuracy", "loss",
+                                    "num_samples") if k in metrics}
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -66,6 +66,34 @@ def check_outside_data(run_dir: Path, data_root: Optional[str]) -> None:
                             "files for images; choose a run folder outside it")
 
 
+def prepare(run_dir: Path, *, resume: bool, data_root: Optional[str], dist) -> Optional[list[Path]]:
+    """Check ``run_dir`` fits the command (a fresh run needs a restartable folder outside the data, a resume
+    a resumable one) after :func:`recover`, and start a fresh run's setup (on rank 0).
+
+    Args:
+        dist: the process group (a :class:`~finetune.training.distributed.DistInfo`); rank 0 changes files.
+
+    Returns:
+        The folders a fresh run's setup created (for :func:`discard_setup`), else None.
+    """
+    from finetune.training import distributed as ddp
+
+    if not resume:
+        check_outside_data(run_dir, data_root)
+    if dist.is_main:
+        recover(run_dir)
+    ddp.barrier(dist)
+    resumable = is_resumable(run_dir)
+    if resume and not resumable:
+        raise FinetuneError(f"nothing to resume in {run_dir}: no checkpoints/last/{STATE_FILE} (the run "
+                            f"stopped before its first checkpoint); {restartable_hint(run_dir)}")
+    if not resume and resumable:
+        raise FinetuneError(f"{run_dir} already holds a run; {resumable_hint(run_dir)} (or choose another --out)")
+    created = start_setup(run_dir) if dist.is_main and not resume else None
+    ddp.barrier(dist)
+    return created
+
+
 def start_setup(run_dir: Path) -> list[Path]:
     """Create ``run_dir`` and an empty ``run_dir/.setup.tmp`` for a fresh run's setup files.
 
@@ -113,6 +141,20 @@ def read_state(path: Path) -> dict[str, Any]:
     missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else ["all"]
     if missing:
         raise FinetuneError(f"{path} is not a training state finetune wrote (missing {', '.join(missing)})")
+    return state
+
+
+def read_last(folder: Path, run_dir: Path, current: dict[str, Any]) -> dict[str, Any]:
+    """The training state of ``checkpoints/last`` (:func:`read_state`), once the recipe ``current`` (resolved)
+    passes :func:`check_resume_recipe` against the one the checkpoint recorded; the allowed changes are logged."""
+    from finetune.checkpoint import META_FILE, read_meta
+    from finetune.config import resolve_raw
+
+    meta = read_meta(folder)
+    state = read_state(folder / STATE_FILE)
+    started = resolve_raw(meta.get("recipe"), source=f"the recipe {folder / META_FILE} recorded")
+    for change in check_resume_recipe(run_dir / "recipe.yaml", started, current, state["stage_index"]):
+        log.info("resuming with %s", change)
     return state
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import finetune.data._decode as decode
+import finetune.data.images as decode
 from finetune.data import ImageDecodeError, load_image
 
 

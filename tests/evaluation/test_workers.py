@@ -56,9 +56,9 @@ def test_num_workers_must_be_a_count_or_auto(checkpoint, image_folder, capsys):
 @pytest.mark.parametrize("num_workers, expected", [("auto", 3), (1, 1)])
 def test_test_evaluation_after_training_uses_the_recipes_num_workers(tiny_recipe, tmp_path, loader_workers,
                                                                      monkeypatch, num_workers, expected):
-    import finetune.training.runner as runner
+    import finetune.training.loaders as loaders
 
-    monkeypatch.setattr(runner, "make_loader", _in_process(runner.make_loader))  # training stays at 0 workers
+    monkeypatch.setattr(loaders, "make_loader", _in_process(loaders.make_loader))  # training stays at 0 workers
     tiny_recipe["data"]["num_workers"] = num_workers
     tiny_recipe["stages"] = [{"name": "all", "epochs": 1, "train": "all"}]
     tiny_recipe["training"]["eval_batch_size"] = 4  # the 9 test images in 3 batches

@@ -4,7 +4,7 @@ import torch
 from finetune.errors import FinetuneError
 from finetune.models import create_model
 from finetune.training.freeze import apply_trainable, frozen_batchnorms, select_trainable, set_train_mode
-from finetune.training.runner import make_optimizer
+from finetune.training.optim import make_optimizer
 
 
 @pytest.fixture

@@ -5,10 +5,10 @@ from torch import nn
 
 from finetune.errors import FinetuneError
 from finetune.models import create_model
+from finetune._device import forward_batches as predict
+from finetune._device import resolve_device
 from finetune.training.loop import (
     make_grad_scaler,
-    predict,
-    resolve_device,
     resolve_precision,
     train_one_epoch,
 )

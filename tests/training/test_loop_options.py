@@ -66,7 +66,7 @@ def test_schedule_is_sized_and_stepped_in_optimizer_updates(quick, tmp_path, mon
     accumulation 3 that is 2 updates (3 + a last partial window of 1). Over 2 epochs with 1 warmup epoch,
     the lr of every update follows warmup then cosine sized in updates, so the last update of the stage
     runs at the curve's last point and the epoch-end lr in metrics.csv is the cosine midpoint, then 0."""
-    from finetune.training import runner as runner_module
+    from finetune.training import optim as runner_module
 
     lrs = []
     make_optimizer = runner_module.make_optimizer

@@ -1,27 +1,41 @@
-"""Dataset cards: YAML files in the repository's ``datasets/`` folder (shipped in the package as
+"""Known datasets: dataset cards and the embedded digits sample.
+
+Dataset cards: YAML files in the repository's ``datasets/`` folder (shipped in the package as
 ``finetune/cards/``) describing a known dataset.
 
 A card states the layout, the split protocol (which `prepare_manifest` uses as defaults), the excluded
 classes, the expected class count, the image size, where to obtain the data and published reference
 accuracies. `DatasetCard` is the schema; every key is checked when a card is loaded.
+
+The embedded sample dataset: scikit-learn's bundled digits written as a class-folder PNG dataset.
+
+scikit-learn ships 1,797 real 8×8 greyscale scans of handwritten digits (values 0-16, 10 classes, about
+180 per class) inside the package, so this works offline. Each image is scaled to 0-255 (ink bright on a
+black background, as in MNIST), upscaled to ``size``×``size`` with bilinear interpolation (smooth strokes,
+no ringing), and saved as an 8-bit greyscale PNG: ``OUT/<digit>/<index>.png`` with the index into
+``load_digits()`` zero-padded to four digits. It is one folder of class folders, split with a seed like
+any other (see the ``digits`` dataset card).
 """
 from __future__ import annotations
 
+import json
 import os
+import secrets
+import shutil
 from pathlib import Path
 from typing import Literal, Optional
 
+import numpy as np
 import yaml
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-import finetune
 from finetune.errors import FinetuneError
-
 
 def _cards_dir() -> Path:
     """``finetune/cards/`` in an installed package (setup.py ships ``datasets/`` there), else the ``datasets/``
     folder of the source checkout the package is imported from."""
-    package = Path(finetune.__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]  # finetune/ (`import finetune` would close a cycle)
     installed = package / "cards"
     return installed if installed.is_dir() else package.parent / "datasets"
 
@@ -112,3 +126,54 @@ def load_card(name_or_path: str | os.PathLike) -> dict:
         first = e.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "(top level)"
         raise FinetuneError(f"dataset card {path}: {where}: {first['msg']}") from e
+
+
+_MARKER = ".finetune-digits.json"
+
+
+def write_digits(out_dir: str | os.PathLike, *, size: int = 32) -> Path:
+    """Write the digits dataset to ``out_dir`` unless it already holds it at this size.
+
+    The dataset is built in a temporary folder next to ``out_dir`` and renamed into place, so
+    ``out_dir`` is either absent or complete. A hidden marker file records the size.
+
+    Args:
+        out_dir: Folder to create (it may exist if empty).
+        size: Side of the square PNGs in pixels (at least 8).
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        FinetuneError: ``size`` below 8, or ``out_dir`` holds something else (another size, other files).
+    """
+    from sklearn.datasets import load_digits
+
+    out_dir = Path(out_dir).absolute()
+    if size < 8:
+        raise FinetuneError(f"digits size must be at least 8 (the originals are 8×8), got {size}")
+    marker = out_dir / _MARKER
+    if marker.is_file():
+        built = json.loads(marker.read_text())["size"]
+        if built == size:
+            return out_dir
+        raise FinetuneError(f"{out_dir} holds the digits at {built}×{built}; remove it or choose another folder")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FinetuneError(f"{out_dir} exists and is not an empty folder")
+
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255 / 16)).astype(np.uint8)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
+    tmp.mkdir()
+    try:
+        for index, (image, target) in enumerate(zip(pixels, digits.target)):
+            folder = tmp / str(target)
+            folder.mkdir(exist_ok=True)
+            Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR).save(folder / f"{index:04d}.png")
+        (tmp / _MARKER).write_text(json.dumps({"size": size}) + "\n")
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

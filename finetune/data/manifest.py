@@ -1,19 +1,238 @@
-"""`prepare_manifest`: from a dataset root, a manifest or a card to the manifest of usable images."""
+"""The split manifest: its CSV, `prepare_manifest` (find, scan, split) and `inspect_dataset`.
+
+The split manifest: which image is in which split with which class, written once and reused.
+
+**CSV format** (UTF-8, ``\n`` line ends, standard CSV quoting)::
+
+    path,class,split
+    train/AFRICAN CROWNED CRANE/001.jpg,AFRICAN CROWNED CRANE,train
+    Faces/image_0001.jpg,Faces,test
+
+* ``path``: the image, relative to the dataset root, with ``/`` separators. Absolute paths and paths
+  with a ``..`` component are rejected: a manifest cannot point outside its root (symlinks inside the
+  root may, as on disk).
+* ``class``: the class name. Label indices are the positions in the sorted list of the manifest's
+  class names.
+* ``split``: ``train``, ``val`` or ``test`` (``valid`` and ``validation`` are read as ``val``).
+
+Rows are written sorted by split (train, val, test), class, then path, so the same split always gives the
+same bytes. The root is not stored: it is the manifest's folder unless given when reading, so a dataset
+and its manifest can move together to another machine.
+
+`prepare_manifest`: from a dataset root, a manifest or a card to the manifest of usable images.
+
+`inspect_dataset`: everything `finetune data inspect` reports about a dataset, as one JSON-ready dict.
+
+Keys (stable; ``finetune data inspect --json`` prints exactly this object):
+
+* ``root`` (str): the dataset root.
+* ``layout`` (str): ``"pre-split"``, ``"folder"`` or ``"manifest"``.
+* ``split_folders`` (object): split → folder name for a pre-split root (``{"val": "valid", ...}``),
+  else ``{}``.
+* ``classes`` (list of str): sorted class names; the index is the label.
+* ``counts`` (object): split → class → number of **usable** images, every class listed. A one-folder
+  root, not split yet, has the single split ``"all"``.
+* ``num_images`` (int): usable images in all.
+* ``image_size`` (object or null): ``{"width": {"min", "median", "max"}, "height": {...}}`` in pixels,
+  after EXIF orientation, over usable images; null when there is none.
+* ``modes`` (object): Pillow mode of the files (``"RGB"``, ``"L"``, ``"CMYK"``, ``"P"``...) → count.
+* ``bad_files`` (list): ``{"path", "reason"}`` per unusable file, sorted by path.
+* ``duplicates`` (list): ``{"paths", "splits", "leak"}`` per group of byte-identical usable files;
+  ``splits`` lists the splits the copies are in and ``leak`` is true when that is more than one.
+"""
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import os
+import statistics
+from collections import Counter
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import NamedTuple
 
-from finetune.data._cards import load_card
-from finetune.data._decode import DEFAULT_MAX_PIXELS, load_image
-from finetune.data._layout import PRE_SPLIT, UNSPLIT, DatasetFolder, discover, short_list
-from finetune.data._manifest import Manifest
-from finetune.data._scan import BadFile, ScanResult, bad_files, duplicate_groups, leaks, scan_images, write_report
-from finetune.data._similarity import hash_leaks
-from finetune.data._split import split_classes, validate_split_options
+from finetune._io import atomic_write_text
+from finetune.data.cards import load_card
+from finetune.data.images import (
+    bad_files,
+    BadFile,
+    DEFAULT_MAX_PIXELS,
+    duplicate_groups,
+    hash_leaks,
+    load_image,
+    scan_images,
+    ScanResult,
+    write_report,
+)
+from finetune.data.layout import (
+    DatasetFolder,
+    discover,
+    PRE_SPLIT,
+    short_list,
+    SPLIT_ALIASES,
+    split_classes,
+    SPLITS,
+    UNSPLIT,
+    validate_split_options,
+)
 from finetune.errors import FinetuneError
+
+HEADER = ("path", "class", "split")
+
+
+class ManifestRow(NamedTuple):
+    """One image of a manifest.
+
+    Attributes:
+        path: POSIX path relative to the manifest's root.
+        label: Class name.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+    """
+
+    path: str
+    label: str
+    split: str
+
+
+class Manifest:
+    """Images of a dataset with their class and split.
+
+    Attributes:
+        root: Folder the row paths are relative to.
+        rows: The images, sorted by split, class and path.
+        classes: Sorted class names; a class's index in this list is its label.
+    """
+
+    def __init__(self, root: str | os.PathLike, rows: list[ManifestRow] | tuple[ManifestRow, ...]):
+        """Build a manifest.
+
+        Args:
+            root: Folder the row paths are relative to.
+            rows: The images, in any order.
+
+        Raises:
+            FinetuneError: A row has an unknown split or a path appears twice.
+        """
+        self.root = Path(root)
+        self.rows = tuple(sorted(rows, key=lambda r: (SPLITS.index(_split_name(r.split)), r.label, r.path)))
+        path, times = Counter(r.path for r in self.rows).most_common(1)[0] if self.rows else ("", 0)
+        if times > 1:
+            raise FinetuneError(f"the manifest lists {path!r} {times} times")
+        self.classes = sorted({r.label for r in self.rows})
+        self._index = {c: i for i, c in enumerate(self.classes)}
+
+    @classmethod
+    def from_splits(cls, root: str | os.PathLike, splits: dict[str, dict[str, list[str]]]) -> Manifest:
+        """Build a manifest from split → class → paths relative to ``root``."""
+        rows = [ManifestRow(p, label, split) for split, per_class in splits.items() for label, paths in per_class.items() for p in paths]
+        return cls(root, rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{s}={sum(c.values())}" for s, c in self.counts().items())
+        return f"Manifest(root={str(self.root)!r}, classes={len(self.classes)}, {counts})"
+
+    def splits(self) -> list[str]:
+        """The splits that hold at least one image, in ``train, val, test`` order."""
+        present = {r.split for r in self.rows}
+        return [s for s in SPLITS if s in present]
+
+    def items(self, split: str) -> list[tuple[Path, int]]:
+        """(absolute path, class index) of every image in ``split``.
+
+        Raises:
+            FinetuneError: The manifest has no image in ``split``.
+        """
+        if split not in self.splits():
+            raise FinetuneError(f"the manifest has no {split!r} split (it has: {', '.join(self.splits())})")
+        return [(self.root / r.path, self._index[r.label]) for r in self.rows if r.split == split]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Split → class → number of images, for every present split and every class (zeros included)."""
+        counts = {s: dict.fromkeys(self.classes, 0) for s in self.splits()}
+        for r in self.rows:
+            counts[r.split][r.label] += 1
+        return counts
+
+    def without(self, paths: set[str]) -> Manifest:
+        """A manifest of the same root without the rows whose path is in ``paths``."""
+        return Manifest(self.root, [r for r in self.rows if r.path not in paths])
+
+    def write_csv(self, path: str | os.PathLike) -> Path:
+        """Write the manifest as CSV (see the module docstring), atomically.
+
+        Returns:
+            The path written.
+        """
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(HEADER)
+        writer.writerows(self.rows)
+        return atomic_write_text(path, text.getvalue())
+
+    @classmethod
+    def read_csv(cls, path: str | os.PathLike, root: str | os.PathLike | None = None) -> Manifest:
+        """Read a manifest CSV, validating every row.
+
+        Args:
+            path: The CSV file.
+            root: Folder the row paths are relative to; defaults to the CSV's folder.
+
+        Returns:
+            The manifest.
+
+        Raises:
+            FinetuneError: The file is missing, has another header, a row with another number of
+                fields, an empty class, an unknown split, a path that is absolute or climbs out of the
+                root, a path listed twice, or no row at all.
+        """
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except OSError as e:
+            raise FinetuneError(f"cannot read manifest {path}: {e.strerror or e}") from e
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        if header is None or tuple(header) != HEADER:
+            raise FinetuneError(f"{path}: not a manifest: the first line must be {','.join(HEADER)!r}, got {header!r}")
+        rows = []
+        for record in reader:
+            where = f"{path}:{reader.line_num}"
+            if not record:
+                continue
+            if len(record) != len(HEADER):
+                raise FinetuneError(f"{where}: expected 3 fields (path,class,split), got {len(record)}")
+            rel, label, split = record
+            _check_relative(rel, where)
+            if not label:
+                raise FinetuneError(f"{where}: empty class")
+            if split not in SPLIT_ALIASES:
+                raise FinetuneError(f"{where}: unknown split {split!r} (expected train, val or test)")
+            rows.append(ManifestRow(PurePosixPath(rel).as_posix(), label, SPLIT_ALIASES[split]))
+        if not rows:
+            raise FinetuneError(f"{path}: the manifest lists no image")
+        return cls(path.parent if root is None else root, rows)
+
+
+def _split_name(split: str) -> str:
+    if split not in SPLITS:
+        raise FinetuneError(f"unknown split {split!r} (expected train, val or test)")
+    return split
+
+
+def _check_relative(rel: str, where: str) -> None:
+    """Reject a manifest path that is empty, absolute (POSIX or Windows) or climbs out with ``..``."""
+    if not rel:
+        raise FinetuneError(f"{where}: empty path")
+    windows = PureWindowsPath(rel)
+    if PurePosixPath(rel).is_absolute() or windows.drive or windows.root:
+        raise FinetuneError(f"{where}: path {rel!r} is absolute; manifest paths must be relative to the dataset root")
+    if ".." in windows.parts:
+        raise FinetuneError(f"{where}: path {rel!r} climbs out of the dataset root with '..'")
+
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +431,12 @@ def _audit_arguments(manifest: str | os.PathLike | None, data_root: Path) -> str
     return f"{manifest} --root {data_root}"
 
 
+def leaks(manifest: Manifest, groups: list[list[str]]) -> list[list[str]]:
+    """The duplicate groups whose files sit in more than one split of ``manifest``: leakage."""
+    split_of = {r.path: r.split for r in manifest.rows}
+    return [g for g in groups if len({split_of[p] for p in g if p in split_of}) > 1]
+
+
 def _warn_leaks(manifest: Manifest, results: list[ScanResult], audit_arguments: str) -> None:
     """Warn about byte-identical images that sit in more than one split, and about resized or re-encoded
     copies (same perceptual hash, confirmed by thumbnail correlation; see `hash_leaks`), pointing at
@@ -239,3 +464,63 @@ def _warn_leaks(manifest: Manifest, results: list[ScanResult], audit_arguments: 
 
 def _first(*values):
     return next(v for v in values if v is not None)
+
+
+def inspect_dataset(root: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+    """Scan a dataset folder or manifest and describe it (keys in the module docstring).
+
+    Args:
+        root: A dataset folder or a manifest CSV (whose root is its folder).
+        max_pixels: Largest width × height accepted.
+
+    Returns:
+        The description, JSON-serialisable.
+
+    Raises:
+        FinetuneError: The folder or manifest cannot be read (see `discover`, `Manifest.read_csv`).
+    """
+    root = Path(root)
+    if root.is_file():
+        manifest = Manifest.read_csv(root)
+        root, rows, classes = manifest.root, manifest.rows, manifest.classes
+        layout, split_folders = "manifest", {}
+    else:
+        found = discover(root)
+        rows = [ManifestRow(p, c, s) for s, per_class in found.images.items() for c, paths in per_class.items() for p in paths]
+        classes = found.classes
+        layout, split_folders = found.layout, found.split_dirs
+    results = scan_images(root, [r.path for r in rows], max_pixels=max_pixels)
+    bad = bad_files(results)
+    bad_paths = {b.path for b in bad}
+    split_of = {r.path: r.split for r in rows}
+    present = set(split_of.values())
+    counts = {s: dict.fromkeys(classes, 0) for s in (*SPLITS, UNSPLIT) if s in present}
+    for row in rows:
+        if row.path not in bad_paths:
+            counts[row.split][row.label] += 1
+    duplicates = []
+    for paths in duplicate_groups(results):
+        splits = [s for s in counts if s in {split_of[p] for p in paths}]
+        duplicates.append({"paths": paths, "splits": splits, "leak": len(splits) > 1})
+    good = [r for r in results if r.reason is None]
+    return {
+        "root": str(root),
+        "layout": layout,
+        "split_folders": split_folders,
+        "classes": classes,
+        "counts": counts,
+        "num_images": len(good),
+        "image_size": _size_stats(good),
+        "modes": dict(sorted(Counter(r.mode for r in good).items())),
+        "bad_files": [{"path": b.path, "reason": b.reason} for b in bad],
+        "duplicates": duplicates,
+    }
+
+
+def _size_stats(good) -> dict | None:
+    if not good:
+        return None
+    return {
+        axis: {"min": min(values), "median": statistics.median(values), "max": max(values)}
+        for axis, values in (("width", [r.width for r in good]), ("height", [r.height for r in good]))
+    }

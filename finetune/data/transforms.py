@@ -14,8 +14,7 @@ Ops are named albumentations transforms with their keyword arguments, as a recip
 
 which is the SpinalNet seed's Bird-225 and Caltech-101 train pipeline (``Resize((230, 230)) →
 RandomRotation(15) → RandomCrop(224) → RandomHorizontalFlip``); its eval pipeline is
-``[{"name": "Resize", "height": 224, "width": 224}]``.
-"""
+``[{"name": "Resize", "height": 224, "width": 224}]``."""
 from __future__ import annotations
 
 import inspect
@@ -83,6 +82,49 @@ def build_transform(
     steps = [_op(i, spec, flag) for i, spec in enumerate(ops)]
     _check_output_size(A.Compose(steps), height, width)
     return A.Compose([*steps, A.Normalize(mean=tuple(mean), std=tuple(std)), A.ToTensorV2()])
+
+
+def resolve_preprocessing(
+    data_config: Mapping,
+    *,
+    input_size: int | Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str | None = None,
+    crop_pct: float | None = None,
+    eval_transforms: Sequence[Mapping] | None = None,
+) -> dict:
+    """A checkpoint's ``preprocessing``: the backbone's timm data config with the recipe's overrides applied
+    (None keeps the backbone's value)."""
+    size = input_size if input_size is not None else data_config["input_size"]
+    if isinstance(size, int):
+        size = (3, size, size)
+    elif len(size) == 2:
+        size = (3, *size)
+    return {
+        "input_size": list(size),
+        "mean": list(mean or data_config["mean"]),
+        "std": list(std or data_config["std"]),
+        "interpolation": interpolation or data_config.get("interpolation", "bicubic"),
+        "crop_pct": crop_pct or data_config.get("crop_pct", 0.875),
+        "crop_mode": data_config.get("crop_mode", "center"),
+        "eval_transforms": eval_transforms,
+    }
+
+
+def preprocessing_transform(preprocessing: Mapping, *, train: bool = False,
+                            ops: Sequence[Mapping] | None = None) -> A.Compose:
+    """The pipeline ``preprocessing`` (:func:`resolve_preprocessing`) describes: eval with its
+    ``eval_transforms``, or train with ``ops`` (the recipe's ``train_transforms``)."""
+    return build_transform(
+        train,
+        input_size=preprocessing["input_size"],
+        mean=preprocessing["mean"],
+        std=preprocessing["std"],
+        interpolation=preprocessing.get("interpolation", "bicubic"),
+        crop_pct=preprocessing.get("crop_pct", 0.875),
+        ops=ops if train else preprocessing.get("eval_transforms"),
+    )
 
 
 def _size(input_size: int | Sequence[int]) -> tuple[int, int]:

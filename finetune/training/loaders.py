@@ -1,0 +1,198 @@
+"""What a stage reads: the run's manifest, split items (resized copies with ``data.resize_cache``), datasets,
+samplers and DataLoaders, and :class:`StageInputs`, what one stage trains and validates on.
+
+Every loader batches with :func:`~finetune.data.collate_skip` and takes its workers from
+:func:`~finetune._workers.auto_workers`: one policy for training, evaluation and prediction.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from finetune._io import cache_root
+from finetune._workers import auto_workers
+from finetune.errors import FinetuneError
+from finetune.training import distributed as ddp
+
+log = logging.getLogger("finetune")
+
+
+@dataclass
+class StageInputs:
+    """What one stage trains and validates on.
+
+    Attributes:
+        module: what the stage trains (the model, or its head on cached features).
+        train_loader: its training batches.
+        val_loader: its validation batches (each rank reads its shard).
+        eval_module: what validates (the EMA's copy of ``module`` when there is an EMA).
+    """
+
+    module: nn.Module
+    train_loader: DataLoader
+    val_loader: DataLoader
+    eval_module: nn.Module
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the sampler's shuffle and the dataset's augmentation (or feature view) for ``epoch``."""
+        for obj in (self.train_loader.sampler, self.train_loader.dataset):
+            if hasattr(obj, "set_epoch"):
+                obj.set_epoch(epoch)
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Rank r of w takes samples r, r + w, r + 2w, …: every sample once across ranks, no padding."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def run_manifest(path: Path, data, *, is_main: bool, dist: ddp.DistInfo, run_dir: Path):
+    """The run's manifest at ``path``: made once (by rank 0, with ``bad_files.csv`` beside it) from the
+    ``data`` section, then read by every rank; a resumed run reads the one it made, so the split never changes.
+
+    Raises:
+        FinetuneError: no train or val split, or fewer than two classes.
+    """
+    from finetune.data import Manifest, manifest_root, prepare_manifest
+
+    if is_main and not path.exists():
+        if data.sample == "digits" and data.root:
+            from finetune.data import write_digits
+
+            write_digits(data.root)
+        manifest, bad = prepare_manifest(
+            data.root, manifest=data.manifest, card=data.card, val=data.val, test=data.test,
+            train_per_class=data.train_per_class, exclude=tuple(data.exclude), seed=data.seed,
+            report_path=path.parent / "bad_files.csv",
+        )
+        if bad:
+            log.warning("excluded %d unreadable image(s); see %s", len(bad), run_dir / "bad_files.csv")
+        manifest.write_csv(path)
+    ddp.barrier(dist)
+    manifest = Manifest.read_csv(path, root=manifest_root(data.root, data.manifest))
+    if "train" not in manifest.splits() or "val" not in manifest.splits():
+        raise FinetuneError(
+            f"the data needs train and val splits, found {', '.join(manifest.splits())} "
+            "(give data.val, or a validation folder named val/valid/validation)"
+        )
+    if len(manifest.classes) < 2:
+        raise FinetuneError(f"classification needs at least two classes; {data.root or data.manifest} has "
+                            f"{len(manifest.classes)}: {', '.join(manifest.classes)}")
+    return manifest
+
+
+def split_items(items: list[tuple[Path, int]], *, resize: Optional[int], cache_dir: Optional[str],
+                dist: ddp.DistInfo) -> list[tuple[Path, int]]:
+    """``(image path, class index)`` of a split; with ``resize`` (``data.resize_cache``) the paths are
+    pre-resized copies, made once by the processes of each machine (each its slice), then reused across
+    epochs and runs. A collective (a barrier) when resizing: call it on every rank."""
+    if not resize:
+        return items
+    from finetune.data import resize_cache
+
+    folder = cache_root(cache_dir) / "images"
+    local, shards = dist.local_rank, dist.local_world_size
+    mine = resize_cache(items[local::shards], size=resize, cache_dir=folder, workers=auto_workers("auto", shards))
+    ddp.barrier(dist)
+    # then every process reads the whole list (all copies exist: no decoding)
+    return mine if shards == 1 else resize_cache(items, size=resize, cache_dir=folder)
+
+
+def make_loader(dataset: Dataset, *, sampler, batch_size: int, num_workers, device: torch.device,
+                world_size: int = 1, train: bool = False) -> DataLoader:
+    """A DataLoader batching with ``collate_skip``, with :func:`auto_workers` workers shared between ranks."""
+    from finetune.data import collate_skip
+
+    workers = auto_workers(num_workers, world_size)
+    # Workers persist across the epochs of a stage: the dataset keeps its epoch (which seeds the
+    # augmentation) in shared memory, so set_epoch reaches them. The loader gets its own generator:
+    # otherwise each new iterator draws its workers' base seed from the global RNG, and dropout in a
+    # resumed run would see a different stream than in an uninterrupted one.
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_skip,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(0), drop_last=drop_last_for(sampler, batch_size, train),
+    )
+
+
+def drop_last_for(sampler, batch_size: int, train: bool) -> bool:
+    """Training drops an incomplete last batch (a batch of one breaks BatchNorm in training mode)
+    unless that would leave no batch at all; evaluation sees every sample."""
+    return train and len(sampler) > batch_size
+
+
+def image_loader(items: list[tuple[Path, int]], transform: Callable, *, train: bool, balance: bool, seed: int,
+                 batch_size: int, num_workers, dist: ddp.DistInfo, device: torch.device) -> DataLoader:
+    """Images of a split: shuffled per epoch (class-balanced with ``balance``) for training, this rank's
+    shard in order for validation."""
+    from finetune.data import BalancedSampler, ImageDataset
+
+    dataset = ImageDataset(items, transform, seed=seed)
+    if train and balance:
+        sampler = BalancedSampler(dataset.labels, seed=seed, num_replicas=dist.world_size, rank=dist.rank)
+    elif train:
+        sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed)
+    else:
+        sampler = ShardSampler(len(dataset), dist.rank, dist.world_size)
+    return make_loader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers, device=device,
+                       world_size=dist.world_size, train=train)
+
+
+def feature_loaders(train: Dataset, val: Dataset, *, batch_size: int, eval_batch_size: int, seed: int,
+                    dist: ddp.DistInfo) -> tuple[DataLoader, DataLoader]:
+    """Loaders over cached features (in the main process: a batch is one fancy index into a memory map)."""
+    from finetune.data import collate_skip
+
+    sampler = DistributedSampler(train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed)
+    train_loader = DataLoader(train, batch_size=batch_size, collate_fn=collate_skip, sampler=sampler,
+                              generator=torch.Generator().manual_seed(0),
+                              drop_last=drop_last_for(sampler, batch_size, True))
+    val_loader = DataLoader(val, batch_size=eval_batch_size, collate_fn=collate_skip,
+                            generator=torch.Generator().manual_seed(0),
+                            sampler=ShardSampler(len(val), dist.rank, dist.world_size))
+    return train_loader, val_loader
+
+
+def stage_inputs(model, eval_model: nn.Module, *, stage, head_only: bool, items: Callable[[str], list],
+                 image_loader: Callable[..., DataLoader], preprocessing: dict, transforms: tuple[Callable, Callable],
+                 data, cfg, dist: ddp.DistInfo, device: torch.device, amp_dtype) -> StageInputs:
+    """What a stage trains on: images through the whole model (``image_loader(split, train=...)``), or, for a
+    head-only stage whose features fit the cache, cached backbone features through the head.
+
+    Args:
+        model, eval_model: the :class:`~finetune.models.FinetuneModel` and what validates (its EMA, or itself).
+        stage, data, cfg: the recipe's stage, ``data`` and ``training`` sections.
+        head_only: the stage trains nothing but the head.
+        items: ``items(split)`` → ``(path, label)`` pairs.
+        preprocessing, transforms: the run's preprocessing and its (train, eval) pipelines.
+    """
+    from finetune.training.feature_cache import stage_features
+
+    eval_batch = cfg.eval_batch_size or cfg.batch_size * 2
+    if stage.feature_cache is not False and head_only:
+        features = stage_features(
+            model.backbone, {"train": items("train"), "val": items("val")}, train_transform=transforms[0],
+            eval_transform=transforms[1], views=stage.feature_cache_views, key_parts={
+                "backbone": model.backbone_name, "backbone_kwargs": model.backbone_kwargs,
+                "preprocessing": preprocessing, "train_transforms": data.train_transforms},
+            cache_dir=cfg.cache_dir, max_bytes=int(cfg.cache_max_gb * 1024**3), num_features=model.num_features,
+            dist=dist, device=device, amp_dtype=amp_dtype, seed=cfg.seed, batch_size=eval_batch,
+            num_workers=auto_workers(data.num_workers, 1), channels_last=cfg.channels_last)
+        if features is not None:
+            loaders = feature_loaders(*features, batch_size=cfg.batch_size, eval_batch_size=eval_batch,
+                                      seed=cfg.seed, dist=dist)
+            return StageInputs(model.head, *loaders, eval_module=eval_model.head)
+    return StageInputs(model, image_loader("train", train=True), image_loader("val", train=False), eval_model)
