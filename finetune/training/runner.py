@@ -36,6 +36,7 @@ from finetune.training.freeze import (
     select_trainable,
     set_train_mode,
 )
+from finetune.training.loggers import RunLogger, create_run_logger
 from finetune.training.loop import (
     make_grad_scaler,
     predict,
@@ -95,6 +96,7 @@ class Runner:
         self.resume_optimizer: Optional[dict[str, Any]] = None
         self._items: dict[str, list[tuple[Path, int]]] = {}
         self._created: Optional[list[Path]] = None  # folders a fresh run's setup created (rank 0)
+        self.loggers = RunLogger([])  # experiment tracking, opened by train()
 
     # ------------------------------------------------------------------------------------------ setup
 
@@ -225,7 +227,14 @@ class Runner:
     # ------------------------------------------------------------------------------------------ train
 
     def train(self) -> dict[str, Any]:
+        from finetune.config import resolved_dict
+
         stages = self.recipe.stages
+        # experiment tracking (training.loggers): TensorBoard / MLflow on rank 0; steps count optimizer updates
+        self.loggers = create_run_logger(self.cfg.loggers, self.run_dir, enabled=self.is_main,
+                                         experiment=self.recipe.name, classes=self.classes,
+                                         first_step=sum(row.get("updates", 0) for row in self.history))
+        self.loggers.log_params(resolved_dict(self.recipe))
         self.progress = Progress(self.is_main and not self.quiet and sys.stderr.isatty(),
                                  total_epochs=sum(s.epochs for s in stages), done_epochs=len(self.history))
         for index in range(self.stage_index, len(stages)):
@@ -267,10 +276,11 @@ class Runner:
         optimizer = make_optimizer(self.model, stage.optimizer)
         scheduler = make_scheduler(optimizer, stage.schedule, stage.epochs,
                                    updates_per_epoch(len(inputs.train_loader), self.cfg.accumulation))
-        scheduler.step_update(num_updates=self.updates_in_stage)
         if self.resume_optimizer is not None:  # resuming inside this stage
             optimizer.load_state_dict(self.resume_optimizer)
             self.resume_optimizer = None
+        # after loading the state, whose lr is that of the stage's old length when a resume grew its epochs
+        scheduler.step_update(num_updates=self.updates_in_stage)
         train_module = torch.compile(module) if self.cfg.compile else module
 
         while self.epoch_in_stage < stage.epochs:
@@ -285,7 +295,7 @@ class Runner:
                     amp_dtype=self.amp_dtype, scaler=self.scaler, accumulation=self.cfg.accumulation,
                     clip_grad=self.cfg.clip_grad, scheduler=scheduler, first_update=self.updates_in_stage,
                     ema=self.ema, channels_last=self.cfg.channels_last, where=where,
-                    progress=progress,
+                    progress=progress, on_update=self.loggers.log_update,
                 )
             self.updates_in_stage += stats.updates
             totals = ddp.all_reduce_sum([stats.loss * stats.samples, stats.accuracy * stats.samples,
@@ -306,6 +316,7 @@ class Runner:
                 "val_balanced_acc": val["balanced_accuracy"],
                 "images_per_s": totals[2] / stats.seconds if stats.seconds else 0.0,
                 "seconds": stats.seconds,
+                "updates": stats.updates,  # not a metrics.csv column: the loggers' step count on resume
             }
             self.history.append(row)
             self.recall_history.append({"epoch": global_epoch + 1, **val["per_class_recall"]})
@@ -327,6 +338,7 @@ class Runner:
                 if improved:
                     self._save_best(val)
                 self._write_logs()
+                self.loggers.log_epoch(row, val["per_class_recall"])
                 self.save_checkpoint(optimizer)
             ddp.barrier(self.dist)
             if self._early_stopped(stage):
@@ -496,6 +508,7 @@ class Runner:
                 summary["test"] = self._evaluate_test()
         if self.is_main:
             write_json_atomic(self.run_dir / "summary.json", summary)
+            self.loggers.log_end(self.run_dir, summary.get("test"))
             log.info(format_summary(summary))
         ddp.barrier(self.dist)
         return summary
@@ -515,6 +528,7 @@ class Runner:
 
 
     def cleanup(self) -> None:
+        self.loggers.close()
         ddp.cleanup(getattr(self, "dist", ddp.DistInfo()))
 
 
