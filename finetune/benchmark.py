@@ -25,6 +25,7 @@ import torch
 from finetune.errors import FinetuneError
 
 BACKENDS = ("pytorch eager", "pytorch compiled", "onnxruntime fp32", "onnxruntime int8")
+"""The rows of every benchmark; a statically quantised .onnx given adds ``onnxruntime int8 static``."""
 
 
 def benchmark(
@@ -50,7 +51,7 @@ def benchmark(
         ``{"sources", "checkpoint", "input_size", "threads", "iterations", "rows", "int8_speedup"}``; each row
         holds ``backend``, ``device``, ``batch``, ``status`` (``ok`` or why it could not run),
         ``latency_ms`` (``median``, ``p90``) and ``images_per_s``; ``int8_speedup`` maps
-        ``"DEVICE/BATCH"`` to ONNX Runtime fp32's median latency over int8's.
+        ``"DEVICE/BATCH"`` to ONNX Runtime fp32's median latency over int8's (dynamic, else static).
     """
     from finetune.checkpoint import load_checkpoint, resolve_checkpoint
     from finetune.export import OnnxModel, export_model, read_onnx_info
@@ -66,7 +67,8 @@ def benchmark(
     for source in sources:
         if source.suffix == ".onnx":
             info = read_onnx_info(source)
-            given_onnx["onnxruntime int8" if info.get("quantization") else "onnxruntime fp32"] = source
+            method = (info.get("quantization") or {}).get("method")
+            given_onnx[{None: "onnxruntime fp32", "dynamic": "onnxruntime int8"}.get(method, "onnxruntime int8 static")] = source
             if info.get("source_checkpoint") and Path(info["source_checkpoint"]).exists():
                 checkpoints.append(info["source_checkpoint"])
         else:
@@ -101,6 +103,7 @@ def benchmark(
     for device in devices:
         for batch in batches:
             fp32, int8 = (_row(rows, b, device, batch) for b in ("onnxruntime fp32", "onnxruntime int8"))
+            int8 = int8 or _row(rows, "onnxruntime int8 static", device, batch)
             if fp32 and int8:
                 speedup[f"{device}/{batch}"] = fp32["latency_ms"]["median"] / int8["latency_ms"]["median"]
     return {
@@ -155,8 +158,10 @@ def _runners(model, onnx_files: dict[str, Path], device: str, threads: Optional[
             runners["pytorch compiled"] = f"unavailable: {type(e).__name__}: {_first_line(e)}"
         else:
             runners["pytorch compiled"] = lambda x: run_eager(x, compiled)
-    for name in ("onnxruntime fp32", "onnxruntime int8"):
+    for name in ("onnxruntime fp32", "onnxruntime int8", "onnxruntime int8 static"):
         path = onnx_files.get(name)
+        if path is None and name.endswith("static"):
+            continue  # a row only when such a model is given
         if path is None:
             runners[name] = why_no_checkpoint
             continue
