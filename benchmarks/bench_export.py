@@ -121,9 +121,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     notes = [
         f"Model: {meta['backbone']} + {meta['head']['name']} head at {meta['preprocessing']['input_size'][1]} px, "
         f"checkpoint {checkpoint}.",
-        "Dynamic quantisation turns convolutions into ConvInteger and MatMul/Gemm into MatMulInteger with activations "
-        "quantised at run time; static quantisation inserts QuantizeLinear/DequantizeLinear pairs (QDQ) that "
-        "onnxruntime fuses into int8 kernels.",
+        "Dynamic quantisation (the default) quantises the linear layers only (MatMul/Gemm -> MatMulInteger, activations "
+        "quantised at run time): on this CNN that is the head, so it costs no accuracy and gains little speed. "
+        "Quantising the convolutions dynamically too (ConvInteger, onnxruntime's default op list) ran 8-14x slower "
+        "than fp32 and lost 7.1 points (0.9182 vs 0.9888, measured once at commit 1d7d896, before the default changed).",
+        "Static quantisation quantises every supported op (QuantizeLinear/DequantizeLinear pairs, QDQ, that "
+        "onnxruntime fuses into int8 kernels), weights per channel, activations calibrated at the 99.999th "
+        "percentile; min-max calibration lost 6.3 points, entropy 6.3 (measured once on this checkpoint). "
+        "EfficientNet-Lite's depthwise convolutions are known to quantise poorly after training; "
+        "quantisation-aware training is not implemented.",
     ]
     results = {"accuracy": accuracy, "sizes_mb": sizes, "export_seconds": seconds, "speedups": speedups,
                "benchmark": timing, "test_images": len(paths)}

@@ -13,8 +13,6 @@ from finetune.export import OnnxModel, export_model, read_onnx_info
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-INT8_OPS = {"MatMulInteger", "ConvInteger", "DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear"}
-
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
@@ -47,9 +45,11 @@ def test_int8_export_is_smaller_int8_and_predicts_like_fp32(exported, images, pr
     from finetune.inference import eval_transform
 
     fp32, int8 = exported["fp32"], exported[kind]
-    assert int8.stat().st_size < 0.6 * fp32.stat().st_size
+    # dynamic: the head's linear layers in int8; static: the convolutions too
+    assert int8.stat().st_size < (0.6 if kind == "static" else 1.0) * fp32.stat().st_size
     ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
-    assert ops & INT8_OPS and int8_weights(int8) >= 5 and int8_weights(fp32) == 0, ops
+    expected = {"MatMulInteger", "DynamicQuantizeLinear"} if kind == "dynamic" else {"QuantizeLinear", "DequantizeLinear"}
+    assert expected <= ops and int8_weights(int8) >= (3 if kind == "dynamic" else 20) and int8_weights(fp32) == 0, ops
     info = read_onnx_info(int8)  # from the model's own metadata
     assert info["classes"] == ["cat", "dog", "fox"] and info["preprocessing"]["input_size"] == [3, 32, 32]
     assert info["quantization"]["method"] == kind
