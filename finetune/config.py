@@ -23,6 +23,9 @@ from finetune.errors import FinetuneError, one_line, short_repr
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Metric = Literal["accuracy", "macro_f1", "balanced_accuracy", "loss"]
+Logger = Literal["csv", "tensorboard", "mlflow"]
+LOGGER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
+"""Logger → the package it needs (the optional extra of the same name installs it)."""
 
 
 class _Section(BaseModel):
@@ -171,6 +174,17 @@ class TrainingConfig(_Section):
     # hanging; must cover the longest work one process does alone (rank 0 writing checkpoints, the test
     # report). NCCL's own default is 10.
     ddp_timeout: float = Field(60.0, gt=0)
+    # where metrics also go: csv (the run folder's metrics.csv and plots) is always written; tensorboard
+    # (RUN_DIR/tensorboard) and mlflow ($MLFLOW_TRACKING_URI, else RUN_DIR/mlruns) are optional extras
+    loggers: list[Logger] = Field(default_factory=lambda: ["csv"])
+
+    @field_validator("loggers")
+    @classmethod
+    def _loggers_installed(cls, loggers: list[str]) -> list[str]:
+        for name in loggers:
+            if not _installed(LOGGER_PACKAGES.get(name)):
+                raise ValueError(f'{name} needs the {LOGGER_PACKAGES[name]} package: pip install -e ".[{name}]"')
+        return list(dict.fromkeys(["csv", *loggers]))
 
     @field_validator("device")
     @classmethod
@@ -308,6 +322,18 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
         mark = e.problem_mark
         return f"{e.problem}" + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
     return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _installed(package: Optional[str]) -> bool:
+    """Whether ``package`` can be imported (None: nothing needed), without importing it."""
+    import importlib.util
+
+    if package is None:
+        return True
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # ValueError: sys.modules holds None for it (blocked)
+        return False
 
 
 def apply_override(raw: dict[str, Any], assignment: str) -> None:

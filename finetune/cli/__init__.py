@@ -14,7 +14,7 @@ from finetune._version import __version__
 from finetune.errors import FinetuneError, one_line
 
 # Sub-command modules, in the order `finetune --help` lists them.
-COMMANDS = ("train", "validate", "eval", "predict", "explain", "export", "data", "models")
+COMMANDS = ("train", "validate", "eval", "predict", "explain", "export", "benchmark", "data", "models")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,4 +1,4 @@
-"""`finetune eval CHECKPOINT --data ROOT|MANIFEST`: metrics, confusion matrices and report.html."""
+"""`finetune eval CHECKPOINT|MODEL.onnx --data ROOT|MANIFEST`: metrics, confusion matrices and report.html."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +19,10 @@ def add_parser(subparsers) -> None:
         description="Evaluate a checkpoint on labelled images and write metrics.json, per_class.csv, "
                     "confusion_matrix.csv/.png, most_confused.csv, misclassified.csv and report.html.",
     )
-    p.add_argument("checkpoint", help="checkpoint folder (or a run folder: its best checkpoint)")
+    p.add_argument("checkpoint", metavar="CHECKPOINT|MODEL.onnx",
+                   help="checkpoint folder (or a run folder: its best checkpoint), or a model `finetune export "
+                        "--format onnx` wrote (run with onnxruntime; its accuracy is compared with the fp32 "
+                        "checkpoint it came from)")
     p.add_argument("--data", required=True, metavar="ROOT|MANIFEST", help="image folder or manifest CSV")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"), help=SPLIT_HELP)
     p.add_argument("--out", metavar="DIR",
@@ -32,6 +35,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--no-explain", dest="explain", action="store_false",
                    help="no Grad-CAM heat-maps in report.html (each costs about two predictions on the CPU)")
+    p.add_argument("--reference", metavar="CHECKPOINT",
+                   help="for an .onnx model: the checkpoint to compare accuracy with (default: the one it was "
+                        "exported from, when it is still there)")
     p.set_defaults(func=run)
 
 
@@ -41,6 +47,12 @@ def run(args) -> int:
     from finetune.evaluation import align_classes, evaluate
     from finetune._device import resolve_device
 
+    if Path(args.checkpoint).suffix == ".onnx":
+        return run_onnx(args)
+    if args.reference:
+        from finetune.errors import FinetuneError
+
+        raise FinetuneError("--reference compares an exported .onnx model with a checkpoint; give the .onnx file")
     folder = resolve_checkpoint(args.checkpoint)
     run_dir = run_folder(folder)
     out = Path(args.out) if args.out else (
@@ -70,6 +82,76 @@ def run(args) -> int:
         f"ECE {metrics['ece']:.4f}"
         + (f" ({metrics['num_unreadable']} unreadable image(s) left out)" if metrics["num_unreadable"] else "")
     )
+    print(f"wrote {out}/ (open {out / 'report.html'})")
+    return 0
+
+
+def run_onnx(args) -> int:
+    """Evaluate an exported ONNX model (onnxruntime), and state its accuracy against the fp32 checkpoint."""
+    import numpy as np
+
+    from finetune._io import check_output
+    from finetune.checkpoint import load_checkpoint, read_meta, resolve_checkpoint, write_json_atomic
+    from finetune.errors import FinetuneError
+    from finetune.evaluation import align_classes, classification_metrics, evaluate
+    from finetune.export import OnnxModel, read_onnx_info
+    from finetune.inference import eval_transform, predict_probabilities, resolve_device
+
+    path = Path(args.checkpoint)
+    info = read_onnx_info(path)
+    reference = args.reference or info.get("source_checkpoint")
+    if reference and not args.reference and not Path(reference).exists():
+        reference = None  # exported elsewhere: nothing to compare with unless --reference is given
+    folder = resolve_checkpoint(reference) if reference else None
+    run_dir = run_folder(folder) if folder else None
+    out = Path(args.out) if args.out else path.with_name(f"{path.stem}-eval-{args.split}")
+    check_output(out, folder=True)
+    device = resolve_device(args.device)
+    model = OnnxModel(path, device=device.type)
+    meta = read_meta(folder) if folder else info
+    if folder and list(meta["classes"]) != list(info["classes"]):
+        raise FinetuneError(f"{path} and the reference checkpoint {folder} have different classes")
+    manifest = load_manifest(args.data, meta, run_dir)
+    mapping = align_classes(manifest.classes, info["classes"], allow_subset=args.allow_subset)
+    splits = manifest.splits() if args.split == "all" else [args.split]
+    items = [(p, mapping[label]) for split in splits for p, label in manifest.items(split) if label in mapping]
+    labels = sorted(mapping.values()) if len(mapping) < len(info["classes"]) else None
+    ref = None
+    if folder:  # the fp32 checkpoint on the same images, first: the report lists it
+        fp32, _ = load_checkpoint(folder, map_location=device)
+        indices, probs, _ = predict_probabilities(
+            fp32.eval(), [str(p) for p, _ in items], eval_transform(meta["preprocessing"]), device=device,
+            batch_size=args.batch_size, num_workers=args.num_workers)
+        if len(indices):
+            targets = np.array([t for _, t in items])[indices]
+            ref = classification_metrics(targets, probs, class_names=info["classes"], labels=labels)
+    quantization = info.get("quantization")
+    metrics = evaluate(
+        model, items, class_names=info["classes"], preprocessing=info["preprocessing"], out_dir=out,
+        device="cpu", batch_size=args.batch_size, num_workers=args.num_workers, run_dir=run_dir, labels=labels,
+        progress=True,
+        details={
+            "model": f"{path} ({info['backbone']} + {info['head']['name']} head, ONNX"
+                     + (f" {quantization['dtype']} {quantization['method']})" if quantization else ")"),
+            "data": str(args.data), "split": args.split,
+            "classes evaluated": f"{len(mapping)} of {len(info['classes'])}",
+            **({"fp32 checkpoint": f"{folder}: accuracy {ref['accuracy']:.4f}, macro-F1 {ref['macro_f1']:.4f}"}
+               if ref else {}),
+        },
+    )
+    line = (f"{metrics['num_samples']} images: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+            f"balanced accuracy {metrics['balanced_accuracy']:.4f}, top-5 {metrics['top5_accuracy']:.4f}, "
+            f"ECE {metrics['ece']:.4f}")
+    if ref:
+        metrics["reference"] = {
+            "checkpoint": str(folder), "accuracy": ref["accuracy"], "macro_f1": ref["macro_f1"],
+            "accuracy_delta": metrics["accuracy"] - ref["accuracy"],
+            "macro_f1_delta": metrics["macro_f1"] - ref["macro_f1"],
+        }
+        write_json_atomic(out / "metrics.json", metrics)
+        line += (f"; fp32 checkpoint {folder}: accuracy {ref['accuracy']:.4f}, "
+                 f"delta {metrics['reference']['accuracy_delta']:+.4f}")
+    print(line)
     print(f"wrote {out}/ (open {out / 'report.html'})")
     return 0
 

@@ -62,6 +62,7 @@ def train_one_epoch(
     channels_last: bool = False,
     where: str = "",
     progress: Optional[Callable[[int, int, float, float], None]] = None,
+    on_update: Optional[Callable[[torch.Tensor, float], None]] = None,
 ) -> EpochStats:
     """Train ``model`` for one pass over ``loader`` (batches of ``(inputs, labels, skipped)``).
 
@@ -72,6 +73,8 @@ def train_one_epoch(
     window (with the mean gradient of its micro-batches): :func:`updates_per_epoch` updates. Gradients are
     unscaled before clipping, the scheduler steps per update (``scheduler.step_update(num_updates=...)``
     counting from ``first_update``), and ``ema.update()`` follows each update (the EMA knows what it tracks).
+    ``on_update(loss, lr)`` gets each update's mean micro-batch loss (a device tensor: reading it is the
+    caller's sync point) and the learning rate it used.
 
     Raises:
         FinetuneError: on a non-finite loss, naming ``where`` (stage and epoch) and the step.
@@ -85,6 +88,8 @@ def train_one_epoch(
     updates = first_update
     optimizer.zero_grad(set_to_none=True)
     pending = False  # gradients accumulated since the last update
+    window_loss = torch.zeros((), device=device)  # summed micro-batch losses of the pending update
+    window_batches = 0
     for step, (inputs, labels, batch_skipped) in enumerate(loader):
         boundary = (step + 1) % accumulation == 0 or step + 1 == n_batches
         if labels.numel() == 1 and batch_skipped:
@@ -110,6 +115,9 @@ def train_one_epoch(
             correct += (logits.argmax(1) == labels).sum()
             samples += labels.numel()
             pending = True
+            if on_update is not None:
+                window_loss += loss.detach().float()
+                window_batches += 1
         if boundary and pending:  # a window whose last micro-batch was skipped still makes its update
             pending = False
             if clip_grad is not None:
@@ -121,6 +129,9 @@ def train_one_epoch(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             updates += 1
+            if on_update is not None:
+                on_update(window_loss / window_batches, max(g["lr"] for g in optimizer.param_groups))
+                window_loss, window_batches = torch.zeros((), device=device), 0
             if scheduler is not None:
                 scheduler.step_update(num_updates=updates)
             if ema is not None:

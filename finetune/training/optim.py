@@ -51,9 +51,10 @@ def stage_optimizer(model: nn.Module, stage, *, updates_per_epoch: int, first_up
     """
     optimizer = make_optimizer(model, stage.optimizer)
     scheduler = make_scheduler(optimizer, stage.schedule, stage.epochs, updates_per_epoch)
-    scheduler.step_update(num_updates=first_update)
     if resume_state is not None:
         optimizer.load_state_dict(resume_state)
+    # after loading the state, whose lr is that of the stage's old length when a resume grew its epochs
+    scheduler.step_update(num_updates=first_update)
     return optimizer, scheduler
 
 

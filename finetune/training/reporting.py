@@ -31,9 +31,10 @@ def setup_logging(is_main: bool) -> None:
 
 
 def epoch_row(*, stage: int, epoch: int, lr: float, totals: list[float], seconds: float,
-              val: dict[str, Any]) -> dict[str, Any]:
+              val: dict[str, Any], updates: int = 0) -> dict[str, Any]:
     """An epoch's ``metrics.csv`` row from the summed train ``totals`` of every rank (loss × samples,
-    accuracy × samples, samples, skipped) and the validation metrics."""
+    accuracy × samples, samples, skipped) and the validation metrics; ``updates`` (the epoch's optimizer
+    updates, not a metrics.csv column) gives the loggers their step count on resume."""
     samples = max(totals[2], 1)
     return {
         "stage": stage, "epoch": epoch, "lr": lr,
@@ -42,6 +43,7 @@ def epoch_row(*, stage: int, epoch: int, lr: float, totals: list[float], seconds
         "val_balanced_acc": val["balanced_accuracy"],
         "images_per_s": totals[2] / seconds if seconds else 0.0,
         "seconds": seconds,
+        "updates": updates,
     }
 
 

@@ -32,7 +32,8 @@ SETUP_DIR = ".setup.tmp"
 # what a resumed run's recipe may change (key paths, or prefixes ending in "."): how it runs, not what it
 # trains; besides these, the epochs of the stage in progress or a later one may grow
 RESUME_MAY_CHANGE = ("name", "output.", "data.num_workers", "training.device", "training.eval_batch_size",
-                     "training.ddp_timeout", "training.cache_dir", "training.cache_max_gb")
+                     "training.ddp_timeout", "training.cache_dir", "training.cache_max_gb",
+                     "training.loggers")
 STATE_KEYS = ("stage_index", "epoch_in_stage", "updates_in_stage", "stale_epochs", "train_seconds", "best",
               "history", "recall_history", "optimizer", "scaler", "rng")
 

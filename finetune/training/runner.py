@@ -1,9 +1,8 @@
 """The recipe runner: recipe → builders (``run_folder``, ``loaders``, ``optim``, ``feature_cache``) → stages
-(``loop``, ``selection``) → checkpoints (``state``) → report (``reporting``).
-
-A run folder holds ``recipe.yaml`` (resolved), ``manifest.csv``, ``bad_files.csv``, ``metrics.csv``,
-``per_class_recall.csv``, ``training_curves.png``, ``checkpoints/{last,best}``, ``summary.json`` and
-``eval/`` (the best checkpoint on the test split). Only rank 0 writes."""
+(``loop``, ``selection``) → checkpoints (``state``) → report (``reporting``, ``loggers``). A run folder holds
+``recipe.yaml`` (resolved), ``manifest.csv``, ``bad_files.csv``, ``metrics.csv``, ``per_class_recall.csv``,
+``training_curves.png``, ``checkpoints/{last,best}``, ``summary.json`` and ``eval/`` (the best checkpoint on
+the test split). Only rank 0 writes."""
 from __future__ import annotations
 
 import logging
@@ -26,6 +25,7 @@ from finetune.training import run_folder, selection
 from finetune.training.ema import Ema, stage_state_names
 from finetune.training.feature_cache import is_head_only
 from finetune.training.freeze import freeze_stage, set_train_mode
+from finetune.training.loggers import RunLogger, create_run_logger
 from finetune.training.loaders import StageInputs, image_loader, run_manifest, split_items, stage_inputs
 from finetune.training.loop import evaluate, make_grad_scaler, reduce_epoch, train_one_epoch, updates_per_epoch
 from finetune.training.optim import make_loss, stage_optimizer
@@ -59,8 +59,7 @@ class Runner:
         self.resume_optimizer: Optional[dict[str, Any]] = None
         self._items: dict[str, list[tuple[Path, int]]] = {}
         self._created: Optional[list[Path]] = None  # folders a fresh run's setup created (rank 0)
-
-    history = property(lambda self: self.state.history, doc="The metrics.csv rows so far.")
+        self.loggers = RunLogger([])  # experiment tracking (training.loggers), opened by train()
 
     def setup(self) -> None:
         """Build everything a run needs. A fresh run's setup leaves nothing behind if it fails."""
@@ -78,9 +77,7 @@ class Runner:
         self.is_main = self.dist.is_main
         setup_logging(self.is_main)
         self._created = run_folder.prepare(self.run_dir, resume=self.resume, data_root=data.root, dist=self.dist)
-        # the same seed on every rank: identical initial weights (DDP broadcasts them anyway, but the
-        # feature cache runs the backbone before any DDP wrapper exists)
-        seed_everything(cfg.seed)
+        seed_everything(cfg.seed)  # on every rank alike
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         # a fresh run stages its setup files until setup succeeds
@@ -91,9 +88,7 @@ class Runner:
         self.model: FinetuneModel = create_model(
             m.backbone, len(self.classes), head=m.head, pretrained=False if self.resume else m.pretrained,
             **m.backbone_kwargs,
-        ).to(self.device)
-        if cfg.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        ).to(self.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
         self.preprocessing = resolve_preprocessing(
             self.model.data_config(), input_size=data.input_size, mean=data.mean, std=data.std,
             interpolation=data.interpolation, crop_pct=data.crop_pct, eval_transforms=data.eval_transforms)
@@ -128,6 +123,8 @@ class Runner:
 
     def train(self) -> dict[str, Any]:
         stages, s = self.recipe.stages, self.state
+        self.loggers = create_run_logger(self.cfg.loggers, self.run_dir, enabled=self.is_main, classes=self.classes,
+                                         experiment=self.recipe.name, first_step=s.updates, params=self.recipe)
         self.progress = Progress(self.is_main and not self.quiet and sys.stderr.isatty(),
                                  total_epochs=sum(st.epochs for st in stages), done_epochs=len(s.history))
         for index in range(s.stage_index, len(stages)):
@@ -137,7 +134,7 @@ class Runner:
                 continue
             if index != s.stage_index:  # entering a new stage: fresh optimizer, warmup, patience
                 s.enter_stage(index)
-                self.resume_optimizer = None  # a resumed optimizer state belongs to the stage it came from
+                self.resume_optimizer = None  # a resumed optimizer state belongs to the stage it came from only
             if s.epoch_in_stage < stage.epochs and not selection.early_stopped(s, self.cfg.early_stopping):
                 self._run_stage(index, stage)
         self.progress.close()
@@ -158,7 +155,6 @@ class Runner:
         optimizer, scheduler = stage_optimizer(
             self.model, stage, updates_per_epoch=updates_per_epoch(len(inputs.train_loader), cfg.accumulation),
             first_update=s.updates_in_stage, resume_state=self.resume_optimizer)
-        self.resume_optimizer = None  # used by the stage it came from only
         train_module = torch.compile(module) if cfg.compile else module
 
         while s.epoch_in_stage < stage.epochs:
@@ -171,14 +167,15 @@ class Runner:
                     train_module, inputs.train_loader, optimizer, self.loss_fn, device=self.device,
                     amp_dtype=self.amp_dtype, scaler=self.scaler, accumulation=cfg.accumulation,
                     clip_grad=cfg.clip_grad, scheduler=scheduler, first_update=s.updates_in_stage, ema=self.ema,
-                    channels_last=cfg.channels_last, where=where, progress=bar)
+                    channels_last=cfg.channels_last, where=where, progress=bar,
+                    on_update=self.loggers.log_update)
             s.updates_in_stage += stats.updates
             totals = reduce_epoch(stats, self.dist, self.device, where)
             val = self._validate(inputs)
             s.train_seconds += stats.seconds
             s.epoch_in_stage += 1
             row = epoch_row(stage=index, epoch=epoch + 1, lr=max(g["lr"] for g in optimizer.param_groups),
-                            totals=totals, seconds=stats.seconds, val=val)
+                            totals=totals, seconds=stats.seconds, val=val, updates=stats.updates)
             s.history.append(row)
             s.recall_history.append({"epoch": epoch + 1, **val["per_class_recall"]})
             improved = selection.record(s, val, cfg.select, epoch=epoch + 1, stage=index)
@@ -188,6 +185,7 @@ class Runner:
                     save_checkpoint(self.run_dir / "checkpoints" / "best", self._eval_model(),
                                     self._meta({"epoch": s.best["epoch"], **s.best["val"]}))
                 write_logs(self.run_dir, self.classes, s.history, s.recall_history)
+                self.loggers.log_epoch(row, val["per_class_recall"])
                 self.save_checkpoint(optimizer)
             ddp.barrier(self.dist)
             if selection.early_stopped(s, cfg.early_stopping):
@@ -242,9 +240,11 @@ class Runner:
                     num_workers=self.recipe.data.num_workers, amp_dtype=self.amp_dtype)
         if self.is_main:
             write_json_atomic(run_dir / "summary.json", summary)
+            self.loggers.log_end(run_dir, summary.get("test"))
             log.info(format_summary(summary))
         ddp.barrier(self.dist)
         return summary
 
     def cleanup(self) -> None:
+        self.loggers.close()
         ddp.cleanup(getattr(self, "dist", ddp.DistInfo()))

@@ -29,6 +29,11 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics.csv rows
     recall_history: list[dict[str, Any]] = field(default_factory=list)  # per_class_recall.csv rows
 
+    @property
+    def updates(self) -> int:
+        """Optimizer updates of the run so far (the experiment loggers' step count)."""
+        return sum(row.get("updates", 0) for row in self.history)
+
     def enter_stage(self, index: int) -> None:
         """Start stage ``index`` afresh: epoch 0, no updates, patience reset."""
         self.stage_index, self.epoch_in_stage, self.updates_in_stage = index, 0, 0
@@ -84,6 +89,8 @@ def serialize(state: dict[str, Any]) -> bytes:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch. Every rank takes the same seed: identical initial weights (DDP
+    broadcasts them anyway, but the feature cache runs the backbone before any DDP wrapper exists)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

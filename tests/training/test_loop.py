@@ -6,12 +6,8 @@ from torch import nn
 from finetune.errors import FinetuneError
 from finetune.models import create_model
 from finetune._device import forward_batches as predict
-from finetune._device import resolve_device
-from finetune.training.loop import (
-    make_grad_scaler,
-    resolve_precision,
-    train_one_epoch,
-)
+from finetune._device import resolve_device, resolve_precision
+from finetune.training.loop import make_grad_scaler, train_one_epoch
 
 
 def batches(n=4, size=32, classes=3, seed=0):

@@ -106,7 +106,7 @@ def scripted_validation(monkeypatch, script, crash_at=None):
     crashed = []
 
     def validate(self, inputs):
-        epoch = len(self.history)
+        epoch = len(self.state.history)
         if epoch == crash_at and not crashed:
             crashed.append(epoch)
             raise RuntimeError("simulated crash")

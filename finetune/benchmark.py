@@ -1,0 +1,222 @@
+"""Inference latency and throughput of one model on this machine: PyTorch eager, PyTorch compiled, ONNX
+Runtime fp32 and int8, side by side.
+
+From a checkpoint the ONNX models are exported into a temporary folder (int8: dynamic quantisation, as
+``finetune export --quantize int8`` does by default); an ``.onnx`` file given is used for its row instead
+(fp32 or int8, as its metadata says), and the checkpoint it was exported from (when still there) gives the
+PyTorch rows and any ONNX model not given. Every backend gets the same random
+batch; the backends run in turns (A B C D, D C B A, ...) so a change in the machine's load hits them alike,
+and each call is timed on its own: latency is the median and 90th percentile of a call (one batch), and
+throughput is images per second at the median. On a GPU the PyTorch rows (and ONNX Runtime's, with its CUDA
+provider installed) run again on it, with the device synchronised before each clock reading.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from finetune.errors import FinetuneError
+
+BACKENDS = ("pytorch eager", "pytorch compiled", "onnxruntime fp32", "onnxruntime int8")
+"""The rows of every benchmark; a statically quantised .onnx given adds ``onnxruntime int8 static``."""
+
+
+def benchmark(
+    sources: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    batches: Sequence[int] = (1, 32),
+    threads: Optional[int] = None,
+    iterations: int = 20,
+    warmup: int = 2,
+    devices: Optional[Sequence[str]] = None,
+) -> dict[str, Any]:
+    """Time every backend on one model: a checkpoint (or run folder) and/or its ``.onnx`` exports.
+
+    Args:
+        sources: a checkpoint or run folder, ``.onnx`` exports of one model (fp32 and/or int8), or both.
+        batches: batch sizes to time.
+        threads: CPU threads for PyTorch and ONNX Runtime (None: each library's default).
+        iterations: timed calls per backend and batch size.
+        warmup: untimed calls first (torch.compile compiles in its first).
+        devices: ``cpu`` and/or ``cuda`` (default: the CPU, and the GPU when there is one).
+
+    Returns:
+        ``{"sources", "checkpoint", "input_size", "threads", "iterations", "rows", "int8_speedup"}``; each row
+        holds ``backend``, ``device``, ``batch``, ``status`` (``ok`` or why it could not run),
+        ``latency_ms`` (``median``, ``p90``) and ``images_per_s``; ``int8_speedup`` maps
+        ``"DEVICE/BATCH"`` to ONNX Runtime fp32's median latency over int8's (dynamic, else static).
+    """
+    from finetune.checkpoint import load_checkpoint, resolve_checkpoint
+    from finetune.export import OnnxModel, export_model, read_onnx_info
+
+    if not batches or min(batches) < 1 or iterations < 1:
+        raise FinetuneError("benchmark needs batch sizes of 1 or more and at least one iteration")
+    devices = list(devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]))
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise FinetuneError("--device cuda asked for, but CUDA is not available")
+    sources = [Path(sources)] if isinstance(sources, (str, os.PathLike)) else [Path(s) for s in sources]
+    given_onnx: dict[str, Path] = {}
+    checkpoints, info = [], None
+    for source in sources:
+        if source.suffix == ".onnx":
+            info = read_onnx_info(source)
+            method = (info.get("quantization") or {}).get("method")
+            given_onnx[{None: "onnxruntime fp32", "dynamic": "onnxruntime int8"}.get(method, "onnxruntime int8 static")] = source
+            if info.get("source_checkpoint") and Path(info["source_checkpoint"]).exists():
+                checkpoints.append(info["source_checkpoint"])
+        else:
+            checkpoints.insert(0, resolve_checkpoint(source))
+    checkpoint = resolve_checkpoint(checkpoints[0]) if checkpoints else None
+    why_no_checkpoint = "" if checkpoint else (
+        f"no checkpoint: the one the .onnx came from ({info and info.get('source_checkpoint')}) is not here")
+
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory(prefix="finetune-benchmark-") as tmp:
+            onnx_files = dict(given_onnx)
+            model, meta = load_checkpoint(checkpoint) if checkpoint else (None, info)
+            if checkpoint:
+                if "onnxruntime fp32" not in onnx_files:
+                    onnx_files["onnxruntime fp32"] = export_model(checkpoint, format="onnx", out=Path(tmp, "fp32.onnx"))
+                if "onnxruntime int8" not in onnx_files:
+                    onnx_files["onnxruntime int8"] = export_model(checkpoint, format="onnx", quantize="int8",
+                                                                  out=Path(tmp, "int8.onnx"))
+            input_size = list(meta["preprocessing"]["input_size"])
+            rows = []
+            for device in devices:
+                runners = _runners(model, onnx_files, device, threads, why_no_checkpoint, OnnxModel)
+                for batch in batches:
+                    rows += _time_backends(runners, device, batch, input_size, iterations, warmup)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    speedup = {}
+    for device in devices:
+        for batch in batches:
+            fp32, int8 = (_row(rows, b, device, batch) for b in ("onnxruntime fp32", "onnxruntime int8"))
+            int8 = int8 or _row(rows, "onnxruntime int8 static", device, batch)
+            if fp32 and int8:
+                speedup[f"{device}/{batch}"] = fp32["latency_ms"]["median"] / int8["latency_ms"]["median"]
+    return {
+        "sources": [str(s) for s in sources], "checkpoint": str(checkpoint) if checkpoint else None, "input_size": input_size,
+        "threads": threads or torch.get_num_threads(), "iterations": iterations, "rows": rows,
+        "int8_speedup": speedup,
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The rows as an aligned text table, the int8 speed-ups under it."""
+    header = ("backend", "device", "batch", "median ms", "p90 ms", "images/s", "")
+    lines = [header]
+    for row in result["rows"]:
+        if row["status"] == "ok":
+            lat = row["latency_ms"]
+            lines.append((row["backend"], row["device"], str(row["batch"]), f"{lat['median']:.2f}",
+                          f"{lat['p90']:.2f}", f"{row['images_per_s']:.1f}", ""))
+        else:
+            lines.append((row["backend"], row["device"], str(row["batch"]), "-", "-", "-", row["status"]))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(w) if i < 2 or i == 6 else cell.rjust(w) for i, (cell, w) in
+                      enumerate(zip(line, widths))).rstrip() for line in lines]
+    for key, value in result["int8_speedup"].items():
+        device, batch = key.split("/")
+        text.append(f"int8 speed-up over ONNX Runtime fp32 ({device}, batch {batch}): {value:.2f}x")
+    return "\n".join(text)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+def _runners(model, onnx_files: dict[str, Path], device: str, threads: Optional[int], why_no_checkpoint: str,
+             onnx_model) -> dict[str, Callable[[torch.Tensor], Any] | str]:
+    """Backend → a callable running one batch (returning once the result is ready), or why it cannot run."""
+    runners: dict[str, Callable[[torch.Tensor], Any] | str] = {}
+    if model is None:
+        runners["pytorch eager"] = runners["pytorch compiled"] = why_no_checkpoint
+    else:
+        eager = model.to(device).eval()
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+        def run_eager(x, module=eager):
+            with torch.inference_mode():
+                out = module(x)
+            sync()
+            return out
+
+        runners["pytorch eager"] = run_eager
+        try:
+            compiled = torch.compile(eager)
+        except Exception as e:  # torch.compile refuses some platforms up front
+            runners["pytorch compiled"] = f"unavailable: {type(e).__name__}: {_first_line(e)}"
+        else:
+            runners["pytorch compiled"] = lambda x: run_eager(x, compiled)
+    for name in ("onnxruntime fp32", "onnxruntime int8", "onnxruntime int8 static"):
+        path = onnx_files.get(name)
+        if path is None and name.endswith("static"):
+            continue  # a row only when such a model is given
+        if path is None:
+            runners[name] = why_no_checkpoint
+            continue
+        if device == "cuda":
+            import onnxruntime
+
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                runners[name] = "unavailable: onnxruntime has no CUDA provider here (pip install onnxruntime-gpu)"
+                continue
+        session = onnx_model(path, threads=threads, device=device)
+        runners[name] = session
+    return runners
+
+
+def _time_backends(runners: dict[str, Any], device: str, batch: int, input_size: list[int], iterations: int,
+                   warmup: int) -> list[dict[str, Any]]:
+    """Time every runnable backend on one batch size, in alternating turns."""
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, *input_size), dtype=np.float32))
+    x = x.to(device)
+    times: dict[str, list[float]] = {}
+    status: dict[str, str] = {name: r if isinstance(r, str) else "ok" for name, r in runners.items()}
+    live = [name for name in runners if status[name] == "ok"]
+    for name in list(live):
+        try:
+            for _ in range(max(warmup, 1)):
+                runners[name](x)
+        except Exception as e:  # e.g. torch.compile without a working C++ compiler
+            status[name] = f"unavailable: {type(e).__name__}: {_first_line(e)}"
+            live.remove(name)
+    for name in live:
+        times[name] = []
+    for i in range(iterations):
+        for name in live if i % 2 == 0 else reversed(live):
+            start = time.perf_counter()
+            runners[name](x)
+            times[name].append(time.perf_counter() - start)
+    rows = []
+    for name in runners:
+        row: dict[str, Any] = {"backend": name, "device": device, "batch": batch, "status": status[name]}
+        if name in times:
+            ms = sorted(t * 1000 for t in times[name])
+            median = statistics.median(ms)
+            row.update(latency_ms={"median": median, "p90": float(np.percentile(ms, 90)), "min": ms[0]},
+                       images_per_s=batch * 1000 / median)
+        rows.append(row)
+    return rows
+
+
+def _row(rows: list[dict[str, Any]], backend: str, device: str, batch: int) -> Optional[dict[str, Any]]:
+    for row in rows:
+        if (row["backend"], row["device"], row["batch"]) == (backend, device, batch) and row["status"] == "ok":
+            return row
+    return None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+

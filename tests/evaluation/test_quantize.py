@@ -1,0 +1,124 @@
+"""int8 ONNX export (onnxruntime's dynamic and static quantisation), `finetune eval MODEL.onnx` with its
+accuracy delta against the fp32 checkpoint, and `finetune benchmark`."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from finetune.cli import main
+from finetune.errors import FinetuneError
+from finetune.export import OnnxModel, export_model, read_onnx_info
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """24 noisy one-colour images, 8 per class: calibration and evaluation data."""
+    from tests.evaluation.conftest import COLOURS, write_images
+
+    return write_images(tmp_path_factory.mktemp("images") / "images",
+                        {name: [colour] * 8 for name, colour in COLOURS.items()})
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, images, tmp_path_factory):
+    """The checkpoint as fp32 ONNX, int8 dynamic (the API, from the checkpoint) and int8 static (the CLI,
+    quantising the fp32 export with 12 calibration images)."""
+    out = tmp_path_factory.mktemp("onnx")
+    fp32 = export_model(checkpoint, format="onnx", out=out / "model.onnx")
+    dynamic = export_model(checkpoint, format="onnx", quantize="int8", out=out / "model.int8.onnx")
+    assert main(["export", str(fp32), "--format", "onnx", "--quantize", "int8", "--calibration", "12",
+                 "--data", str(images), "--out", str(out / "static.onnx")]) == 0
+    return {"fp32": fp32, "dynamic": dynamic, "static": out / "static.onnx"}
+
+
+def int8_weights(path) -> int:
+    model = onnx.load(str(path))
+    return sum(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_int8_export_is_smaller_int8_and_predicts_like_fp32(exported, images, preprocessing, kind):
+    from finetune.inference import eval_transform
+
+    fp32, int8 = exported["fp32"], exported[kind]
+    # dynamic: the head's linear layers in int8; static: the convolutions too
+    assert int8.stat().st_size < (0.6 if kind == "static" else 1.0) * fp32.stat().st_size
+    ops = {node.op_type for node in onnx.load(str(int8)).graph.node}
+    expected = {"MatMulInteger", "DynamicQuantizeLinear"} if kind == "dynamic" else {"QuantizeLinear", "DequantizeLinear"}
+    assert expected <= ops and int8_weights(int8) >= (3 if kind == "dynamic" else 20) and int8_weights(fp32) == 0, ops
+    info = read_onnx_info(int8)  # from the model's own metadata
+    assert info["classes"] == ["cat", "dog", "fox"] and info["preprocessing"]["input_size"] == [3, 32, 32]
+    assert info["quantization"]["method"] == kind
+    assert info["quantization"]["calibration_images"] == (12 if kind == "static" else 0)
+    assert json.loads(int8.with_suffix(".json").read_text()) == info
+
+    transform = eval_transform(preprocessing)
+    from finetune.data import load_image
+
+    batch = torch.stack([transform(image=load_image(p))["image"] for p in sorted(images.rglob("*.png"))])
+    reference, quantized = OnnxModel(fp32)(batch).softmax(1), OnnxModel(int8)(batch).softmax(1)
+    assert not torch.equal(reference, quantized)  # it did change the arithmetic
+    assert (reference.argmax(1) == quantized.argmax(1)).float().mean() >= 0.8
+    assert (reference - quantized).abs().max() < 0.15
+
+
+def test_eval_of_an_onnx_model_reports_its_own_accuracy_and_the_delta_to_fp32(exported, images, checkpoint, tmp_path,
+                                                                            capsys):
+    from finetune.inference import load
+
+    out = tmp_path / "eval"
+    assert main(["eval", str(exported["static"]), "--data", str(images), "--split", "all", "--num-workers", "0",
+                 "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    paths = sorted(images.rglob("*.png"))
+    truth = np.array([["cat", "dog", "fox"].index(p.parent.name) for p in paths])
+
+    from finetune.data import load_image
+    from finetune.inference import eval_transform
+
+    transform = eval_transform(read_onnx_info(exported["static"])["preprocessing"])
+    batch = np.stack([transform(image=load_image(p))["image"].numpy() for p in paths])
+    session = ort.InferenceSession(str(exported["static"]), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"input": batch})
+    assert metrics["num_samples"] == 24
+    assert metrics["accuracy"] == pytest.approx(float((logits.argmax(1) == truth).mean()))
+
+    fp32 = [["cat", "dog", "fox"].index(p.label) for p in load(checkpoint).predict(paths)]
+    reference = metrics["reference"]
+    assert reference["checkpoint"] == str(checkpoint)  # found from the export's metadata
+    assert reference["accuracy"] == pytest.approx(float((np.array(fp32) == truth).mean()))
+    assert reference["accuracy_delta"] == pytest.approx(metrics["accuracy"] - reference["accuracy"])
+    assert f"delta {reference['accuracy_delta']:+.4f}" in capsys.readouterr().out
+
+
+def test_quantize_options_are_checked(checkpoint, tmp_path, capsys):
+    with pytest.raises(FinetuneError, match="needs --format onnx"):
+        export_model(checkpoint, format="torchscript", quantize="int8", out=tmp_path / "m.pt")
+    assert main(["export", str(checkpoint), "--format", "onnx", "--calibration", "4"]) == 2
+    assert "add --quantize int8" in capsys.readouterr().err
+    assert main(["export", str(checkpoint), "--format", "onnx", "--quantize", "int8", "--calibration", "4"]) == 2
+    assert "give --data" in capsys.readouterr().err  # the checkpoint records no data to calibrate on
+
+
+@pytest.mark.slow  # torch.compile builds C++ kernels: about 30 s of CPU
+def test_benchmark_times_every_backend_and_writes_json(exported, tmp_path, capsys):
+    """From the .onnx exports: their source checkpoint gives the PyTorch rows."""
+    out = tmp_path / "bench.json"
+    assert main(["benchmark", str(exported["fp32"]), str(exported["dynamic"]), "--batch", "2", "--iterations", "3",
+                 "--threads", "1", "--device", "cpu", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {(r["backend"], r["batch"]): r for r in result["rows"]}
+    assert set(rows) == {(b, n) for b in ("pytorch eager", "pytorch compiled", "onnxruntime fp32",
+                                          "onnxruntime int8") for n in (2,)}
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert 0 < row["latency_ms"]["median"] <= row["latency_ms"]["p90"] and row["images_per_s"] > 0
+        assert row["images_per_s"] == pytest.approx(row["batch"] * 1000 / row["latency_ms"]["median"])
+    assert set(result["int8_speedup"]) == {"cpu/2"} and result["threads"] == 1
+    assert result["checkpoint"] == read_onnx_info(exported["fp32"])["source_checkpoint"]
+    table = capsys.readouterr().out
+    assert "pytorch compiled" in table and "int8 speed-up over ONNX Runtime fp32 (cpu, batch 2)" in table
