@@ -77,6 +77,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from finetune._io import atomic_write_bytes, atomic_write_text
+from finetune._workers import usable_cpus
 from finetune.errors import FinetuneError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -420,7 +421,7 @@ def scan_images(root: Path, paths: Sequence[str], *, max_pixels: int = DEFAULT_M
         return ScanResult(rel, None, image.shape[1], image.shape[0], mode, hashlib.sha256(data).hexdigest(),
                           perceptual_hash(image))
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
         results = list(pool.map(scan, paths))
     bad = sum(r.reason is not None for r in results)
     logger.info("scanned %d images in %.1fs: %d bad", len(results), time.monotonic() - start, bad)
