@@ -78,6 +78,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from finetune._io import atomic_write_bytes, atomic_write_text
 from finetune._workers import usable_cpus
+from finetune.data._scan_cache import file_stamp, is_settled, ScanCache
 from finetune.errors import FinetuneError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -398,34 +399,73 @@ class ScanResult(NamedTuple):
     phash: int = 0
 
 
-def scan_images(root: Path, paths: Sequence[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[ScanResult]:
-    """Read, hash and decode every image.
+def scan_images(
+    root: Path,
+    paths: Sequence[str],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    cache: str | os.PathLike | None = None,
+) -> list[ScanResult]:
+    """Read, hash and decode every image, reusing what the scan cache knows about unchanged files.
 
     Args:
         root: Folder the paths are relative to.
         paths: POSIX paths relative to ``root``.
         max_pixels: Largest width × height accepted.
+        cache: The scan cache database (`default_scan_cache` is the shared one; see `finetune.data._scan_cache`
+            for when a row is reused), or None to decode every file.
 
     Returns:
         One result per path, in the order given.
     """
     start = time.monotonic()
-    logger.info("scanning %d images under %s", len(paths), root)
+    root = Path(root)
+    store = ScanCache(cache, root, max_pixels) if cache is not None else None
+    known = store.load() if store is not None else {}
+    now = time.time_ns()
+    fresh: list[tuple] = []  # rows to record, and paths reused: appended from the pool's threads (atomic)
+    reused: list[str] = []
 
     def scan(rel: str) -> ScanResult:
         try:
-            data = read_file(root / rel)
-            image, mode = decode_image(data, rel, max_pixels)
-        except ImageDecodeError as e:
-            return ScanResult(rel, e.reason)
-        return ScanResult(rel, None, image.shape[1], image.shape[0], mode, hashlib.sha256(data).hexdigest(),
-                          perceptual_hash(image))
+            before = os.stat(root / rel)
+        except OSError:
+            before = None
+        stamp = file_stamp(before) if before is not None and stat.S_ISREG(before.st_mode) else None
+        row = known.get(rel)
+        if stamp is not None and row is not None and row[0] == stamp:
+            reused.append(rel)
+            return ScanResult(rel, *row[1:])
+        result = _scan_one(root, rel, max_pixels)
+        if stamp is not None and store is not None and is_settled(before, now):
+            try:
+                unchanged = file_stamp(os.stat(root / rel)) == stamp
+            except OSError:
+                unchanged = False
+            if unchanged:
+                fresh.append((rel, stamp, *result[1:]))
+        return result
 
+    logger.info("scanning %d images under %s", len(paths), root)
     with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
         results = list(pool.map(scan, paths))
+    if store is not None:
+        store.store(fresh)
+        store.close()
     bad = sum(r.reason is not None for r in results)
-    logger.info("scanned %d images in %.1fs: %d bad", len(results), time.monotonic() - start, bad)
+    logger.info("scanned %d images in %.1fs (%d from the scan cache): %d bad", len(results),
+                time.monotonic() - start, len(reused), bad)
     return results
+
+
+def _scan_one(root: Path, rel: str, max_pixels: int) -> ScanResult:
+    try:
+        data = read_file(root / rel)
+        image, mode = decode_image(data, rel, max_pixels)
+    except ImageDecodeError as e:
+        return ScanResult(rel, e.reason)
+    return ScanResult(rel, None, image.shape[1], image.shape[0], mode, hashlib.sha256(data).hexdigest(),
+                      perceptual_hash(image))
 
 
 def bad_files(results: Sequence[ScanResult]) -> list[BadFile]:
