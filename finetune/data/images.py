@@ -423,39 +423,47 @@ def scan_images(
     store = ScanCache(cache, root, max_pixels) if cache is not None else None
     known = store.load() if store is not None else {}
     now = time.time_ns()
-    fresh: list[tuple] = []  # rows to record, and paths reused: appended from the pool's threads (atomic)
-    reused: list[str] = []
-
-    def scan(rel: str) -> ScanResult:
+    results: list[ScanResult | None] = [None] * len(paths)
+    stamps: dict[int, str] = {}
+    base = os.fspath(root)
+    for i, rel in enumerate(paths):  # the stat and look-up of every file: cheap, so in this thread
         try:
-            before = os.stat(root / rel)
+            st = os.stat(os.path.join(base, rel))
         except OSError:
-            before = None
-        stamp = file_stamp(before) if before is not None and stat.S_ISREG(before.st_mode) else None
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        stamp = file_stamp(st)
         row = known.get(rel)
-        if stamp is not None and row is not None and row[0] == stamp:
-            reused.append(rel)
-            return ScanResult(rel, *row[1:])
-        result = _scan_one(root, rel, max_pixels)
-        if stamp is not None and store is not None and is_settled(before, now):
-            try:
-                unchanged = file_stamp(os.stat(root / rel)) == stamp
-            except OSError:
-                unchanged = False
-            if unchanged:
-                fresh.append((rel, stamp, *result[1:]))
-        return result
+        if row is not None and row[0] == stamp:
+            results[i] = ScanResult(rel, *row[1:])
+        elif is_settled(st, now):
+            stamps[i] = stamp
+    todo = [i for i, r in enumerate(results) if r is None]
+    logger.info("scanning %d images under %s (%d known to the scan cache)", len(todo), root, len(paths) - len(todo))
 
-    logger.info("scanning %d images under %s", len(paths), root)
-    with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
-        results = list(pool.map(scan, paths))
+    def scan(i: int) -> ScanResult:
+        results[i] = _scan_one(root, paths[i], max_pixels)
+        return results[i]
+
+    if todo:
+        with ThreadPoolExecutor(max_workers=min(usable_cpus(), len(todo))) as pool:
+            list(pool.map(scan, todo))
     if store is not None:
-        store.store(fresh)
+        # record a file only if it did not change while it was read (its stamp is still the one from before)
+        store.store([(paths[i], stamps[i], *results[i][1:])
+                     for i in todo if i in stamps and _stamp_of(root / paths[i]) == stamps[i]])
         store.close()
     bad = sum(r.reason is not None for r in results)
-    logger.info("scanned %d images in %.1fs (%d from the scan cache): %d bad", len(results),
-                time.monotonic() - start, len(reused), bad)
+    logger.info("scanned %d images in %.1fs (%d decoded): %d bad", len(results), time.monotonic() - start, len(todo), bad)
     return results
+
+
+def _stamp_of(path: Path) -> str | None:
+    try:
+        return file_stamp(os.stat(path))
+    except OSError:
+        return None
 
 
 def _scan_one(root: Path, rel: str, max_pixels: int) -> ScanResult:
