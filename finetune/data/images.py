@@ -208,22 +208,29 @@ _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 
 def _decode_with_opencv(data: bytes, img: Image.Image) -> np.ndarray | None:
     """OpenCV's decode for the plain cases where it gives Pillow's pixels faster (JPEG 1.3-1.5x, PNG
-    1.1-3x: benchmarks/RESULTS.md): complete 8-bit RGB or greyscale JPEG/PNG files without transparency
-    or EXIF rotation. None for anything else, which Pillow decodes with the conversions above."""
+    1.1-3x: benchmarks/RESULTS.md): complete 8-bit RGB or greyscale JPEG/PNG files without transparency.
+    A JPEG's EXIF orientation is applied by OpenCV itself (the same 8 flips and turns as Pillow's
+    ``exif_transpose``); a PNG's is left to Pillow. None for anything else, which Pillow decodes with the
+    conversions above."""
     marker = _END_MARKERS.get(img.format or "")
     if (
         marker is None
         or img.mode not in ("RGB", "L")
         or "transparency" in img.info
-        or (img.format == "JPEG" and img.getexif().get(_EXIF_ORIENTATION, 1) != 1)
         or (img.format == "PNG" and "exif" in img.info)  # PNG getexif() would decode the image
         or not data.rstrip(b"\0").endswith(marker)
     ):
         return None
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None or bgr.shape[:2] != (img.height, img.width):
+    turned = img.format == "JPEG" and img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    flags = _IMREAD_RGB if img.format == "JPEG" else _IMREAD_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if decoded is None or decoded.shape[:2] != ((img.width, img.height) if turned else (img.height, img.width)):
         return None
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)  # far cheaper than a reversed-channel copy
+    return decoded if _IMREAD_RGB != cv2.IMREAD_COLOR else cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+
+
+# OpenCV >= 4.10 decodes straight to RGB; older ones give BGR, converted (far cheaper than a reversed copy)
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)
 
 
 def _too_large(width: int, height: int, max_pixels: int) -> str:
