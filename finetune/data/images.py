@@ -21,7 +21,8 @@ Conversions, by Pillow mode:
   become 0; a flat image becomes black). Pillow's ``convert("RGB")`` clips them, which turns floats in
   0..1 flat black and most 32-bit images flat white.
 
-The EXIF orientation tag is applied (``ImageOps.exif_transpose``) before conversion.
+The EXIF orientation tag is applied (``ImageOps.exif_transpose``; for plain JPEGs decoded by OpenCV, by
+OpenCV, with the same result) before conversion.
 
 **Similarity**: a perceptual hash for the scan and crop-aware thumbnail correlation.
 
@@ -220,7 +221,9 @@ _EXIF_ORIENTATION = 0x0112
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 
 
-_REDUCED = {1: None, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+# OpenCV >= 4.10 decodes straight to RGB; older ones give BGR, converted (far cheaper than a reversed copy)
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)
+_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
 def _reduction(img: Image.Image, min_side: int | None) -> int:
@@ -259,10 +262,6 @@ def _decode_with_opencv(data: bytes, img: Image.Image, reduction: int = 1) -> tu
         return None
     full = (img.width, img.height) if turned else (img.height, img.width)
     return (cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB) if bgr else decoded), full
-
-
-# OpenCV >= 4.10 decodes straight to RGB; older ones give BGR, converted (far cheaper than a reversed copy)
-_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)
 
 
 def _too_large(width: int, height: int, max_pixels: int) -> str:
