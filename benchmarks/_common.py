@@ -58,12 +58,14 @@ def describe_machine() -> dict[str, Any]:
     """CPU model and cores, memory, library versions, the GPU (or "none") and the load right now."""
     import numpy
     import timm
+
+    from finetune._workers import usable_cpus
     import torch
 
     info: dict[str, Any] = {
         "cpu": _cpu_model(),
         "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cores": usable_cpus(),
         "torch_threads": torch.get_num_threads(),
         "memory_gb": _memory_gb(),
         "os": f"{platform.system()} {platform.release()}",

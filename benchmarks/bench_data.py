@@ -49,6 +49,14 @@ def write_photos(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
     return paths
 
 
+def dataset_photos(folder: Path, count: int) -> list[Path]:
+    """``count`` JPEG files of ``folder`` (any depth), spread evenly over its sorted list."""
+    found = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg")
+                   and not p.name.startswith("zz_"))  # make_dataset.py's planted bad files
+    step = max(1, len(found) // count)
+    return found[::step][:count]
+
+
 def pipelines(kind: str, size: int) -> dict[str, Callable]:
     """finetune's pipeline and torchvision's equivalents for ``kind`` (train, eval, quickstart)."""
     import torch
@@ -131,6 +139,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--digits-per-class", type=int, default=20, help="digits PNGs per class")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--digits", type=Path, help="an existing digits folder (default: written to a temp dir)")
+    p.add_argument("--dataset", type=Path,
+                   help="take the photos from this folder's JPEGs (e.g. make_dataset.py's bird225/train: sizes "
+                        "224-500 px, a few EXIF-rotated) instead of writing synthetic 500x375 ones")
     args = p.parse_args(argv)
     if args.tiny:
         args.photos, args.digits_per_class, args.rounds = 4, 2, 1
@@ -156,13 +167,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 def run_cases(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         work = Path(tmp)
-        photos = write_photos(work / "photos", args.photos, (500, 375))
+        photos = (dataset_photos(args.dataset, args.photos) if args.dataset
+                  else write_photos(work / "photos", args.photos, (500, 375)))
+        kind = "benchmark-folder JPEG photo" if args.dataset else "500x375 JPEG photo"
         digits = _common.digits_folder(work, source=args.digits)
         digit_paths = [path for class_dir in sorted(p for p in Path(digits).iterdir() if p.is_dir())
                        for path in sorted(class_dir.iterdir())[:args.digits_per_class]]
         cases = {
-            "500x375 JPEG photo, train (RandomResizedCrop 224 + flip)": (photos, "train", 224),
-            "500x375 JPEG photo, eval (resize 256 + centre crop 224)": (photos, "eval", 224),
+            f"{kind}, train (RandomResizedCrop 224 + flip)": (photos, "train", 224),
+            f"{kind}, eval (resize 256 + centre crop 224)": (photos, "eval", 224),
             "32x32 greyscale PNG digit, quickstart train (Resize 64 + Affine)": (digit_paths, "quickstart", 64),
         }
         return {name: measure(paths, kind, size, args.rounds) for name, (paths, kind, size) in cases.items()}
@@ -192,7 +205,7 @@ def report(args, results: dict, argv, wall: float) -> None:
     _common.write_result(
         args.out, "data", title="Data pipeline: finetune (albumentations) vs torchvision",
         command=_common.command_line("bench_data.py", argv), tiny=args.tiny, wall_s=wall,
-        settings={"photos": args.photos, "digits_per_class": args.digits_per_class, "rounds": args.rounds,
+        settings={"photos": args.photos, "dataset": str(args.dataset) if args.dataset else None, "digits_per_class": args.digits_per_class, "rounds": args.rounds,
                   "threads": 1, "tiny": args.tiny},
         summary=summary, tables=tables, notes=notes, results=results,
     )

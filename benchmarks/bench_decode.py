@@ -94,6 +94,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                    help="decoded pixels per round and decoder (sets how often each image is decoded)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--digits", type=Path, help="an existing digits folder (default: written to a temp dir)")
+    p.add_argument("--dataset", type=Path,
+                   help="also decode 16 JPEGs of this folder (e.g. make_dataset.py's bird225/train)")
     args = p.parse_args(argv)
     if args.tiny:
         args.sizes, args.images, args.pixels_per_round, args.rounds = [64], 2, 2e4, 1
@@ -121,6 +123,11 @@ def run_cases(args) -> dict:
         digits = _common.digits_folder(Path(tmp), source=args.digits)
         files = sorted(Path(digits).glob("*/*.png"))[:: max(1, 1797 // 64)][: max(args.images, 16)]
         cases["PNG 32x32 greyscale digit"] = ("PNG", 32 * 32, [f.read_bytes() for f in files])
+    if args.dataset:
+        from bench_data import dataset_photos
+
+        blobs = [f.read_bytes() for f in dataset_photos(args.dataset, 16)]
+        cases["JPEG benchmark-folder photo"] = ("JPEG", 400 * 300, blobs)
 
     results = {}
     for name, (fmt, pixels, blobs) in cases.items():
@@ -164,7 +171,7 @@ def report(args, results: dict, argv, wall: float) -> None:
     _common.write_result(
         args.out, "decode", title="Decoding: Pillow vs OpenCV",
         command=_common.command_line("bench_decode.py", argv), tiny=args.tiny, wall_s=wall,
-        settings={"sizes": args.sizes, "images": args.images, "pixels_per_round": args.pixels_per_round,
+        settings={"dataset": str(args.dataset) if args.dataset else None, "sizes": args.sizes, "images": args.images, "pixels_per_round": args.pixels_per_round,
                   "rounds": args.rounds, "jpeg_quality": 90, "tiny": args.tiny},
         summary=summary, tables=tables, notes=notes, results=results,
     )

@@ -296,7 +296,9 @@ def generate(dest: Path, *, seed: int = 0, classes: int = 225, per_class: int = 
     jobs, description = plan(dest, seed=seed, classes=classes, per_class=per_class, eval_per_class=eval_per_class,
                              caltech_classes=caltech_classes, caltech_per_class=caltech_per_class,
                              specials=specials, bad_per_kind=bad_per_kind)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from finetune._workers import usable_cpus
+
+    usable = usable_cpus()
     workers = workers or usable
     chunks = [(jobs[i::workers * 8], seed) for i in range(workers * 8)]
     if workers <= 1 or len(jobs) < 2 * workers:

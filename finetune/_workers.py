@@ -1,17 +1,54 @@
-"""How many DataLoader worker processes decode images: one policy for training, evaluation and prediction."""
+"""How many CPUs parallel work may use (:func:`usable_cpus`), and how many DataLoader worker processes decode
+images: one policy for training, evaluation and prediction."""
 from __future__ import annotations
 
 import argparse
 import math
 import os
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+"""Where the cgroup file system is mounted: what :func:`usable_cpus` reads unless given another folder."""
+
+
+def usable_cpus(cgroup_root: str | os.PathLike | None = None) -> int:
+    """The CPUs this process may actually use: its affinity mask (``taskset``, ``docker --cpuset-cpus``),
+    capped by the cgroup CPU quota (``docker --cpus``, Kubernetes limits; v2 ``cpu.max`` or v1
+    ``cpu.cfs_quota_us``/``cpu.cfs_period_us``) rounded up, at least 1. ``os.cpu_count()`` counts the
+    machine's CPUs, which a container may be allowed a fraction of. Every place that sizes parallel work
+    asks this function."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_quota(Path(cgroup_root or CGROUP_ROOT))
+    if quota is not None:
+        cpus = min(cpus, math.ceil(quota))
+    return max(1, cpus)
+
+
+def _cgroup_quota(root: Path) -> float | None:
+    """The CPU quota in CPUs (quota / period) of cgroup v2 or v1, or None when unlimited or unreadable."""
+    try:
+        fields = (root / "cpu.max").read_text().split()
+    except OSError:
+        fields = []
+        try:
+            fields = [(root / "cpu" / name).read_text().strip() for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us")]
+        except OSError:
+            return None
+    if len(fields) != 2 or fields[0] in ("max", "-1"):
+        return None
+    try:
+        quota, period = int(fields[0]), int(fields[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 def auto_workers(num_workers: int | str, world_size: int = 1) -> int:
-    """``auto``: the CPU cores this process may use, shared between ranks, at most 8; a number as given."""
+    """``auto``: the CPUs this process may use (:func:`usable_cpus`), shared between ranks, at most 8; a number
+    as given."""
     if num_workers != "auto":
         return int(num_workers)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // world_size))
+    return max(0, min(8, usable_cpus() // world_size))
 
 
 def inference_workers(num_workers: int | str, num_samples: int, batch_size: int) -> int:

@@ -37,6 +37,13 @@ def write_tiny_folder(root: Path, per_class: int = 12, size: int = 36, seed: int
     return root
 
 
+@pytest.fixture(autouse=True)
+def _private_cache_root(tmp_path_factory, monkeypatch):
+    """Caches that default to the cache root (the scan cache, the feature cache) go to one folder of this
+    test session, never to the user's ~/.cache/finetune."""
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path_factory.getbasetemp() / "finetune-cache"))
+
+
 @pytest.fixture
 def tiny_folder(tmp_path) -> Path:
     return write_tiny_folder(tmp_path / "tiny")

@@ -27,6 +27,7 @@ from finetune.data.images import (
     view_similarity,
     write_report,
 )
+from finetune.data._scan_cache import default_scan_cache
 from finetune.data.layout import DatasetFolder, discover, find_images, split_classes
 from finetune.data.manifest import Manifest, ManifestRow, inspect_dataset, manifest_root, prepare_manifest
 from finetune.data.transforms import INTERPOLATIONS, build_transform, preprocessing_transform, resolve_preprocessing
@@ -50,6 +51,7 @@ __all__ = [
     "class_weights",
     "collate_skip",
     "decode_image",
+    "default_scan_cache",
     "discover",
     "find_images",
     "inspect_dataset",

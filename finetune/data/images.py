@@ -21,7 +21,8 @@ Conversions, by Pillow mode:
   become 0; a flat image becomes black). Pillow's ``convert("RGB")`` clips them, which turns floats in
   0..1 flat black and most 32-bit images flat white.
 
-The EXIF orientation tag is applied (``ImageOps.exif_transpose``) before conversion.
+The EXIF orientation tag is applied (``ImageOps.exif_transpose``; for plain JPEGs decoded by OpenCV, by
+OpenCV, with the same result) before conversion.
 
 **Similarity**: a perceptual hash for the scan and crop-aware thumbnail correlation.
 
@@ -77,6 +78,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from finetune._io import atomic_write_bytes, atomic_write_text
+from finetune._workers import usable_cpus
+from finetune.data._scan_cache import file_stamp, is_settled, ScanCache
 from finetune.errors import FinetuneError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -112,12 +115,15 @@ def is_image_file(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> np.ndarray:
     """Read an image file as an H×W×3 uint8 RGB array (see the module docstring for conversions).
 
     Args:
         path: Image file.
         max_pixels: Largest width × height accepted (default `DEFAULT_MAX_PIXELS`).
+        min_side: The smallest shorter side the caller needs, when it shrinks the image anyway: a JPEG at
+            least twice that is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (the largest
+            that keeps ``min_side``), several times faster and already antialiased. None: full size.
 
     Returns:
         A writable, C-contiguous H×W×3 uint8 array.
@@ -125,7 +131,7 @@ def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     Raises:
         ImageDecodeError: The file is missing, empty, not an image, truncated or corrupt, or too large.
     """
-    return decode_image(read_file(path), path, max_pixels)[0]
+    return decode_image(read_file(path), path, max_pixels, min_side)[0]
 
 
 def read_file(path: str | os.PathLike) -> bytes:
@@ -161,13 +167,15 @@ def _not_regular(mode: int) -> str | None:
     return next((name for test, name in kinds if test(mode)), "not a file")
 
 
-def decode_image(data: bytes, path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, str]:
+def decode_image(data: bytes, path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 min_side: int | None = None) -> tuple[np.ndarray, str]:
     """Decode an image file's bytes; `load_image` for callers that already hold the bytes.
 
     Args:
         data: The file's content.
         path: The file's name, for error messages.
         max_pixels: Largest width × height accepted.
+        min_side: As in `load_image`.
 
     Returns:
         The H×W×3 uint8 RGB array and the file's original Pillow mode (``"L"``, ``"CMYK"`` ...).
@@ -175,6 +183,14 @@ def decode_image(data: bytes, path: str | os.PathLike, max_pixels: int = DEFAULT
     Raises:
         ImageDecodeError: The data is empty, not an image, truncated or corrupt, or too large.
     """
+    image, mode, _ = _decode(data, path, max_pixels, min_side)
+    return image, mode
+
+
+def _decode(data: bytes, path: str | os.PathLike, max_pixels: int,
+            min_side: int | None) -> tuple[np.ndarray, str, tuple[int, int]]:
+    """`decode_image`, plus the full-size image's (height, width) after EXIF orientation (the array's own
+    shape unless it was decoded at a reduced scale)."""
     if not data:
         raise ImageDecodeError(path, "empty file (0 bytes)")
     try:
@@ -183,10 +199,11 @@ def decode_image(data: bytes, path: str | os.PathLike, max_pixels: int = DEFAULT
             if width * height > max_pixels:
                 raise ImageDecodeError(path, _too_large(width, height, max_pixels))
             mode = img.mode
-            fast = _decode_with_opencv(data, img)
+            fast = _decode_with_opencv(data, img, _reduction(img, min_side))
             if fast is not None:
-                return fast, mode
-            return _to_rgb(ImageOps.exif_transpose(img), img.format), mode
+                return fast[0], mode, fast[1]
+            image = _to_rgb(ImageOps.exif_transpose(img), img.format)
+            return image, mode, image.shape[:2]
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:
@@ -204,24 +221,47 @@ _EXIF_ORIENTATION = 0x0112
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 
 
-def _decode_with_opencv(data: bytes, img: Image.Image) -> np.ndarray | None:
+# OpenCV >= 4.10 decodes straight to RGB; older ones give BGR, converted (far cheaper than a reversed copy)
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR)
+_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def _reduction(img: Image.Image, min_side: int | None) -> int:
+    """The largest DCT scale-down (1, 2, 4 or 8) of a JPEG that keeps its shorter side at least ``min_side``."""
+    if not min_side or img.format != "JPEG":
+        return 1
+    short = min(img.size)
+    return next(k for k in (8, 4, 2, 1) if k == 1 or short // k >= min_side)
+
+
+def _decode_with_opencv(data: bytes, img: Image.Image, reduction: int = 1) -> tuple[np.ndarray, tuple[int, int]] | None:
     """OpenCV's decode for the plain cases where it gives Pillow's pixels faster (JPEG 1.3-1.5x, PNG
-    1.1-3x: benchmarks/RESULTS.md): complete 8-bit RGB or greyscale JPEG/PNG files without transparency
-    or EXIF rotation. None for anything else, which Pillow decodes with the conversions above."""
+    1.1-3x: benchmarks/RESULTS.md): complete 8-bit RGB or greyscale JPEG/PNG files without transparency.
+    A JPEG's EXIF orientation is applied by OpenCV itself (the same 8 flips and turns as Pillow's
+    ``exif_transpose``); a PNG's is left to Pillow. None for anything else, which Pillow decodes with the
+    conversions above. Returns the RGB array and the full-size image's oriented (height, width)."""
     marker = _END_MARKERS.get(img.format or "")
     if (
         marker is None
         or img.mode not in ("RGB", "L")
         or "transparency" in img.info
-        or (img.format == "JPEG" and img.getexif().get(_EXIF_ORIENTATION, 1) != 1)
         or (img.format == "PNG" and "exif" in img.info)  # PNG getexif() would decode the image
         or not data.rstrip(b"\0").endswith(marker)
     ):
         return None
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None or bgr.shape[:2] != (img.height, img.width):
+    turned = img.format == "JPEG" and img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    if reduction > 1:  # OpenCV's reduced reads are BGR only
+        flags, bgr = _REDUCED[reduction], True
+    else:
+        flags, bgr = _IMREAD_RGB, _IMREAD_RGB == cv2.IMREAD_COLOR
+    if img.format != "JPEG":
+        flags |= cv2.IMREAD_IGNORE_ORIENTATION
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    height, width = -(-img.height // reduction), -(-img.width // reduction)  # libjpeg rounds up
+    if decoded is None or decoded.shape[:2] != ((width, height) if turned else (height, width)):
         return None
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)  # far cheaper than a reversed-channel copy
+    full = (img.width, img.height) if turned else (img.height, img.width)
+    return (cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB) if bgr else decoded), full
 
 
 def _too_large(width: int, height: int, max_pixels: int) -> str:
@@ -397,34 +437,81 @@ class ScanResult(NamedTuple):
     phash: int = 0
 
 
-def scan_images(root: Path, paths: Sequence[str], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[ScanResult]:
-    """Read, hash and decode every image.
+def scan_images(
+    root: Path,
+    paths: Sequence[str],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    cache: str | os.PathLike | None = None,
+) -> list[ScanResult]:
+    """Read, hash and decode every image, reusing what the scan cache knows about unchanged files.
 
     Args:
         root: Folder the paths are relative to.
         paths: POSIX paths relative to ``root``.
         max_pixels: Largest width × height accepted.
+        cache: The scan cache database (`default_scan_cache` is the shared one; see `finetune.data._scan_cache`
+            for when a row is reused), or None to decode every file.
 
     Returns:
         One result per path, in the order given.
     """
     start = time.monotonic()
-    logger.info("scanning %d images under %s", len(paths), root)
-
-    def scan(rel: str) -> ScanResult:
+    root = Path(root)
+    store = ScanCache(cache, root, max_pixels) if cache is not None else None
+    known = store.load() if store is not None else {}
+    now = time.time_ns()
+    results: list[ScanResult | None] = [None] * len(paths)
+    stamps: dict[int, str] = {}
+    base = os.fspath(root)
+    for i, rel in enumerate(paths):  # the stat and look-up of every file: cheap, so in this thread
         try:
-            data = read_file(root / rel)
-            image, mode = decode_image(data, rel, max_pixels)
-        except ImageDecodeError as e:
-            return ScanResult(rel, e.reason)
-        return ScanResult(rel, None, image.shape[1], image.shape[0], mode, hashlib.sha256(data).hexdigest(),
-                          perceptual_hash(image))
+            st = os.stat(os.path.join(base, rel))
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        stamp = file_stamp(st)
+        row = known.get(rel)
+        if row is not None and row[0] == stamp:
+            results[i] = ScanResult(rel, *row[1:])
+        elif is_settled(st, now):
+            stamps[i] = stamp
+    todo = [i for i, r in enumerate(results) if r is None]
+    logger.info("scanning %d images under %s (%d known to the scan cache)", len(todo), root, len(paths) - len(todo))
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        results = list(pool.map(scan, paths))
+    def scan(i: int) -> ScanResult:
+        results[i] = _scan_one(root, paths[i], max_pixels)
+        return results[i]
+
+    if todo:
+        with ThreadPoolExecutor(max_workers=min(usable_cpus(), len(todo))) as pool:
+            list(pool.map(scan, todo))
+    if store is not None:
+        # record a file only if it did not change while it was read (its stamp is still the one from before)
+        store.store([(paths[i], stamps[i], *results[i][1:])
+                     for i in todo if i in stamps and _stamp_of(root / paths[i]) == stamps[i]])
+        store.close()
     bad = sum(r.reason is not None for r in results)
-    logger.info("scanned %d images in %.1fs: %d bad", len(results), time.monotonic() - start, bad)
+    logger.info("scanned %d images in %.1fs (%d decoded): %d bad", len(results), time.monotonic() - start, len(todo), bad)
     return results
+
+
+def _stamp_of(path: Path) -> str | None:
+    try:
+        return file_stamp(os.stat(path))
+    except OSError:
+        return None
+
+
+def _scan_one(root: Path, rel: str, max_pixels: int) -> ScanResult:
+    try:
+        data = read_file(root / rel)
+        image, mode = decode_image(data, rel, max_pixels)
+    except ImageDecodeError as e:
+        return ScanResult(rel, e.reason)
+    return ScanResult(rel, None, image.shape[1], image.shape[0], mode, hashlib.sha256(data).hexdigest(),
+                      perceptual_hash(image))
 
 
 def bad_files(results: Sequence[ScanResult]) -> list[BadFile]:
@@ -450,7 +537,7 @@ def write_report(path: str | os.PathLike, bad: Sequence[BadFile]) -> Path:
     return atomic_write_text(path, text.getvalue())
 
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: large JPEGs decoded at a DCT-reduced scale before the INTER_AREA shrink
 """Bump when the way copies are made changes (filter, file format, key), so old copies are not reused."""
 
 _JPEG_SUFFIXES = frozenset({".jpg", ".jpeg"})
@@ -474,7 +561,8 @@ def resize_cache(
     """Copy every image with its shorter side shrunk to ``size`` pixels, and return the copies' items.
 
     Each image is decoded by `load_image`, so its RGB conversion, EXIF orientation and alpha compositing
-    are applied once, here. An image whose shorter side is longer than ``size`` is shrunk to it, keeping
+    are applied once, here; a JPEG at least twice ``size`` is decoded at a DCT-reduced scale that keeps
+    ``size`` (``min_side``), several times faster than a full decode. An image whose shorter side is longer than ``size`` is shrunk to it, keeping
     the aspect ratio (the longer side is rounded to the nearest pixel), with OpenCV's ``INTER_AREA``; one
     at or below ``size`` is never upscaled, only stored as its decoded RGB.
 
@@ -555,16 +643,18 @@ def _cache_one(source: Path, folder: Path, settings: bytes, *, size: int, qualit
     if target.exists():
         return _Entry(target, False)
     try:
-        image = load_image(source, max_pixels)
+        image, _, full = _decode(read_file(source), source, max_pixels, size)
     except ImageDecodeError as e:
         return _Entry(source, False, str(e))
-    _write_atomic(target, _shrink(image, size), quality if jpeg else None)
+    _write_atomic(target, _shrink(image, size, full), quality if jpeg else None)
     return _Entry(target, True)
 
 
-def _shrink(image: np.ndarray, size: int) -> np.ndarray:
-    """``image`` with its shorter side brought down to ``size`` (INTER_AREA); unchanged if not longer."""
-    height, width = image.shape[:2]
+def _shrink(image: np.ndarray, size: int, full: tuple[int, int] | None = None) -> np.ndarray:
+    """``image`` with its shorter side brought down to ``size`` (INTER_AREA); unchanged if not longer. The
+    output size is computed from ``full`` (height, width) when the image was decoded at a reduced scale,
+    so it does not depend on the reduction."""
+    height, width = full or image.shape[:2]
     short = min(height, width)
     if short <= size:
         return image

@@ -174,8 +174,9 @@ def find_images(folder: Path, root: Path) -> list[str]:
             walked.add(real)
             keep.append(name)
         dirnames[:] = keep
-        rel = Path(dirpath).relative_to(root)
-        found.extend((rel / name).as_posix() for name in filenames if is_image_file(name))
+        rel = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if rel == "." else rel + "/"  # string joins: a pathlib join per file costs more than the walk
+        found.extend(prefix + name for name in filenames if is_image_file(name))
     return sorted(found)
 
 

@@ -53,6 +53,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import NamedTuple
 
 from finetune._io import atomic_write_text
+from finetune.data._scan_cache import default_scan_cache
 from finetune.data.cards import load_card
 from finetune.data.images import (
     bad_files,
@@ -253,6 +254,7 @@ def prepare_manifest(
     scan: bool = True,
     report_path: str | os.PathLike | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    scan_cache: bool | str | os.PathLike = True,
 ) -> tuple[Manifest, list[BadFile]]:
     """Find, split and check a dataset: the one entry point of a training run.
 
@@ -286,6 +288,8 @@ def prepare_manifest(
         report_path: Where to write the bad files as CSV ``path,reason`` (only when scanning; written even
             when there are none, so a stale report never survives).
         max_pixels: Largest width × height accepted by the scan.
+        scan_cache: Reuse and record what the scan learns about unchanged files: True for the shared cache
+            (`default_scan_cache`), a path for another database, False to decode every image.
 
     Returns:
         The manifest of usable images (split names ``train``/``val``/``test``) and the bad files excluded.
@@ -335,7 +339,7 @@ def prepare_manifest(
 
     # Scan before splitting: the split sizes count usable images only, so a class with a bad file still gets
     # train_per_class training images, and a bad file is split exactly as if it were absent.
-    results = _scan(data_root, paths, report_path, max_pixels) if scan else []
+    results = _scan(data_root, paths, report_path, max_pixels, scan_cache) if scan else []
     bad = bad_files(results)
     dropped = {b.path for b in bad}
     if unsplit is not None:
@@ -409,9 +413,10 @@ def _check_class_count(card: Mapping | None, classes: list[str], source: str) ->
         )
 
 
-def _scan(root: Path, paths: list[str], report_path: str | os.PathLike | None, max_pixels: int) -> list[ScanResult]:
+def _scan(root: Path, paths: list[str], report_path: str | os.PathLike | None, max_pixels: int,
+          scan_cache: bool | str | os.PathLike) -> list[ScanResult]:
     """Scan the images, write the bad-file report and warn about the bad files."""
-    results = scan_images(root, paths, max_pixels=max_pixels)
+    results = scan_images(root, paths, max_pixels=max_pixels, cache=_cache_path(scan_cache))
     bad = bad_files(results)
     if report_path is not None:
         write_report(report_path, bad)
@@ -419,6 +424,13 @@ def _scan(root: Path, paths: list[str], report_path: str | os.PathLike | None, m
         where = f"; listed in {report_path}" if report_path is not None else ""
         logger.warning("excluded %d unusable image(s)%s, e.g. %s: %s", len(bad), where, bad[0].path, bad[0].reason)
     return results
+
+
+def _cache_path(scan_cache: bool | str | os.PathLike) -> Path | None:
+    """The scan cache database a ``scan_cache`` argument names: True the shared one, False none."""
+    if scan_cache is True:
+        return default_scan_cache()
+    return Path(scan_cache) if scan_cache is not False else None
 
 
 def _audit_arguments(manifest: str | os.PathLike | None, data_root: Path) -> str:
@@ -466,12 +478,14 @@ def _first(*values):
     return next(v for v in values if v is not None)
 
 
-def inspect_dataset(root: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+def inspect_dataset(root: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    scan_cache: bool | str | os.PathLike = True) -> dict:
     """Scan a dataset folder or manifest and describe it (keys in the module docstring).
 
     Args:
         root: A dataset folder or a manifest CSV (whose root is its folder).
         max_pixels: Largest width × height accepted.
+        scan_cache: As in `prepare_manifest`: True for the shared scan cache, a path, or False.
 
     Returns:
         The description, JSON-serialisable.
@@ -489,7 +503,7 @@ def inspect_dataset(root: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PI
         rows = [ManifestRow(p, c, s) for s, per_class in found.images.items() for c, paths in per_class.items() for p in paths]
         classes = found.classes
         layout, split_folders = found.layout, found.split_dirs
-    results = scan_images(root, [r.path for r in rows], max_pixels=max_pixels)
+    results = scan_images(root, [r.path for r in rows], max_pixels=max_pixels, cache=_cache_path(scan_cache))
     bad = bad_files(results)
     bad_paths = {b.path for b in bad}
     split_of = {r.path: r.split for r in rows}

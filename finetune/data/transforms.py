@@ -81,7 +81,25 @@ def build_transform(
         ops = _default_ops(train, height, width, crop_pct)
     steps = [_op(i, spec, flag) for i, spec in enumerate(ops)]
     _check_output_size(A.Compose(steps), height, width)
-    return A.Compose([*steps, A.Normalize(mean=tuple(mean), std=tuple(std)), A.ToTensorV2()])
+    return A.Compose([*steps, Normalize(mean=tuple(mean), std=tuple(std)), A.ToTensorV2()])
+
+
+class Normalize(A.Normalize):
+    """``A.Normalize`` ("standard") doing a uint8 RGB image in one OpenCV table look-up of its 256 × 3 values.
+
+    The values are albumentations' (float32 ``(x - 255·mean) / (255·std)``); albucore gets them by splitting
+    the channels, three look-ups and a merge, which cost a quarter of a 224 px train sample's time
+    (benchmarks/RESULTS.md, the data pipeline). Other inputs (float images) go to ``A.Normalize``."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__(mean=mean, std=std)
+        table = (np.arange(256, dtype=np.float32)[:, None] - self.mean_np) * self.denominator
+        self._table = table.astype(np.float32).reshape(256, 1, -1) if table.shape[1] == 3 else None
+
+    def apply(self, img: np.ndarray, **params) -> np.ndarray:
+        if self._table is not None and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3:
+            return cv2.LUT(img, self._table)
+        return super().apply(img, **params)
 
 
 def resolve_preprocessing(

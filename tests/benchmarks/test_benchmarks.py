@@ -23,6 +23,7 @@ SCRIPTS = {
     "bench_quickstart.py": ("quickstart", {"wall_s", "cpu_s", "test_accuracy", "stages", "targets"}),
     "bench_head_accuracy.py": ("head_accuracy", {"stats", "difference", "runs"}),
     "bench_audit.py": ("audit", {"figures", "runs"}),
+    "bench_setup.py": ("setup", {"bird225 (pre-split)", "caltech (one folder, split)"}),
     "bench_gpu.py": ("gpu", {"train", "extraction", "device", "precision", "peak_tflops"}),
 }
 
@@ -104,6 +105,12 @@ def test_decode(tmp_path, digits):
         assert case["pillow_over_opencv"]["median"] > 0 and case["finetune_over_opencv"]["median"] > 0
     # lossless PNG decodes identically with either library
     assert all(c["max_abs_pixel_difference"] == 0 for c in doc["results"].values() if c["format"] == "PNG")
+
+
+def test_setup(tmp_path):
+    doc = run_tiny("bench_setup.py", tmp_path)
+    for variant in doc["results"].values():
+        assert variant["images"] > 0 and variant["first_s"][0] > 0 and variant["second_s"][0] > 0
 
 
 def test_heads(tmp_path):

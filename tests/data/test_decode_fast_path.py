@@ -2,7 +2,7 @@
 same pixels Pillow would; every other case stays on Pillow."""
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 import finetune.data.images as decode
 from finetune.data import ImageDecodeError, load_image
@@ -28,16 +28,31 @@ def test_plain_files_take_the_opencv_path_with_pillows_pixels(tmp_path, make_ima
     assert np.array_equal(fast, reference)
 
 
-def test_rgba_cmyk_and_rotated_files_stay_on_pillow(tmp_path, make_image, imdecode_calls):
+def test_rgba_and_cmyk_files_stay_on_pillow(tmp_path, make_image, imdecode_calls):
     make_image(tmp_path / "a.png", mode="RGBA", fmt="PNG")
     make_image(tmp_path / "c.jpg", mode="CMYK", fmt="JPEG")
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    make_image(tmp_path / "r.jpg", size=(40, 30), fmt="JPEG", exif=exif.tobytes())
     for name in ("a.png", "c.jpg"):
         assert load_image(tmp_path / name).shape[2] == 3
-    assert load_image(tmp_path / "r.jpg").shape == (40, 30, 3)  # rotated by Pillow's exif_transpose
     assert imdecode_calls == []
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_exif_rotated_jpeg_takes_the_opencv_path_with_pillows_orientation(tmp_path, imdecode_calls, orientation, mode):
+    """Every EXIF orientation (flips, quarter and half turns) comes out as Pillow's exif_transpose shows it."""
+    rng = np.random.default_rng(orientation)
+    pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    pixels[:15, :20] = (255, 0, 0)  # an asymmetric mark: any wrong flip or turn moves it
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "r.jpg"
+    Image.fromarray(pixels).convert(mode).save(path, quality=95, exif=exif.tobytes())
+    fast = load_image(path)
+    assert imdecode_calls == [1]
+    with Image.open(path) as img:
+        reference = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    assert fast.shape == reference.shape and fast.flags.c_contiguous
+    assert np.array_equal(fast, reference)
 
 
 def test_truncated_jpeg_is_still_reported(tmp_path, make_image, imdecode_calls):

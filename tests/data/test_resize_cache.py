@@ -26,11 +26,14 @@ def decodes(monkeypatch):
     """The paths `resize_cache` decodes, in call order."""
     calls = []
 
-    def spy(path, max_pixels):
-        calls.append(path)
-        return load_image(path, max_pixels)
+    real = _resize_cache._decode
 
-    monkeypatch.setattr(_resize_cache, "load_image", spy)
+    def spy(data, path, max_pixels, min_side):
+        if min_side is not None:  # resize_cache's decodes (with the copy's size), not the test's load_image
+            calls.append(path)
+        return real(data, path, max_pixels, min_side)
+
+    monkeypatch.setattr(_resize_cache, "_decode", spy)
     return calls
 
 
@@ -154,12 +157,14 @@ def test_workers_keep_the_input_order(tmp_path, make_image, monkeypatch):
     items = [(make_image(tmp_path / "src" / f"{i:02d}.jpg", size=(20 + i, 10)), 11 - i) for i in range(12)]
     serial = resize_cache(items, size=5, cache_dir=tmp_path / "serial")
 
-    def first_finishes_last(path, max_pixels):
+    real = _resize_cache._decode
+
+    def first_finishes_last(data, path, max_pixels, min_side):
         if path == items[0][0]:
             time.sleep(0.1)
-        return load_image(path, max_pixels)
+        return real(data, path, max_pixels, min_side)
 
-    monkeypatch.setattr(_resize_cache, "load_image", first_finishes_last)
+    monkeypatch.setattr(_resize_cache, "_decode", first_finishes_last)
     threaded = resize_cache(items, size=5, cache_dir=tmp_path / "threaded", workers=2)
 
     assert [label for _, label in threaded] == [label for _, label in items]
@@ -183,3 +188,63 @@ def test_bad_settings_and_an_unwritable_cache_raise(tmp_path, make_image):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(FinetuneError, match="cannot create"):
         resize_cache(items, size=8, cache_dir=tmp_path / "file")
+
+
+def _photo(height: int, width: int) -> np.ndarray:
+    """A smooth photo-like image with edges (random fields blurred, plus a few hard rectangles)."""
+    rng = np.random.default_rng(height)
+    import cv2
+
+    image = cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), (0, 0), 6)
+    image = cv2.normalize(image, None, 0, 255, cv2.NORM_MINMAX)
+    for _ in range(6):
+        y, x = rng.integers(0, height - 40), rng.integers(0, width - 40)
+        image[y:y + 40, x:x + 60] = rng.integers(0, 256, 3)
+    return image
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255 ** 2 / mse)
+
+
+@pytest.fixture
+def imdecode_flags(monkeypatch):
+    flags = []
+    real = _resize_cache.cv2.imdecode
+    monkeypatch.setattr(_resize_cache.cv2, "imdecode", lambda data, f: flags.append(f) or real(data, f))
+    return flags
+
+
+def test_large_jpeg_is_decoded_at_a_reduced_scale_close_to_full_decode_and_shrink(tmp_path, imdecode_flags):
+    import cv2
+
+    path = tmp_path / "big.jpg"
+    Image.fromarray(_photo(900, 1300)).save(path, quality=92)
+    [(copy, _)] = resize_cache([(path, 0)], size=200, cache_dir=tmp_path / "cache")
+    assert imdecode_flags[-1] == cv2.IMREAD_REDUCED_COLOR_4  # 900 // 4 = 225 >= 200; 900 // 8 would not be
+    reduced = load_image(copy)
+    reference = _resize_cache._shrink(load_image(path), 200)
+    assert reduced.shape == reference.shape == (200, 289, 3)
+    assert _psnr(reduced, reference) > 35
+
+
+@pytest.mark.parametrize("min_side, flag", [(None, "full"), (451, "full"), (450, "2"), (112, "8")])
+def test_reduction_is_the_largest_that_keeps_min_side(tmp_path, imdecode_flags, min_side, flag):
+    import cv2
+
+    path = tmp_path / "p.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a quarter turn: the reduced decode is turned too
+    Image.fromarray(_photo(900, 1300)).save(path, quality=92, exif=exif.tobytes())
+    image = load_image(path, min_side=min_side)
+    expected = {"full": cv2.IMREAD_COLOR_RGB, "2": cv2.IMREAD_REDUCED_COLOR_2, "8": cv2.IMREAD_REDUCED_COLOR_8}[flag]
+    assert imdecode_flags == [expected]
+    k = {"full": 1, "2": 2, "8": 8}[flag]
+    assert image.shape == (-(-1300 // k), -(-900 // k), 3)
+
+
+def test_png_is_never_reduced(tmp_path, imdecode_flags):
+    path = tmp_path / "p.png"
+    Image.fromarray(_photo(400, 600)).save(path)
+    assert load_image(path, min_side=50).shape == (400, 600, 3)

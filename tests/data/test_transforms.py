@@ -122,3 +122,20 @@ def test_bad_input_size_is_rejected(input_size):
 def test_unknown_interpolation_is_rejected():
     with pytest.raises(FinetuneError, match="unknown interpolation 'random'"):
         build_transform(False, input_size=224, mean=MEAN, std=STD, interpolation="random")
+
+
+def test_normalize_table_matches_albumentations():
+    """The appended Normalize's one-pass table look-up gives albumentations' values, for uint8 and float input."""
+    import albumentations as A
+
+    from finetune.data.transforms import Normalize
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ours, reference = Normalize(mean=mean, std=std), A.Normalize(mean=mean, std=std)
+    image = np.random.default_rng(0).integers(0, 256, (37, 29, 3), dtype=np.uint8)
+    image[0, :3] = [[0, 0, 0], [255, 255, 255], [1, 128, 254]]
+    fast = ours.apply(image)
+    assert fast.dtype == np.float32 and fast.shape == image.shape
+    np.testing.assert_allclose(fast, reference.apply(image), rtol=0, atol=1e-5)
+    as_float = image.astype(np.float32)
+    np.testing.assert_allclose(ours.apply(as_float), reference.apply(as_float), rtol=0, atol=1e-5)

@@ -1,0 +1,58 @@
+"""`usable_cpus`: the CPUs the process may use — its affinity mask capped by the cgroup v2/v1 CPU quota —
+which sizes every pool of parallel work (the scan, the resize cache, DataLoader workers)."""
+import os
+
+import pytest
+
+from finetune._workers import auto_workers, usable_cpus
+
+
+@pytest.fixture
+def six_cpus(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+
+
+def test_affinity_without_cgroup_limit(six_cpus, tmp_path):
+    assert usable_cpus(tmp_path) == 6  # no cgroup files: the affinity mask
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(tmp_path) == 6
+
+
+@pytest.mark.parametrize("text, expected", [("250000 100000\n", 3), ("50000 100000\n", 1), ("800000 100000\n", 6)])
+def test_cgroup_v2_quota_caps_the_affinity(six_cpus, tmp_path, text, expected):
+    (tmp_path / "cpu.max").write_text(text)  # 2.5 CPUs round up to 3; half a CPU is still 1
+    assert usable_cpus(tmp_path) == expected
+
+
+def test_cgroup_v1_quota(six_cpus, tmp_path):
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(tmp_path) == 2
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # unlimited
+    assert usable_cpus(tmp_path) == 6
+
+
+def test_auto_workers_follow_the_quota(six_cpus, tmp_path, monkeypatch):
+    (tmp_path / "cpu.max").write_text("200000 100000\n")
+    monkeypatch.setattr("finetune._workers.CGROUP_ROOT", tmp_path)
+    assert auto_workers("auto") == 2
+    assert auto_workers("auto", world_size=2) == 1
+    assert auto_workers(5) == 5
+
+
+def test_scan_pool_is_sized_by_usable_cpus(monkeypatch, tiny_folder):
+    import finetune.data.images as images
+
+    sizes = []
+    real = images.ThreadPoolExecutor
+
+    def spy(max_workers):
+        sizes.append(max_workers)
+        return real(max_workers=max_workers)
+
+    monkeypatch.setattr(images, "usable_cpus", lambda: 3)
+    monkeypatch.setattr(images, "ThreadPoolExecutor", spy)
+    paths = sorted(p.relative_to(tiny_folder).as_posix() for p in tiny_folder.rglob("*.png"))
+    images.scan_images(tiny_folder, paths)
+    assert sizes == [3]
