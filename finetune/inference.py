@@ -34,7 +34,7 @@ from finetune._device import forward_batches, resolve_device
 from finetune._workers import inference_workers
 from finetune.calibration import scaled
 from finetune.errors import FinetuneError
-from finetune.tta import TtaModel, TtaTransform
+from finetune.tta import VIEWS, TtaModel, TtaTransform
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -133,7 +133,8 @@ class Predictor:
             num_workers: DataLoader workers decoding files in parallel, or ``"auto"`` (the CPU cores, at
                 most 8; what ``finetune predict`` uses).
             tta: a test-time augmentation mode of :data:`finetune.tta.TTA_MODES`: the probabilities are
-                the mean over its views.
+                the mean over its views (a forward pass then holds the views of ``batch_size // views``
+                images).
 
         Returns:
             A :class:`Prediction` for a single image, else a list of them in input order. A file that
@@ -147,7 +148,11 @@ class Predictor:
             raise FinetuneError(f"topk must be at least 1, got {topk}")
         k = min(topk, len(self.classes))
         model = scaled(self.model, self.temperature)
-        model, transform = (TtaModel(model), TtaTransform(self.transform, tta)) if tta else (model, self.transform)
+        if tta:  # a forward pass over batch_size inputs: the views of batch_size // views images
+            model, transform = TtaModel(model), TtaTransform(self.transform, tta)
+            batch_size = max(1, batch_size // VIEWS[tta])
+        else:
+            transform = self.transform
         indices, probs, errors = predict_probabilities(
             model, sources, transform, device=self.device, batch_size=batch_size, num_workers=num_workers
         )

@@ -24,6 +24,9 @@ from finetune.errors import FinetuneError
 
 TTA_MODES = ("hflip", "crops", "hflip+crops")
 """The test-time augmentation modes (``--tta``, ``evaluation.tta``)."""
+VIEWS = {"hflip": 2, "crops": 5, "hflip+crops": 10}
+"""Views per image of each mode: a batch of B images is a forward pass over B × views inputs, so TTA
+batches hold ``batch_size // views`` images."""
 CROP_FRACTION = 0.9
 """The height and width of each ``crops`` corner crop, as a fraction of the image's."""
 

@@ -113,7 +113,7 @@ def evaluate(
             outputs do not match ``class_names``, or an ``out_dir`` that cannot be written.
     """
     from finetune.inference import eval_transform, predict_probabilities
-    from finetune.tta import TtaModel, TtaTransform, check_mode
+    from finetune.tta import VIEWS, TtaModel, TtaTransform, check_mode
 
     if not items:
         raise FinetuneError("nothing to evaluate: no images")
@@ -158,7 +158,8 @@ def evaluate(
     if tta is not None:
         tta_indices, tta_probs, _ = predict_probabilities(
             TtaModel(scaled(model, temperature)), [paths[i] for i in indices],
-            TtaTransform(eval_transform(preprocessing), tta), device=device, batch_size=batch_size,
+            TtaTransform(eval_transform(preprocessing), tta), device=device,
+            batch_size=max(1, batch_size // VIEWS[tta]),  # a forward pass over the views of these images
             num_workers=num_workers, amp_dtype=amp_dtype, progress=wrap,
         )
         tta_metrics = classification_metrics(y_true[tta_indices], tta_probs, class_names=class_names, labels=labels)

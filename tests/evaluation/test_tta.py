@@ -63,6 +63,8 @@ def test_hflip_tta_predicts_the_mean_of_the_two_views_softmax(checkpoint, tmp_pa
     assert tta.labels == [predictor.classes[i] for i in order]
     np.testing.assert_allclose(tta.probabilities, expected[order].numpy(), rtol=1e-5, atol=1e-6)
     assert np.abs(np.array(plain.probabilities) - np.array(tta.probabilities)).max() > 1e-5  # the views differ
+    with pytest.raises(FinetuneError, match="unknown test-time augmentation"):
+        predictor.predict(path, tta="rot90")
 
 
 def test_evaluate_reports_metrics_with_and_without_tta(tmp_path, preprocessing):
