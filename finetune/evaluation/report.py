@@ -125,7 +125,7 @@ def render_report(
         The complete HTML document.
     """
     return html_page(title, SECTIONS, [
-        _summary(metrics, len(unreadable)) + _calibration_and_tta(metrics, reliability),
+        _summary(metrics, len(unreadable), _calibration_and_tta(metrics, reliability)),
         _confusion(confusion_figures),
         _per_class(per_class),
         _most_confused(most_confused),
@@ -169,14 +169,14 @@ def _format(value: Any, kind: str) -> str:
     return f"{value:.4f}"
 
 
-def _summary(metrics: Mapping[str, Any], num_unreadable: int) -> str:
+def _summary(metrics: Mapping[str, Any], num_unreadable: int, extra: str = "") -> str:
     cards = "".join(
         f'<div class="card"><b>{_format(metrics[key], kind)}</b><span>{label}</span></div>'
         for key, label, kind in _HEADLINE if key in metrics
     )
     note = (f'<p class="bad">{num_unreadable} unreadable image(s) were left out; see '
             f'<a href="#details">details</a>.</p>' if num_unreadable else "")
-    return f'<section id="summary"><h2>Summary</h2><div class="cards">{cards}</div>{note}</section>'
+    return f'<section id="summary"><h2>Summary</h2><div class="cards">{cards}</div>{note}{extra}</section>'
 
 
 def _calibration_and_tta(metrics: Mapping[str, Any], reliability: bytes | None) -> str:
