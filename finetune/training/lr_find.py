@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from finetune._device import autocast
 from finetune._io import atomic_write_bytes, check_output, ensure_folder
