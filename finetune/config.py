@@ -210,6 +210,13 @@ class OutputConfig(_Section):
         return folder
 
 
+class EvaluationConfig(_Section):
+    # test-time augmentation of the end-of-training test evaluation, reported beside the plain metrics:
+    # hflip (2 views), crops (the image and its 4 corner crops) or hflip+crops (10 views)
+    tta: Optional[Literal["hflip", "crops", "hflip+crops"]] = None
+    calibrate: bool = True  # fit a temperature on the val split at the end of training, stored in the checkpoint
+
+
 class Recipe(_Section):
     name: str = "run"
     data: DataConfig
@@ -217,6 +224,7 @@ class Recipe(_Section):
     stages: list[StageConfig] = Field(min_length=1)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
     @field_validator("stages")
     @classmethod

@@ -3,7 +3,10 @@
 Every export writes two files: the model (``NAME.onnx``, ``NAME.pt`` or ``NAME.safetensors``) and
 ``NAME.json`` holding the class names, the preprocessing and the input/output names and shapes. The model
 takes a float32 ``N×3×H×W`` batch (RGB, resized, centre-cropped and normalised as the JSON says; any ``N``)
-named ``input`` and returns ``N×C`` logits named ``logits``.
+named ``input`` and returns ``N×C`` logits named ``logits``. A calibrated checkpoint's temperature
+(:mod:`finetune.calibration`) is divided out inside the ONNX and TorchScript graphs, so their softmax is what
+``finetune predict`` gives; a safetensors export holds the raw weights and the JSON's ``temperature`` to
+divide by. The JSON of a calibrated export has ``temperature``.
 
 * ``onnx``: ``torch.onnx.export`` (the torch.export-based exporter) with a dynamic batch dimension. The
   JSON is also stored in the model's metadata (``metadata_props`` key ``finetune``), so the ``.onnx`` file
@@ -31,6 +34,7 @@ import numpy as np
 import torch
 
 from finetune._io import atomic_write, atomic_write_text, check_output
+from finetune.calibration import TemperatureScaled, meta_temperature
 from finetune.errors import FinetuneError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
@@ -101,6 +105,14 @@ def export_model(
         model, meta = load_checkpoint(folder, map_location="cpu")
         info = export_info(meta, format=format, filename=out.name, source=folder)
         example = torch.randn(2, *meta["preprocessing"]["input_size"])
+        temperature = meta_temperature(meta)
+        if temperature != 1.0:  # calibrated: the graph divides the logits (safetensors: the JSON says to)
+            info["temperature"] = temperature
+            if format == "safetensors":
+                info["output"]["description"] += f"; divide the logits by temperature ({temperature:.6g}) first"
+            else:
+                model = TemperatureScaled(model, temperature)
+                info["output"]["description"] += f" (already divided by the calibration temperature {temperature:.6g})"
     if quantize:
         info["quantization"] = {
             "dtype": "int8", "method": "static" if calibration_images else "dynamic",

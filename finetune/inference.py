@@ -7,6 +7,10 @@ files, PIL images or RGB arrays into top-k labels with probabilities::
     pred = predictor.predict("robin.jpg", topk=3)
     pred.label, pred.probability      # the most probable class
     pred.labels, pred.probabilities   # the top 3
+    predictor.predict("robin.jpg", tta="hflip")   # averaged over the image and its mirror image
+
+A calibrated checkpoint's temperature (:mod:`finetune.calibration`) divides the logits before the softmax;
+test-time augmentation (:mod:`finetune.tta`) averages the probabilities over views of each image.
 
 Loading reads ``checkpoint.json`` and ``model.safetensors`` only: no recipe, no training data, no network
 and no pickled code. :func:`predict_probabilities` (shared with evaluation) batches images with the one
@@ -28,7 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune._device import forward_batches, resolve_device
 from finetune._workers import inference_workers
+from finetune.calibration import scaled
 from finetune.errors import FinetuneError
+from finetune.tta import VIEWS, TtaModel, TtaTransform
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -69,6 +75,8 @@ class Predictor:
         preprocessing: the checkpoint's preprocessing (``input_size``, ``mean``, ``std``,
             ``interpolation``, ``crop_pct``, optional ``eval_transforms``).
         device: where the model runs.
+        temperature: the checkpoint's calibration temperature (:mod:`finetune.calibration`): logits are
+            divided by it before the softmax.
 
     Attributes:
         model: the ``nn.Module``.
@@ -76,6 +84,7 @@ class Predictor:
         preprocessing: as given.
         transform: the eval pipeline, ``transform(image=uint8_rgb_array)["image"]`` → 3×H×W tensor.
         device: the ``torch.device``.
+        temperature: as given.
     """
 
     def __init__(
@@ -85,9 +94,11 @@ class Predictor:
         classes: Sequence[str],
         preprocessing: Mapping[str, Any],
         device: str | torch.device = "cpu",
+        temperature: float = 1.0,
     ):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.temperature = float(temperature)
         self.classes = list(classes)
         self.preprocessing = dict(preprocessing)
         self.transform = eval_transform(self.preprocessing)
@@ -95,11 +106,13 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Predictor:
         """Load a checkpoint folder (or a run folder, whose best checkpoint is used)."""
+        from finetune.calibration import meta_temperature
         from finetune.checkpoint import load_checkpoint
 
         device = resolve_device(device)
         model, meta = load_checkpoint(path, map_location=device)
-        return cls(model, classes=meta["classes"], preprocessing=meta["preprocessing"], device=device)
+        return cls(model, classes=meta["classes"], preprocessing=meta["preprocessing"], device=device,
+                   temperature=meta_temperature(meta))
 
     def predict(
         self,
@@ -108,6 +121,7 @@ class Predictor:
         topk: int = 1,
         batch_size: int = 32,
         num_workers: int | str = 0,
+        tta: str | None = None,
     ) -> Prediction | list[Prediction]:
         """Classify one image or a list of images.
 
@@ -118,6 +132,9 @@ class Predictor:
             batch_size: images per forward pass.
             num_workers: DataLoader workers decoding files in parallel, or ``"auto"`` (the CPU cores, at
                 most 8; what ``finetune predict`` uses).
+            tta: a test-time augmentation mode of :data:`finetune.tta.TTA_MODES`: the probabilities are
+                the mean over its views (a forward pass then holds the views of ``batch_size // views``
+                images).
 
         Returns:
             A :class:`Prediction` for a single image, else a list of them in input order. A file that
@@ -130,8 +147,14 @@ class Predictor:
         if topk < 1:
             raise FinetuneError(f"topk must be at least 1, got {topk}")
         k = min(topk, len(self.classes))
+        model = scaled(self.model, self.temperature)
+        if tta:  # a forward pass over batch_size inputs: the views of batch_size // views images
+            model, transform = TtaModel(model), TtaTransform(self.transform, tta)
+            batch_size = max(1, batch_size // VIEWS[tta])
+        else:
+            transform = self.transform
         indices, probs, errors = predict_probabilities(
-            self.model, sources, self.transform, device=self.device, batch_size=batch_size, num_workers=num_workers
+            model, sources, transform, device=self.device, batch_size=batch_size, num_workers=num_workers
         )
         results = [Prediction(path=_path_of(s), error=errors.get(i)) for i, s in enumerate(sources)]
         top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
@@ -167,6 +190,7 @@ def predict_probabilities(
     num_workers: int | str = 0,
     amp_dtype: torch.dtype | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
+    logits: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """Softmax probabilities of ``model`` for every readable image of ``sources``, in batches.
 
@@ -180,6 +204,7 @@ def predict_probabilities(
             most one per batch, none for a single batch.
         amp_dtype: autocast dtype (``torch.bfloat16``/``torch.float16``), or ``None`` for full precision.
         progress: wraps the batch iterator, e.g. ``tqdm``.
+        logits: return the model's raw outputs instead of their softmax.
 
     Returns:
         ``(indices, probabilities, errors)``: the positions in ``sources`` of the images read (ascending),
@@ -194,7 +219,8 @@ def predict_probabilities(
         num_workers=inference_workers(num_workers, len(sources), batch_size),
         collate_fn=collate_skip, pin_memory=device.type == "cuda",
     )
-    indices, probs, _ = forward_batches(model, loader, device=device, amp_dtype=amp_dtype, progress=progress)
+    indices, probs, _ = forward_batches(model, loader, device=device, amp_dtype=amp_dtype, progress=progress,
+                                       softmax=not logits)
     unread = sorted(set(range(len(sources))) - set(indices.tolist()))
     return indices, probs, {i: _unreadable_reason(sources[i]) for i in unread}
 

@@ -14,7 +14,8 @@ from finetune._version import __version__
 from finetune.errors import FinetuneError, one_line
 
 # Sub-command modules, in the order `finetune --help` lists them.
-COMMANDS = ("train", "validate", "eval", "predict", "explain", "export", "benchmark", "data", "models")
+COMMANDS = ("train", "validate", "lr-find", "eval", "calibrate", "predict", "explain", "export", "benchmark", "data",
+            "models")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"finetune {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"finetune.cli.{name}").add_parser(subparsers)
+        importlib.import_module(f"finetune.cli.{name.replace('-', '_')}").add_parser(subparsers)
     return parser
 
 

@@ -35,6 +35,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--no-explain", dest="explain", action="store_false",
                    help="no Grad-CAM heat-maps in report.html (each costs about two predictions on the CPU)")
+    p.add_argument("--tta", choices=("hflip", "crops", "hflip+crops"),
+                   help="also evaluate with test-time augmentation, averaging the softmax over the image and its "
+                        "mirror image (hflip), its 4 corner crops (crops), or both (10 views); metrics.json "
+                        "and report.html show both")
     p.add_argument("--reference", metavar="CHECKPOINT",
                    help="for an .onnx model: the checkpoint to compare accuracy with (default: the one it was "
                         "exported from, when it is still there)")
@@ -44,6 +48,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from finetune._io import check_output
     from finetune.checkpoint import load_checkpoint, resolve_checkpoint
+    from finetune.calibration import meta_temperature
     from finetune.evaluation import align_classes, evaluate
     from finetune._device import resolve_device
 
@@ -70,6 +75,7 @@ def run(args) -> int:
         model, items, class_names=meta["classes"], preprocessing=meta["preprocessing"], out_dir=out,
         device=device, batch_size=args.batch_size, num_workers=args.num_workers, run_dir=run_dir,
         labels=sorted(mapping.values()) if subset else None, progress=True, explain=args.explain,
+        temperature=meta_temperature(meta), tta=args.tta,
         details={
             "checkpoint": str(folder), "model": f"{meta['backbone']} + {meta['head']['name']} head",
             "data": str(args.data), "split": args.split,
@@ -82,6 +88,9 @@ def run(args) -> int:
         f"ECE {metrics['ece']:.4f}"
         + (f" ({metrics['num_unreadable']} unreadable image(s) left out)" if metrics["num_unreadable"] else "")
     )
+    if "tta" in metrics:
+        print(f"with {args.tta} TTA: accuracy {metrics['tta']['accuracy']:.4f}, macro-F1 "
+              f"{metrics['tta']['macro_f1']:.4f}, ECE {metrics['tta']['ece']:.4f}")
     print(f"wrote {out}/ (open {out / 'report.html'})")
     return 0
 
@@ -129,7 +138,7 @@ def run_onnx(args) -> int:
     metrics = evaluate(
         model, items, class_names=info["classes"], preprocessing=info["preprocessing"], out_dir=out,
         device="cpu", batch_size=args.batch_size, num_workers=args.num_workers, run_dir=run_dir, labels=labels,
-        progress=True,
+        progress=True, tta=args.tta,
         details={
             "model": f"{path} ({info['backbone']} + {info['head']['name']} head, ONNX"
                      + (f" {quantization['dtype']} {quantization['method']})" if quantization else ")"),

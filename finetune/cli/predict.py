@@ -24,6 +24,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--num-workers", type=workers_arg, default="auto",
                    help="image-decoding worker processes, or auto: the CPU cores, at most 8 (default auto)")
+    p.add_argument("--tta", choices=("hflip", "crops", "hflip+crops"),
+                   help="test-time augmentation: average the probabilities over the image and its mirror image "
+                        "(hflip), its 4 corner crops (crops), or both (10 views)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.set_defaults(func=run)
 
@@ -47,7 +50,8 @@ def run(args) -> int:
     from finetune.inference import load  # imports torch: after the arguments are checked
 
     predictor = load(args.checkpoint, device=args.device)
-    predictions = predictor.predict(sources, topk=args.topk, batch_size=args.batch_size, num_workers=args.num_workers)
+    predictions = predictor.predict(sources, topk=args.topk, batch_size=args.batch_size, num_workers=args.num_workers,
+                                  tta=args.tta)
     records = [(p.path, p.labels, p.probabilities, p.error) for p in predictions]
     records += [(path, [], [], "no such file or folder") for path in missing]
     failed = [(path, error) for path, _, _, error in records if error]

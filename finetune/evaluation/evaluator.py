@@ -13,8 +13,12 @@ complete):
 * ``report.html``: see :mod:`finetune.evaluation.report`. With a timm backbone plus a head, its thumbnails of
   the worst mistakes and of the most confident correct prediction of each class carry a Grad-CAM heat-map
   of the predicted class (:mod:`finetune.evaluation.explain`).
-* ``metrics.json``: the headline numbers of :func:`~finetune.evaluation.classification_metrics`, plus the
-  unreadable images left out.
+* ``reliability.png``: the reliability diagram (accuracy against confidence), before and after the
+  checkpoint's temperature (:mod:`finetune.calibration`) when it has one.
+* ``metrics.json``: the headline numbers of :func:`~finetune.evaluation.classification_metrics` (with the
+  temperature applied), plus the unreadable images left out; ``calibration`` (``temperature``,
+  ``ece_before``, ``ece_after``, ``loss_before``, ``loss_after``) for a calibrated model, and ``tta`` (the
+  same headline numbers with test-time augmentation, :mod:`finetune.tta`) when asked for.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import torch
 from torch import nn
 
 from finetune._io import atomic_write_bytes, check_output, ensure_folder
+from finetune.calibration import scaled, softmax
 from finetune.errors import FinetuneError
 from finetune.evaluation.metrics import classification_metrics, most_confused_pairs, per_class_rows
 from finetune.evaluation.plots import (
@@ -39,6 +44,7 @@ from finetune.evaluation.plots import (
     cluster_order,
     confusion_matrix_png,
     most_confused_classes,
+    reliability_png,
 )
 from finetune.evaluation.report import render_report
 
@@ -49,6 +55,8 @@ REPORT_THUMBNAILS = 24
 CORRECT_PER_CLASS = 1
 """How many correct predictions of each class (the most confident) the report shows with their heat-map."""
 _THUMBNAIL_SIZE = 160
+HEADLINE_KEYS = ("accuracy", "top5_accuracy", "balanced_accuracy", "macro_f1", "ece", "loss", "num_samples")
+"""The metrics ``tta`` repeats with test-time augmentation."""
 
 
 def evaluate(
@@ -67,6 +75,8 @@ def evaluate(
     details: Mapping[str, Any] | None = None,
     progress: bool = False,
     explain: bool = True,
+    temperature: float = 1.0,
+    tta: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on labelled images and write every evaluation file into ``out_dir``.
 
@@ -90,6 +100,10 @@ def evaluate(
         progress: show a progress bar on stderr.
         explain: put Grad-CAM heat-maps on the report's thumbnails (one forward and backward pass per
             thumbnail; only for a model with a timm backbone and a head).
+        temperature: the calibration temperature the logits are divided by (the checkpoint's); metrics
+            are reported with it, and ``calibration`` compares them with the raw logits' when it is not 1.
+        tta: also evaluate with this test-time augmentation (:data:`finetune.tta.TTA_MODES`); its
+            metrics go under ``tta``.
 
     Returns:
         The contents of ``metrics.json``.
@@ -99,6 +113,7 @@ def evaluate(
             outputs do not match ``class_names``, or an ``out_dir`` that cannot be written.
     """
     from finetune.inference import eval_transform, predict_probabilities
+    from finetune.tta import VIEWS, TtaModel, TtaTransform, check_mode
 
     if not items:
         raise FinetuneError("nothing to evaluate: no images")
@@ -107,6 +122,8 @@ def evaluate(
     targets = np.array([int(t) for _, t in items], dtype=np.int64)
     if targets.min() < 0 or targets.max() >= len(class_names):
         raise FinetuneError(f"image labels must be class indices below {len(class_names)}")
+    if tta is not None:
+        check_mode(tta)
     device = torch.device(device)
     model = model.to(device).eval()
     wrap = None
@@ -116,21 +133,37 @@ def evaluate(
         def wrap(loader):
             return tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not sys.stderr.isatty())
 
-    indices, probs, errors = predict_probabilities(
+    indices, logits, errors = predict_probabilities(
         model, paths, eval_transform(preprocessing), device=device, batch_size=batch_size,
-        num_workers=num_workers, amp_dtype=amp_dtype, progress=wrap,
+        num_workers=num_workers, amp_dtype=amp_dtype, progress=wrap, logits=True,
     )
     unreadable = [(paths[i], errors[i]) for i in sorted(errors)]
     if unreadable:
         logger.warning("left out %d unreadable image(s), e.g. %s: %s", len(unreadable), *unreadable[0])
     if not len(indices):
         raise FinetuneError(f"none of the {len(paths)} images could be read (e.g. {unreadable[0][0]}: {unreadable[0][1]})")
-    if probs.shape[1] != len(class_names):
-        raise FinetuneError(f"the model gives {probs.shape[1]} outputs for {len(class_names)} classes")
+    if logits.shape[1] != len(class_names):
+        raise FinetuneError(f"the model gives {logits.shape[1]} outputs for {len(class_names)} classes")
     y_true = targets[indices]
+    probs = softmax(logits, temperature)
     metrics = classification_metrics(y_true, probs, class_names=class_names, labels=labels)
     confusion = metrics.pop("confusion")
     metrics.pop("per_class_recall")
+    curves = [("model", probs)]
+    if temperature != 1.0:
+        raw = classification_metrics(y_true, softmax(logits), class_names=class_names, labels=labels)
+        metrics["calibration"] = {"temperature": temperature, "ece_before": raw["ece"], "ece_after": metrics["ece"],
+                                  "loss_before": raw["loss"], "loss_after": metrics["loss"]}
+        curves = [("before (T = 1)", softmax(logits)), (f"after (T = {temperature:.3g})", probs)]
+    if tta is not None:
+        tta_indices, tta_probs, _ = predict_probabilities(
+            TtaModel(scaled(model, temperature)), [paths[i] for i in indices],
+            TtaTransform(eval_transform(preprocessing), tta), device=device,
+            batch_size=max(1, batch_size // VIEWS[tta]),  # a forward pass over the views of these images
+            num_workers=num_workers, amp_dtype=amp_dtype, progress=wrap,
+        )
+        tta_metrics = classification_metrics(y_true[tta_indices], tta_probs, class_names=class_names, labels=labels)
+        metrics["tta"] = {"views": tta, **{k: tta_metrics[k] for k in HEADLINE_KEYS}}
     metrics["num_unreadable"] = len(unreadable)
     metrics["unreadable"] = [{"path": p, "reason": r} for p, r in unreadable]
 
@@ -144,6 +177,8 @@ def evaluate(
     figures = _confusion_figures(confusion, names)
     for filename, (_, png) in figures.items():
         atomic_write_bytes(out / filename, png)
+    reliability = reliability_png(y_true, curves)
+    atomic_write_bytes(out / "reliability.png", reliability)
     if "confusion_matrix_top.png" not in figures:  # from an earlier evaluation with more classes
         (out / "confusion_matrix_top.png").unlink(missing_ok=True)
 
@@ -167,6 +202,7 @@ def evaluate(
         training_log=log,
         details={**(details or {}), "run folder": str(run_dir) if run_dir else "none"},
         unreadable=unreadable,
+        reliability=reliability,
     )
     atomic_write_bytes(out / "report.html", report.encode("utf-8"))
     atomic_write_bytes(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode("utf-8"))

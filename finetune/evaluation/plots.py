@@ -145,3 +145,26 @@ def _annotate(ax, values: np.ndarray, vmax: float, normalize: bool, font: float)
         text = f"{v:.2f}" if normalize else f"{int(v)}"
         ax.text(j, i, text, ha="center", va="center", fontsize=font * 0.85,
                 color="white" if (v / vmax) ** 0.5 > 0.55 else "black")
+
+
+def reliability_png(y_true: np.ndarray, curves: Sequence[tuple[str, np.ndarray]], bins: int = 15) -> bytes:
+    """A reliability diagram: per confidence bin (``bins`` equal-width, as the ECE), the accuracy of the
+    top-1 predictions against their mean confidence, one line per ``(label, probabilities)`` curve (e.g.
+    before and after temperature scaling), with the diagonal of perfect calibration."""
+    fig = Figure(figsize=(4.8, 4.4))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="perfect calibration")
+    for label, probs in curves:
+        confidence, correct = probs.max(axis=1), probs.argmax(axis=1) == np.asarray(y_true)
+        which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)
+        used = np.unique(which)
+        ax.plot([confidence[which == b].mean() for b in used], [correct[which == b].mean() for b in used], "o-",
+                label=label)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy",
+           title="Reliability diagram")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI)
+    return buf.getvalue()

@@ -97,6 +97,7 @@ def render_report(
     unreadable: Sequence[tuple[str, str]] = (),
     correct: Sequence[Mapping[str, Any]] = (),
     explanation_note: str = "",
+    reliability: bytes | None = None,
 ) -> str:
     """The HTML text of the report.
 
@@ -116,12 +117,15 @@ def render_report(
         correct: a sample of correct predictions per class, as ``misclassified`` (``heatmap``, no
             ``thumbnail``).
         explanation_note: what the heat-maps show (or why there are none), above both galleries.
+        reliability: the reliability diagram (PNG), shown in the summary. The summary also compares
+            ``metrics["tta"]`` (test-time augmentation) and ``metrics["calibration"]`` (before and after the
+            temperature) with the plain metrics when present.
 
     Returns:
         The complete HTML document.
     """
     return html_page(title, SECTIONS, [
-        _summary(metrics, len(unreadable)),
+        _summary(metrics, len(unreadable), _calibration_and_tta(metrics, reliability)),
         _confusion(confusion_figures),
         _per_class(per_class),
         _most_confused(most_confused),
@@ -165,14 +169,42 @@ def _format(value: Any, kind: str) -> str:
     return f"{value:.4f}"
 
 
-def _summary(metrics: Mapping[str, Any], num_unreadable: int) -> str:
+def _summary(metrics: Mapping[str, Any], num_unreadable: int, extra: str = "") -> str:
     cards = "".join(
         f'<div class="card"><b>{_format(metrics[key], kind)}</b><span>{label}</span></div>'
         for key, label, kind in _HEADLINE if key in metrics
     )
     note = (f'<p class="bad">{num_unreadable} unreadable image(s) were left out; see '
             f'<a href="#details">details</a>.</p>' if num_unreadable else "")
-    return f'<section id="summary"><h2>Summary</h2><div class="cards">{cards}</div>{note}</section>'
+    return f'<section id="summary"><h2>Summary</h2><div class="cards">{cards}</div>{note}{extra}</section>'
+
+
+def _calibration_and_tta(metrics: Mapping[str, Any], reliability: bytes | None) -> str:
+    """Side-by-side tables: without and with test-time augmentation; before and after calibration; and the
+    reliability diagram."""
+    parts = []
+    tta = metrics.get("tta")
+    if tta:
+        rows = "".join(
+            f"<tr><td>{label}</td><td class=n>{_format(metrics[key], kind)}</td>"
+            f"<td class=n>{_format(tta[key], kind)}</td></tr>"
+            for key, label, kind in _HEADLINE if key in tta and key in metrics
+        )
+        parts.append(f"<h3>Test-time augmentation ({escape(tta['views'])})</h3><table><thead><tr><th>metric</th>"
+                     f"<th>without TTA</th><th>with TTA</th></tr></thead><tbody>{rows}</tbody></table>")
+    calibration = metrics.get("calibration")
+    if calibration:
+        parts.append(
+            f"<h3>Calibration (temperature {calibration['temperature']:.4f})</h3><table><thead><tr><th>metric</th>"
+            f"<th>before (T = 1)</th><th>after</th></tr></thead><tbody>"
+            f"<tr><td>Calibration error (ECE)</td><td class=n>{calibration['ece_before']:.4f}</td>"
+            f"<td class=n>{calibration['ece_after']:.4f}</td></tr>"
+            f"<tr><td>Loss (NLL)</td><td class=n>{calibration['loss_before']:.4f}</td>"
+            f"<td class=n>{calibration['loss_after']:.4f}</td></tr></tbody></table>")
+    if reliability:
+        parts.append(f'<h3>Reliability diagram</h3><img alt="reliability diagram" '
+                     f'src="{data_uri(reliability, "image/png")}">')
+    return "".join(parts)
 
 
 def _confusion(figures: Sequence[tuple[str, bytes]]) -> str:

@@ -54,6 +54,17 @@ class Backend(Protocol):
     def close(self, finished: bool) -> None: ...
 
 
+def _numbers(values: dict[str, Any], prefix: str) -> dict[str, float]:
+    """The numbers of ``values`` as ``PREFIXkey``, nested dicts flattened (``test/tta/accuracy``), text left out."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
 class RunLogger:
     """Fans a run's values out to its backends (none on ranks other than 0).
 
@@ -99,7 +110,7 @@ class RunLogger:
         self._flush_updates()
         for backend in self.backends:
             if test:
-                backend.log_scalars({f"test/{k}": float(v) for k, v in test.items()}, self.step)
+                backend.log_scalars(_numbers(test, "test/"), self.step)
             for name in IMAGES:
                 if (run_dir / name).is_file():
                     backend.log_image(Path(name).stem, run_dir / name, self.step)

@@ -117,9 +117,24 @@ def run_summary(*, name: str, run_dir: Path, select: str, best: dict[str, Any] |
     }
 
 
+def calibrate_best(run_dir: Path, items: list[tuple[Path, int]], **run) -> dict[str, Any] | None:
+    """Fit the temperature of ``checkpoints/best`` on the validation ``items`` (``run``: device, batch_size,
+    num_workers, amp_dtype); the summary's ``calibration`` (None without items)."""
+    from finetune.evaluation.calibrate import calibrate_checkpoint
+
+    if not items:
+        return None
+    result = calibrate_checkpoint(run_dir / "checkpoints" / "best", items, **run)
+    logging.getLogger("finetune").info("calibration: temperature %.4f, val ECE %.4f -> %.4f", result["temperature"],
+                                       result["ece_before"], result["ece_after"])
+    return result
+
+
 def evaluate_test(run_dir: Path, items: list[tuple[Path, int]], *, device, batch_size: int, num_workers,
-                  amp_dtype) -> dict[str, Any]:
-    """Evaluate ``checkpoints/best`` on the test ``items`` into ``run_dir/eval``; the summary's ``test``."""
+                  amp_dtype, tta: str | None = None) -> dict[str, Any]:
+    """Evaluate ``checkpoints/best`` (with its temperature) on the test ``items`` into ``run_dir/eval``, also
+    with test-time augmentation ``tta`` when given; the summary's ``test``."""
+    from finetune.calibration import meta_temperature
     from finetune.checkpoint import load_checkpoint
     from finetune.evaluation import evaluate
 
@@ -127,9 +142,10 @@ def evaluate_test(run_dir: Path, items: list[tuple[Path, int]], *, device, batch
     metrics = evaluate(
         model, items, class_names=meta["classes"], preprocessing=meta["preprocessing"], out_dir=run_dir / "eval",
         device=str(device), batch_size=batch_size, num_workers=num_workers, run_dir=run_dir, amp_dtype=amp_dtype,
+        temperature=meta_temperature(meta), tta=tta,
     )
-    return {k: metrics[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "top5_accuracy", "loss",
-                                    "num_samples") if k in metrics}
+    return {k: metrics[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "top5_accuracy", "ece", "loss",
+                                    "num_samples", "calibration", "tta") if k in metrics}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -139,7 +155,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"best: epoch {summary['best_epoch']}, val {bm['name']} {bm['value']:.4f}")
     if "test" in summary:
         t = summary["test"]
-        lines.append(f"test: accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f}")
+        lines.append(f"test: accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f}"
+                     + (f"; with {t['tta']['views']} TTA: accuracy {t['tta']['accuracy']:.4f}" if "tta" in t else ""))
     lines.append(f"best checkpoint: {summary['best_checkpoint']}")
     return "\n".join(lines)
 

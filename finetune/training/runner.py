@@ -29,8 +29,8 @@ from finetune.training.loggers import RunLogger, create_run_logger
 from finetune.training.loaders import StageInputs, image_loader, run_manifest, split_items, stage_inputs
 from finetune.training.loop import evaluate, make_grad_scaler, reduce_epoch, train_one_epoch, updates_per_epoch
 from finetune.training.optim import make_loss, stage_optimizer
-from finetune.training.reporting import (Progress, epoch_row, evaluate_test, format_summary, log_epoch, run_summary,
-                                         setup_logging, write_logs)
+from finetune.training.reporting import (Progress, calibrate_best, epoch_row, evaluate_test, format_summary,
+                                         log_epoch, run_summary, setup_logging, write_logs)
 from finetune.training.state import RunState, load_state_dict, seed_everything, serialize, state_dict
 
 log = logging.getLogger("finetune")
@@ -55,8 +55,7 @@ class Runner:
     def __init__(self, recipe: Recipe, resolved: dict[str, Any], *, run_dir: Path, resume: bool, quiet: bool):
         self.recipe, self.resolved, self.run_dir, self.resume, self.quiet = recipe, resolved, run_dir, resume, quiet
         self.cfg = recipe.training
-        self.state = RunState()  # restored by load_checkpoint
-        self.resume_optimizer: Optional[dict[str, Any]] = None
+        self.state, self.resume_optimizer = RunState(), None  # restored by load_checkpoint
         self._items: dict[str, list[tuple[Path, int]]] = {}
         self._created: Optional[list[Path]] = None  # folders a fresh run's setup created (rank 0)
         self.loggers = RunLogger([])  # experiment tracking (training.loggers), opened by train()
@@ -229,15 +228,16 @@ class Runner:
                  self.state.epoch_in_stage + 1)
 
     def _finish(self) -> dict[str, Any]:
-        best, run_dir = self.state.best, self.run_dir
+        best, run_dir, ev = self.state.best, self.run_dir, self.recipe.evaluation
         summary = run_summary(name=self.recipe.name, run_dir=run_dir, select=self.cfg.select, best=best,
                               train_seconds=self.state.train_seconds, epochs_run=len(self.state.history))
-        if best and self.recipe.output.evaluate_test and "test" in self.manifest.splits():
-            self.items("test")  # on every rank: with data.resize_cache it is a collective (a barrier)
-            if self.is_main:
-                summary["test"] = evaluate_test(
-                    run_dir, self.items("test"), device=self.device, batch_size=self.cfg.eval_batch_size or 64,
-                    num_workers=self.recipe.data.num_workers, amp_dtype=self.amp_dtype)
+        run = dict(device=self.device, batch_size=self.cfg.eval_batch_size or 64, amp_dtype=self.amp_dtype,
+                   num_workers=self.recipe.data.num_workers)
+        if best and self.is_main and ev.calibrate:  # on the val split, before the test evaluation, which uses it
+            summary["calibration"] = calibrate_best(run_dir, self.items("val"), **run)
+        if best and self.recipe.output.evaluate_test and "test" in self.manifest.splits() and self.items("test"):
+            if self.is_main:  # self.items above ran on every rank: with data.resize_cache it is a collective
+                summary["test"] = evaluate_test(run_dir, self.items("test"), tta=ev.tta, **run)
         if self.is_main:
             write_json_atomic(run_dir / "summary.json", summary)
             self.loggers.log_end(run_dir, summary.get("test"))

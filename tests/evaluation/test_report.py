@@ -96,6 +96,6 @@ def test_report_without_a_run_says_there_are_no_training_curves(tmp_path, write_
 def test_report_works_in_headless_chromium(report, tmp_path):
     checks, screenshot, log = render(report, tmp_path)
 
-    # images: 2 confusion plots, the training curves, 2 misclassified and 3 correct thumbnails
-    assert len(checks["images"]) == 2 + 1 + 2 + 3
+    # images: 2 confusion plots, the reliability diagram, the training curves, 2 misclassified and 3 correct thumbnails
+    assert len(checks["images"]) == 2 + 1 + 1 + 2 + 3
     assert_page_works(checks, screenshot, log, tables=1, literal=EVIL)

@@ -61,10 +61,10 @@ def test_test_evaluation_after_training_uses_the_recipes_num_workers(tiny_recipe
     monkeypatch.setattr(loaders, "make_loader", _in_process(loaders.make_loader))  # training stays at 0 workers
     tiny_recipe["data"]["num_workers"] = num_workers
     tiny_recipe["stages"] = [{"name": "all", "epochs": 1, "train": "all"}]
-    tiny_recipe["training"]["eval_batch_size"] = 4  # the 9 test images in 3 batches
+    tiny_recipe["training"]["eval_batch_size"] = 4  # the 9 val and the 9 test images in 3 batches each
     summary = run_training(parse_recipe(tiny_recipe), tiny_recipe, run_dir=tmp_path / "run", quiet=True)
-    assert summary["test"]["num_samples"] == 9
-    assert loader_workers == [expected]
+    assert summary["test"]["num_samples"] == 9 and summary["calibration"]["num_samples"] == 9
+    assert loader_workers == [expected, expected]  # the calibration on val, then the test evaluation
 
 
 def _in_process(make_loader):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 import sys
 from pathlib import Path
@@ -117,6 +118,8 @@ def test_mlflow_holds_metrics_csv_the_recipe_images_and_the_best_checkpoint(logg
         assert [m.value for m in history] == pytest.approx([float(r[column]) for r in rows], rel=1e-5), column
     assert len(client.get_metric_history(run_id, "train/loss")) == 4 * logged["updates_per_epoch"]
     assert len(client.get_metric_history(run_id, "val_recall/square")) == 4
+    test = json.loads((logged["run"] / "summary.json").read_text())["test"]  # nested dicts flattened
+    assert run.data.metrics["test/calibration/ece_after"] == pytest.approx(test["calibration"]["ece_after"])
     # the params are the recipe the run started with (a resume may not change them)
     assert run.data.params == flatten(resolved_dict(parse_recipe(logged["raw"])))
     images = {a.path for a in client.list_artifacts(run_id, "images")}

@@ -1,0 +1,75 @@
+"""Calibrate a checkpoint: fit its temperature (:mod:`finetune.calibration`) on labelled images, usually the
+validation split, and store it in its ``checkpoint.json``. The end of training and ``finetune calibrate``
+both run :func:`calibrate_checkpoint`."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from finetune.calibration import fit_temperature, softmax
+from finetune.checkpoint import META_FILE, load_checkpoint, resolve_checkpoint, write_json_atomic
+from finetune.errors import FinetuneError
+from finetune.evaluation.metrics import expected_calibration_error, negative_log_likelihood
+from finetune.inference import eval_transform, predict_probabilities
+
+
+def calibrate_checkpoint(
+    checkpoint: str | os.PathLike,
+    items: Sequence[tuple[str | os.PathLike, int]],
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    num_workers: int | str = 0,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Fit the temperature of a checkpoint on ``items`` and write it into its ``checkpoint.json``.
+
+    The checkpoint's raw logits are used: calibrating again replaces the temperature.
+
+    Args:
+        checkpoint: the checkpoint folder (or a run folder: its best checkpoint).
+        items: ``(image path, class index)`` pairs, the model's class indices.
+        device, batch_size, num_workers, amp_dtype: how the model runs (see :func:`~finetune.evaluation.evaluate`).
+
+    Returns:
+        ``temperature``, ``ece_before``, ``ece_after``, ``loss_before``, ``loss_after`` and ``num_samples``.
+
+    Raises:
+        FinetuneError: no items, or none readable.
+    """
+    if not items:
+        raise FinetuneError("nothing to calibrate on: no images")
+    folder = resolve_checkpoint(checkpoint)
+    device = torch.device(device)
+    model, meta = load_checkpoint(folder, map_location=device)
+    targets = np.array([int(t) for _, t in items], dtype=np.int64)
+    indices, logits, _ = predict_probabilities(
+        model, [str(p) for p, _ in items], eval_transform(meta["preprocessing"]), device=device,
+        batch_size=batch_size, num_workers=num_workers, amp_dtype=amp_dtype, logits=True)
+    if not len(indices):
+        raise FinetuneError(f"none of the {len(items)} calibration images could be read")
+    labels = targets[indices]
+    temperature = fit_temperature(logits, labels)
+    before, after = softmax(logits), softmax(logits, temperature)
+    set_temperature(folder, temperature)
+    return {
+        "temperature": temperature,
+        "ece_before": expected_calibration_error(labels, before),
+        "ece_after": expected_calibration_error(labels, after),
+        "loss_before": negative_log_likelihood(labels, before),
+        "loss_after": negative_log_likelihood(labels, after),
+        "num_samples": int(len(labels)),
+    }
+
+
+def set_temperature(checkpoint: str | os.PathLike, temperature: float) -> None:
+    """Store ``temperature`` in a checkpoint's ``checkpoint.json`` (rewritten atomically)."""
+    file = Path(resolve_checkpoint(checkpoint)) / META_FILE
+    meta = json.loads(file.read_text())
+    meta["temperature"] = float(temperature)
+    write_json_atomic(file, meta)
