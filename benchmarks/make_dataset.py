@@ -29,6 +29,7 @@ import functools
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -304,7 +305,9 @@ def generate(dest: Path, *, seed: int = 0, classes: int = 225, per_class: int = 
     if workers <= 1 or len(jobs) < 2 * workers:
         total_bytes = _write_chunk((jobs, seed))
     else:
-        with ProcessPoolExecutor(workers) as pool:
+        # spawned, not forked: a child forked after OpenCV started its thread pool (any earlier cv2 call in
+        # this process, e.g. in a test) can hang for good in cv2.setNumThreads
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             total_bytes = sum(pool.map(_write_chunk, chunks))
     seconds = time.perf_counter() - start
     doc = {

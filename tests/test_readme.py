@@ -58,31 +58,46 @@ QUICKSTART = "finetune train recipes/quickstart.yaml"
 NEEDS = {"defaults": "finetune data sample"}  # a chain's set-up command, taken from the "data" chain
 
 
-def chain_of(command: str) -> str:
-    """quickstart: the quickstart run and what README does with its checkpoint; defaults: the no-recipe
-    run; data: everything else (the CLI tour, the data commands, the quick run and its resume)."""
-    if command == QUICKSTART or " runs/quickstart/" in command:  # the commands that use its checkpoint
-        return "quickstart"
-    return "defaults" if command.startswith("finetune train --data") else "data"
+def readme_chains() -> dict[str, list[str]]:
+    """quickstart: the quickstart run and every later command that reads what that chain wrote (its run
+    folder, the exports of its checkpoint, ...); defaults: the no-recipe run; data: everything else (the CLI
+    tour, the data commands, the quick run and its resume, lr-find), and likewise what reads their outputs."""
+    chains: dict[str, list[str]] = {"quickstart": [], "defaults": [], "data": []}
+    made = {"quickstart": {"runs/quickstart"}, "defaults": set(), "data": set()}  # what each chain wrote so far
+    for command in readme_commands():
+        argv = shlex.split(command)
+        reads = {name for name, outputs in made.items()
+                 if any(arg == out or arg.startswith(out + "/") for arg in argv for out in outputs)}
+        if command == QUICKSTART or "quickstart" in reads:
+            name = "quickstart"
+        else:
+            name = "defaults" if command.startswith("finetune train --data") or "defaults" in reads else "data"
+        chains[name].append(command)
+        if "--out" in argv:
+            made[name].add(argv[argv.index("--out") + 1])
+    return chains
 
 
 def test_every_readme_command_belongs_to_a_chain_that_runs_it():
-    chains = {name: [c for c in readme_commands() if chain_of(c) == name] for name in ("quickstart", "defaults", "data")}
+    chains = readme_chains()
     assert all(chains.values()), chains
-    assert sum(map(len, chains.values())) == len(readme_commands())
+    assert sorted(sum(chains.values(), [])) == sorted(readme_commands())
     # a chain's commands need what earlier commands of the same chain (or its set-up command) made
     assert any(c.startswith(NEEDS["defaults"]) for c in chains["data"])
     assert chains["quickstart"][0] == QUICKSTART
+    # e.g. the int8 export reads the fp32 export, which reads the quickstart's checkpoint
+    assert any("model.int8.onnx" in c for c in chains["quickstart"])
 
 
 def run_chain(name: str, tmp_path: Path) -> None:
     (tmp_path / "recipes").symlink_to(REPO / "recipes")
     env = {**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache")}
+    chain = readme_chains()[name]
     for command in readme_commands():
-        if chain_of(command) == name or command.startswith(NEEDS.get(name, "\0")):
+        if command in chain or command.startswith(NEEDS.get(name, "\0")):
             argv = shlex.split(command)
             done = subprocess.run([sys.executable, "-m", "finetune", *argv[1:]], cwd=tmp_path, env=env,
-                                  capture_output=True, text=True, timeout=900)
+                                  capture_output=True, text=True, timeout=1800)
             assert done.returncode == 0, f"`{command}` exited {done.returncode}:\n{done.stderr[-3000:]}"
             assert "Traceback" not in done.stderr, f"`{command}` printed a traceback:\n{done.stderr[-3000:]}"
 
@@ -100,6 +115,8 @@ def test_readme_quickstart_commands_run_as_shown(tmp_path):
     assert (tmp_path / "model.onnx").stat().st_size > 1_000_000
     explained = json.loads((tmp_path / "explain-digits" / "explanations.json").read_text())
     assert [r["predicted"] for r in explained] == ["3", "8"] and (tmp_path / "explain-digits" / "index.html").is_file()
+    assert (tmp_path / "model.int8.onnx").stat().st_size < (tmp_path / "model.onnx").stat().st_size
+    assert json.loads((tmp_path / "benchmark.json").read_text())
 
 
 @pytest.mark.slow
@@ -114,3 +131,5 @@ def test_readme_data_commands_run_as_shown(tmp_path):
     assert (tmp_path / "data" / "digits" / "split.csv").is_file()
     assert (tmp_path / "audit-digits" / "audit.html").is_file()
     assert (tmp_path / "runs" / "quick" / "checkpoints" / "best" / "model.safetensors").is_file()
+    assert any((tmp_path / "runs" / "quick" / "tensorboard").iterdir())
+    assert json.loads((tmp_path / "lr-find-quick" / "lr_find.json").read_text())
