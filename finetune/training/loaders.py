@@ -240,7 +240,7 @@ def stage_inputs(model, eval_model: nn.Module, *, stage, head_only: bool, items:
                 "preprocessing": preprocessing, "train_transforms": data.train_transforms},
             cache_dir=cfg.cache_dir, max_bytes=int(cfg.cache_max_gb * 1024**3), num_features=model.num_features,
             dist=dist, device=device, amp_dtype=amp_dtype, seed=cfg.seed, batch_size=eval_batch,
-            num_workers=auto_workers(data.num_workers, 1), channels_last=cfg.channels_last)
+            num_workers=auto_workers(data.num_workers, dist.local_world_size), channels_last=cfg.channels_last)
         if features is not None:
             loaders = feature_loaders(*features, batch_size=cfg.batch_size, eval_batch_size=eval_batch,
                                       seed=cfg.seed, dist=dist)
