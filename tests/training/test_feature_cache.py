@@ -307,3 +307,43 @@ def test_extraction_streams_into_float16_files_equal_to_extracting_in_ram(tmp_pa
                                         device=torch.device("cpu"), amp_dtype=None, batch_size=8, num_workers=0)
     np.testing.assert_array_equal(val.features[0], feats.astype(np.float16))
     np.testing.assert_array_equal(val.labels, labels)
+
+
+def _extract_on_rank(rank, world, port, items, cache):
+    import torch.distributed as torch_dist
+
+    from finetune.training.distributed import DistInfo
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        _stage_features(_wide_backbone(), items, cache, views=1,
+                        dist=DistInfo(rank=rank, local_rank=rank, world_size=world, local_world_size=world))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_ddp_processes_share_the_extraction_and_make_the_single_process_cache(tmp_path, make_tiny_folder):
+    import json
+    import socket
+
+    import numpy as np
+    import torch.multiprocessing as mp
+
+    root = make_tiny_folder(tmp_path / "d", per_class=8)
+    paths = sorted(root.rglob("*.png"))
+    paths[13].write_bytes(b"not an image")  # in rank 1's half of the train rows
+    items = {"train": [(p, i % 3) for i, p in enumerate(paths[:16])], "val": [(p, i % 3) for i, p in enumerate(paths[16:])]}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_extract_on_rank, args=(2, port, items, tmp_path / "ddp"), nprocs=2, start_method="fork")
+    (train, val), _ = _stage_features(_wide_backbone(), items, tmp_path / "one", views=1)
+
+    [folder] = [p for p in (tmp_path / "ddp").iterdir() if not p.name.startswith(".")]
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["extracted_by_rank"] == [8 + 4, 7 + 4]  # train 16 (one unreadable) and val 8 rows, halved
+    np.testing.assert_array_equal(np.load(folder / "train.npy"), train.features)
+    np.testing.assert_array_equal(np.load(folder / "train_labels.npy"), train.labels)
+    np.testing.assert_array_equal(np.load(folder / "val.npy"), val.features)
+    np.testing.assert_array_equal(np.load(folder / "val_labels.npy"), val.labels)
