@@ -4,6 +4,11 @@
 class names in index order, preprocessing, metrics, the recipe and library versions. Loading never runs
 pickled code: weights come from safetensors, metadata from JSON.
 
+A run's checkpoints may split the weights: ``frozen.safetensors`` holds those a stage left unchanged (a
+frozen backbone), written once and hard-linked into each folder, ``model.safetensors`` the rest
+(:class:`WeightsWriter`); a folder is still complete on its own, and :func:`read_weights` reads either
+layout.
+
 Folders are written atomically: into a temporary sibling, then swapped in by renames, so a crash leaves
 either the old checkpoint or the new one. A crash between the two renames leaves only ``NAME.old``:
 :func:`recover_dir` (run before every write and when a run starts or resumes) puts it back, and
@@ -26,7 +31,9 @@ from finetune.errors import FinetuneError
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+FROZEN_FILE = "frozen.safetensors"  # optional: the weights a stage left unchanged, shared by hard links
 META_FILE = "checkpoint.json"
+SPLIT_FRACTION = 0.5  # split the weights when the unchanged ones are at least this share of the bytes
 
 
 def library_versions() -> dict[str, str]:
@@ -104,12 +111,14 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def save_checkpoint(path: str | Path, model, meta: dict[str, Any], extra: Optional[Callable[[Path], None]] = None) -> Path:
+def save_checkpoint(path: str | Path, model, meta: dict[str, Any], extra: Optional[Callable[[Path], None]] = None,
+                    writer: Optional["WeightsWriter"] = None) -> Path:
     """Write ``model`` (a :class:`~finetune.models.FinetuneModel`) and ``meta`` as a checkpoint folder.
 
     ``meta`` should hold ``classes`` and ``preprocessing``; the backbone, head, format version and library
     versions are filled in here. ``extra(tmp_dir)``, when given, writes more files into the same folder
-    before it is swapped in (the runner's resumable training state).
+    before it is swapped in (the runner's resumable training state). A ``writer`` writes only what changed
+    since its previous checkpoint (see :class:`WeightsWriter`).
 
     Raises:
         FinetuneError: the folder could not be written (a full disk, no permission); the previous
@@ -117,14 +126,14 @@ def save_checkpoint(path: str | Path, model, meta: dict[str, Any], extra: Option
     """
 
     def write(tmp: Path) -> None:
-        write_model_files(tmp, model, meta)
+        write_model_files(tmp, model, meta, writer)
         if extra is not None:
             extra(tmp)
 
     return write_dir_atomic(path, write)
 
 
-def write_model_files(folder: Path, model, meta: dict[str, Any]) -> None:
+def write_model_files(folder: Path, model, meta: dict[str, Any], writer: Optional["WeightsWriter"] = None) -> None:
     from safetensors.torch import save
 
     model = getattr(model, "module", model)  # unwrap DDP
@@ -137,10 +146,93 @@ def write_model_files(folder: Path, model, meta: dict[str, Any]) -> None:
         "versions": library_versions(),
         **meta,
     }
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    if writer is not None:
+        state = writer.link_unchanged(folder, model, state)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     # written by Python, so a failed write (a full disk) raises OSError, not save_file's SafetensorError
     (folder / WEIGHTS_FILE).write_bytes(save(state))
     (folder / META_FILE).write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
+
+
+class WeightsWriter:
+    """Checkpoints of one run that cost what changed: a frozen backbone is written once, not every epoch.
+
+    The tensors that did not change since the model's previous checkpoint (torch bumps a tensor's version
+    counter on every in-place change: optimizer steps, BatchNorm statistics, ``load_state_dict``) go into
+    one ``frozen.safetensors`` in ``store``, written once; each checkpoint folder gets a hard link to it (a
+    copy where links fail) and a ``model.safetensors`` with the rest, so every folder stays self-contained
+    and deleting or replacing one never touches another. Before a model's first checkpoint, its parameters
+    that need no gradient and the buffers of modules without a trainable parameter count as unchanged.
+    Only one process may write a run's checkpoints (rank 0); ``store`` is emptied when the writer is made.
+    """
+
+    def __init__(self, store: str | Path):
+        self.store = Path(store)
+        shutil.rmtree(self.store, ignore_errors=True)
+        self._seen: dict[int, dict[str, tuple[torch.Tensor, int]]] = {}  # id(model) -> its previous stamps
+        self._files: dict[Path, dict[str, tuple[torch.Tensor, int]]] = {}  # frozen file -> stamps of its tensors
+
+    def link_unchanged(self, folder: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Put the unchanged tensors of ``state`` (``model``'s) into ``folder/frozen.safetensors``.
+
+        Returns:
+            The rest of ``state``, for ``model.safetensors``.
+        """
+        from safetensors.torch import save
+
+        # a stamp holds the tensor itself: its storage stays alive, so no other tensor can take its address
+        stamps = {k: (v, v._version) for k, v in state.items()}
+        seen = self._seen.get(id(model))
+        unchanged = (_frozen_guess(model) if seen is None else
+                     {k for k, (v, version) in stamps.items() if k in seen and _same(seen[k], v, version)})
+        self._seen[id(model)] = stamps
+        for stale in [f for f, saved in self._files.items() if any(v._version != n for v, n in saved.values())]:
+            del self._files[stale]  # some of its tensors changed since
+            shutil.rmtree(stale.parent, ignore_errors=True)
+        path = next((f for f, saved in self._files.items()
+                     if all(k in stamps and _same(stamp, *stamps[k]) for k, stamp in saved.items())), None)
+        if path is None:
+            size = sum(v.nelement() * v.element_size() for v in state.values())
+            if not unchanged or sum(state[k].nelement() * state[k].element_size() for k in unchanged) < SPLIT_FRACTION * size:
+                return state
+            self.store.mkdir(parents=True, exist_ok=True)
+            path = make_temp_dir(self.store, prefix="frozen-") / FROZEN_FILE
+            path.write_bytes(save({k: state[k].detach().to("cpu").contiguous() for k in sorted(unchanged)}))
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            self._files[path] = {k: stamps[k] for k in unchanged}
+        try:
+            os.link(path, folder / FROZEN_FILE)
+        except OSError:
+            shutil.copyfile(path, folder / FROZEN_FILE)
+        return {k: v for k, v in state.items() if k not in self._files[path]}
+
+
+def _same(stamp: tuple[torch.Tensor, int], tensor: torch.Tensor, version: int) -> bool:
+    old, old_version = stamp
+    return old.data_ptr() == tensor.data_ptr() and old_version == version and old.shape == tensor.shape
+
+
+def _frozen_guess(model: torch.nn.Module) -> set[str]:
+    """Names of the state that training will presumably leave alone: parameters without gradient, and the
+    buffers of modules that have no trainable parameter of their own."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    for prefix, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            frozen |= {f"{prefix}.{name}" if prefix else name for name, _ in module.named_buffers(recurse=False)}
+    return frozen & set(model.state_dict().keys())
+
+
+def read_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint folder: ``model.safetensors``, plus ``frozen.safetensors`` where present."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    state = load_file(str(folder / WEIGHTS_FILE), device=str(device))
+    if (folder / FROZEN_FILE).exists():
+        state.update(load_file(str(folder / FROZEN_FILE), device=str(device)))
+    return state
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -197,13 +289,12 @@ def load_weights(folder: str | Path, model: torch.nn.Module, description: str,
     """Load ``folder/model.safetensors`` into ``model``, refusing a missing or unreadable file and weights
     whose names or shapes differ from the model's (``description`` names the model in the message)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     path = Path(folder) / WEIGHTS_FILE
     if not path.is_file():
         raise FinetuneError(f"{path} is missing")
     try:
-        state = load_file(str(path), device=str(map_location))
+        state = read_weights(folder, map_location)
     except (SafetensorError, OSError) as e:
         raise FinetuneError(f"{path} is not a readable safetensors file (truncated or corrupt: {e})") from None
     expected = model.state_dict()
