@@ -126,14 +126,17 @@ def save_checkpoint(path: str | Path, model, meta: dict[str, Any], extra: Option
     """
 
     def write(tmp: Path) -> None:
-        write_model_files(tmp, model, meta, writer)
+        write_model_files(tmp, model, meta, writer and (lambda folder, m, state: writer.split(folder, Path(path), m, state)))
         if extra is not None:
             extra(tmp)
 
-    return write_dir_atomic(path, write)
+    write_dir_atomic(path, write)
+    if writer is not None:
+        writer.commit()
+    return Path(path)
 
 
-def write_model_files(folder: Path, model, meta: dict[str, Any], writer: Optional["WeightsWriter"] = None) -> None:
+def write_model_files(folder: Path, model, meta: dict[str, Any], split: Optional[Callable] = None) -> None:
     from safetensors.torch import save
 
     model = getattr(model, "module", model)  # unwrap DDP
@@ -147,8 +150,8 @@ def write_model_files(folder: Path, model, meta: dict[str, Any], writer: Optiona
         **meta,
     }
     state = model.state_dict()
-    if writer is not None:
-        state = writer.link_unchanged(folder, model, state)
+    if split is not None:  # a WeightsWriter's: the unchanged tensors go to frozen.safetensors
+        state = split(folder, model, state)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     # written by Python, so a failed write (a full disk) raises OSError, not save_file's SafetensorError
     (folder / WEIGHTS_FILE).write_bytes(save(state))
@@ -160,57 +163,66 @@ class WeightsWriter:
 
     The tensors that did not change since the model's previous checkpoint (torch bumps a tensor's version
     counter on every in-place change: optimizer steps, BatchNorm statistics, ``load_state_dict``) go into
-    one ``frozen.safetensors`` in ``store``, written once; each checkpoint folder gets a hard link to it (a
-    copy where links fail) and a ``model.safetensors`` with the rest, so every folder stays self-contained
-    and deleting or replacing one never touches another. Before a model's first checkpoint, its parameters
-    that need no gradient and the buffers of modules without a trainable parameter count as unchanged.
-    Only one process may write a run's checkpoints (rank 0); ``store`` is emptied when the writer is made.
+    ``frozen.safetensors``, written once: each later checkpoint folder gets a hard link to the copy in a
+    folder this writer wrote before (a copy where links fail) and a ``model.safetensors`` with the rest, so
+    every folder stays self-contained and replacing one never touches another. Before a model's first
+    checkpoint, its parameters that need no gradient and the buffers of modules without a trainable
+    parameter count as unchanged. Only one process may write a run's checkpoints (rank 0).
     """
 
-    def __init__(self, store: str | Path):
-        self.store = Path(store)
-        shutil.rmtree(self.store, ignore_errors=True)
-        self._seen: dict[int, dict[str, tuple[torch.Tensor, int]]] = {}  # id(model) -> its previous stamps
-        self._files: dict[Path, dict[str, tuple[torch.Tensor, int]]] = {}  # frozen file -> stamps of its tensors
+    def __init__(self):
+        self._seen: dict[int, dict[str, tuple]] = {}  # id(model) -> its previous stamps
+        self._files: dict[Path, dict[str, tuple]] = {}  # frozen file -> its tensors' stamps
+        self._pending: Optional[tuple[Path, Optional[dict]]] = None
 
-    def link_unchanged(self, folder: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Put the unchanged tensors of ``state`` (``model``'s) into ``folder/frozen.safetensors``.
+    def split(self, tmp: Path, path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Put the unchanged tensors of ``state`` (``model``'s) into ``tmp/frozen.safetensors``, the folder that
+        becomes ``path``; call :meth:`commit` once it has.
 
         Returns:
             The rest of ``state``, for ``model.safetensors``.
         """
         from safetensors.torch import save
 
-        # a stamp holds the tensor itself: its storage stays alive, so no other tensor can take its address
-        stamps = {k: (v, v._version) for k, v in state.items()}
+        # a stamp holds the tensor itself: its storage stays alive, so no other tensor can take its address.
+        # BatchNorm updates its running statistics inside its kernel without bumping their version: buffers
+        # (small) are compared by value, with a copy
+        params = {name for name, _ in model.named_parameters()}
+        stamps = {k: (v, v._version, None if k in params else v.detach().clone()) for k, v in state.items()}
         seen = self._seen.get(id(model))
         unchanged = (_frozen_guess(model) if seen is None else
-                     {k for k, (v, version) in stamps.items() if k in seen and _same(seen[k], v, version)})
+                     {k for k, (v, version, _) in stamps.items() if k in seen and _same(seen[k], v, version)})
         self._seen[id(model)] = stamps
-        for stale in [f for f, saved in self._files.items() if any(v._version != n for v, n in saved.values())]:
-            del self._files[stale]  # some of its tensors changed since
-            shutil.rmtree(stale.parent, ignore_errors=True)
-        path = next((f for f, saved in self._files.items()
-                     if all(k in stamps and _same(stamp, *stamps[k]) for k, stamp in saved.items())), None)
-        if path is None:
-            size = sum(v.nelement() * v.element_size() for v in state.values())
-            if not unchanged or sum(state[k].nelement() * state[k].element_size() for k in unchanged) < SPLIT_FRACTION * size:
-                return state
-            self.store.mkdir(parents=True, exist_ok=True)
-            path = make_temp_dir(self.store, prefix="frozen-") / FROZEN_FILE
-            path.write_bytes(save({k: state[k].detach().to("cpu").contiguous() for k in sorted(unchanged)}))
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-            self._files[path] = {k: stamps[k] for k in unchanged}
+        source = next((f for f, saved in self._files.items() if f.is_file()
+                       and all(k in stamps and _same(stamp, *stamps[k]) for k, stamp in saved.items())), None)
+        frozen = self._files[source] if source is not None else {k: stamps[k] for k in unchanged}
+        size = sum(v.nelement() * v.element_size() for v in state.values())
+        if source is None and sum(state[k].nelement() * state[k].element_size() for k in unchanged) < SPLIT_FRACTION * size:
+            self._pending = (path, None)
+            return state
         try:
-            os.link(path, folder / FROZEN_FILE)
+            if source is None:
+                raise OSError("no earlier copy")
+            os.link(source, tmp / FROZEN_FILE)
         except OSError:
-            shutil.copyfile(path, folder / FROZEN_FILE)
-        return {k: v for k, v in state.items() if k not in self._files[path]}
+            (tmp / FROZEN_FILE).write_bytes(save({k: state[k].detach().to("cpu").contiguous() for k in sorted(frozen)}))
+        self._pending = (path, frozen)
+        return {k: v for k, v in state.items() if k not in frozen}
+
+    def commit(self) -> None:
+        """Record what the folder :meth:`split` prepared holds, now that it is in place."""
+        if self._pending is not None:
+            path, frozen = self._pending
+            self._files.pop(path / FROZEN_FILE, None)
+            if frozen is not None:
+                self._files[path / FROZEN_FILE] = frozen
+            self._pending = None
 
 
-def _same(stamp: tuple[torch.Tensor, int], tensor: torch.Tensor, version: int) -> bool:
-    old, old_version = stamp
+def _same(stamp: tuple, tensor: torch.Tensor, version: int, *_) -> bool:
+    old, old_version, value = stamp
+    if value is not None:
+        return value.shape == tensor.shape and torch.equal(value, tensor)
     return old.data_ptr() == tensor.data_ptr() and old_version == version and old.shape == tensor.shape
 
 
@@ -225,13 +237,25 @@ def _frozen_guess(model: torch.nn.Module) -> set[str]:
 
 
 def read_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """The weights of a checkpoint folder: ``model.safetensors``, plus ``frozen.safetensors`` where present."""
+    """The weights of a checkpoint folder: ``model.safetensors``, plus ``frozen.safetensors`` where present.
+
+    Raises:
+        FinetuneError: a missing, truncated or corrupt file, named.
+    """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    state = load_file(str(folder / WEIGHTS_FILE), device=str(device))
-    if (folder / FROZEN_FILE).exists():
-        state.update(load_file(str(folder / FROZEN_FILE), device=str(device)))
+    state: dict[str, torch.Tensor] = {}
+    for name in (WEIGHTS_FILE, FROZEN_FILE):
+        path = Path(folder) / name
+        if name == FROZEN_FILE and not path.exists():
+            break
+        if not path.is_file():
+            raise FinetuneError(f"{path} is missing")
+        try:
+            state.update(load_file(str(path), device=str(device)))
+        except (SafetensorError, OSError) as e:
+            raise FinetuneError(f"{path} is not a readable safetensors file (truncated or corrupt: {e})") from None
     return state
 
 
@@ -288,15 +312,8 @@ def load_weights(folder: str | Path, model: torch.nn.Module, description: str,
                  map_location: str | torch.device = "cpu") -> None:
     """Load ``folder/model.safetensors`` into ``model``, refusing a missing or unreadable file and weights
     whose names or shapes differ from the model's (``description`` names the model in the message)."""
-    from safetensors import SafetensorError
-
     path = Path(folder) / WEIGHTS_FILE
-    if not path.is_file():
-        raise FinetuneError(f"{path} is missing")
-    try:
-        state = read_weights(folder, map_location)
-    except (SafetensorError, OSError) as e:
-        raise FinetuneError(f"{path} is not a readable safetensors file (truncated or corrupt: {e})") from None
+    state = read_weights(folder, map_location)
     expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())

@@ -96,7 +96,7 @@ class Runner:
         self.ema = Ema(self.model, cfg.ema) if cfg.ema is not None else None
         self.loss_fn = self._make_loss()
         self.scaler = make_grad_scaler(self.device, self.amp_dtype)
-        self.weights = WeightsWriter(self.run_dir / "checkpoints" / ".frozen") if self.is_main else None
+        self.weights = WeightsWriter() if self.is_main else None
         if self.resume:
             self.load_checkpoint(self.run_dir / "checkpoints" / "last")
         elif self.is_main:
