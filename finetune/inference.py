@@ -8,7 +8,7 @@ files, PIL images or RGB arrays into top-k labels with probabilities::
     pred.label, pred.probability      # the most probable class
     pred.labels, pred.probabilities   # the top 3
 
-Loading reads ``checkpoint.json`` and ``model.safetensors`` only: no recipe, no training data, no network
+Loading reads ``checkpoint.json`` and the weights (``model.safetensors``, and ``frozen.safetensors`` where split) only: no recipe, no training data, no network
 and no pickled code. :func:`predict_probabilities` (shared with evaluation) batches images with the one
 collate and runs :func:`finetune._device.forward_batches`, the forward pass validation and feature
 extraction use too.
