@@ -91,20 +91,22 @@ def test_resume_after_sigkill_in_a_cached_head_stage_with_a_shared_frozen_backbo
     """Checkpoints of a cached head stage hard-link one frozen.safetensors (the backbone) and write the head:
     a kill among them resumes exactly, and best/last load alone."""
     raw = yaml.safe_load(resume_recipe.read_text())
-    raw["stages"] = [{"name": "head", "epochs": 40, "train": "head"}]
+    raw["stages"] = [{"name": "head", "epochs": 12, "train": "head"}]
     raw["model"]["head"]["width"] = 4  # the backbone is most of the weights
     resume_recipe.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run([*FINETUNE, "train", str(resume_recipe), "--out", str(full), "--quiet"], check=True, env=env,
                    capture_output=True)
-    _kill_after_rows(resume_recipe, killed, 3, env)
-    assert len(comparable_rows(killed)) < 40, "the run finished before it could be killed"
+    _kill_after_rows(resume_recipe, killed, 2, env)
+    assert len(comparable_rows(killed)) < 12, "the run finished before it could be killed"
     assert (killed / "checkpoints" / "last" / FROZEN_FILE).is_file()
     subprocess.run([*FINETUNE, "train", "--resume", str(killed), "--quiet"], check=True, env=env, capture_output=True)
     assert comparable_rows(killed) == comparable_rows(full)
+    last = full / "checkpoints" / "last"
+    # the backbone file was written with the first epoch's checkpoint and linked since; the head at the last
+    assert (last / FROZEN_FILE).stat().st_mtime_ns < (last / "model.safetensors").stat().st_mtime_ns
     for which in ("last", "best"):
-        assert os.stat(full / "checkpoints" / which / FROZEN_FILE).st_nlink >= 2  # shared, not rewritten
         a, b = weights(full, which), weights(killed, which)
         assert a.keys() == b.keys()
         for k in a:
