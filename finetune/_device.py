@@ -75,6 +75,7 @@ def forward_batches(
     channels_last: bool = False,
     softmax: bool = True,
     progress: Optional[Callable[[Iterable], Iterable]] = None,
+    sink: Optional[Callable[[np.ndarray, np.ndarray], None]] = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Run ``model`` (in eval mode, restored afterwards) over every batch of ``loader``.
 
@@ -86,10 +87,12 @@ def forward_batches(
         channels_last: feed 4-d inputs in channels-last memory format.
         softmax: softmax probabilities (the default), else the raw outputs (features).
         progress: wraps the batch iterator, e.g. ``tqdm``.
+        sink: called with each batch's ``(outputs, labels)`` (float32 and int64 arrays) instead of keeping
+            them: the feature cache streams them into a memory map.
 
     Returns:
         ``(labels, outputs, skipped)``: int64 array (N,), float32 array (N, C) (``(0, 0)`` when no sample
-        was read), and the number of samples the loader skipped.
+        was read, or with a ``sink``), and the number of samples the loader skipped.
     """
     was_training = model.training
     model.eval()
@@ -104,8 +107,11 @@ def forward_batches(
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp_dtype):
                 outputs = model(inputs)
-            outputs = outputs.float()
-            all_outputs.append((outputs.softmax(1) if softmax else outputs).cpu())
+            outputs = (outputs.float().softmax(1) if softmax else outputs.float()).cpu()
+            if sink is not None:
+                sink(outputs.numpy(), labels.numpy().astype(np.int64))
+                continue
+            all_outputs.append(outputs)
             all_labels.append(labels)
     finally:
         model.train(was_training)

@@ -4,6 +4,11 @@
 class names in index order, preprocessing, metrics, the recipe and library versions. Loading never runs
 pickled code: weights come from safetensors, metadata from JSON.
 
+A run's checkpoints may split the weights: ``frozen.safetensors`` holds those a stage left unchanged (a
+frozen backbone), written once and hard-linked into each folder, ``model.safetensors`` the rest
+(:class:`WeightsWriter`); a folder is still complete on its own, and :func:`read_weights` reads either
+layout.
+
 Folders are written atomically: into a temporary sibling, then swapped in by renames, so a crash leaves
 either the old checkpoint or the new one. A crash between the two renames leaves only ``NAME.old``:
 :func:`recover_dir` (run before every write and when a run starts or resumes) puts it back, and
@@ -26,7 +31,9 @@ from finetune.errors import FinetuneError
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+FROZEN_FILE = "frozen.safetensors"  # optional: the weights a stage left unchanged, shared by hard links
 META_FILE = "checkpoint.json"
+SPLIT_FRACTION = 0.5  # split the weights when the unchanged ones are at least this share of the bytes
 
 
 def library_versions() -> dict[str, str]:
@@ -104,12 +111,14 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def save_checkpoint(path: str | Path, model, meta: dict[str, Any], extra: Optional[Callable[[Path], None]] = None) -> Path:
+def save_checkpoint(path: str | Path, model, meta: dict[str, Any], extra: Optional[Callable[[Path], None]] = None,
+                    writer: Optional["WeightsWriter"] = None) -> Path:
     """Write ``model`` (a :class:`~finetune.models.FinetuneModel`) and ``meta`` as a checkpoint folder.
 
     ``meta`` should hold ``classes`` and ``preprocessing``; the backbone, head, format version and library
     versions are filled in here. ``extra(tmp_dir)``, when given, writes more files into the same folder
-    before it is swapped in (the runner's resumable training state).
+    before it is swapped in (the runner's resumable training state). A ``writer`` writes only what changed
+    since its previous checkpoint (see :class:`WeightsWriter`).
 
     Raises:
         FinetuneError: the folder could not be written (a full disk, no permission); the previous
@@ -117,14 +126,17 @@ def save_checkpoint(path: str | Path, model, meta: dict[str, Any], extra: Option
     """
 
     def write(tmp: Path) -> None:
-        write_model_files(tmp, model, meta)
+        write_model_files(tmp, model, meta, writer and (lambda folder, m, state: writer.split(folder, Path(path), m, state)))
         if extra is not None:
             extra(tmp)
 
-    return write_dir_atomic(path, write)
+    write_dir_atomic(path, write)
+    if writer is not None:
+        writer.commit()
+    return Path(path)
 
 
-def write_model_files(folder: Path, model, meta: dict[str, Any]) -> None:
+def write_model_files(folder: Path, model, meta: dict[str, Any], split: Optional[Callable] = None) -> None:
     from safetensors.torch import save
 
     model = getattr(model, "module", model)  # unwrap DDP
@@ -137,10 +149,114 @@ def write_model_files(folder: Path, model, meta: dict[str, Any]) -> None:
         "versions": library_versions(),
         **meta,
     }
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    if split is not None:  # a WeightsWriter's: the unchanged tensors go to frozen.safetensors
+        state = split(folder, model, state)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     # written by Python, so a failed write (a full disk) raises OSError, not save_file's SafetensorError
     (folder / WEIGHTS_FILE).write_bytes(save(state))
     (folder / META_FILE).write_text(json.dumps(full_meta, indent=2, default=str) + "\n")
+
+
+class WeightsWriter:
+    """Checkpoints of one run that cost what changed: a frozen backbone is written once, not every epoch.
+
+    The tensors that did not change since the model's previous checkpoint (torch bumps a tensor's version
+    counter on every in-place change: optimizer steps, BatchNorm statistics, ``load_state_dict``) go into
+    ``frozen.safetensors``, written once: each later checkpoint folder gets a hard link to the copy in a
+    folder this writer wrote before (a copy where links fail) and a ``model.safetensors`` with the rest, so
+    every folder stays self-contained and replacing one never touches another. Before a model's first
+    checkpoint, its parameters that need no gradient and the buffers of modules without a trainable
+    parameter count as unchanged. Only one process may write a run's checkpoints (rank 0).
+    """
+
+    def __init__(self):
+        self._seen: dict[int, dict[str, tuple]] = {}  # id(model) -> its previous stamps
+        self._files: dict[Path, dict[str, tuple]] = {}  # frozen file -> its tensors' stamps
+        self._pending: Optional[tuple[Path, Optional[dict]]] = None
+
+    def split(self, tmp: Path, path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Put the unchanged tensors of ``state`` (``model``'s) into ``tmp/frozen.safetensors``, the folder that
+        becomes ``path``; call :meth:`commit` once it has.
+
+        Returns:
+            The rest of ``state``, for ``model.safetensors``.
+        """
+        from safetensors.torch import save
+
+        # a stamp holds the tensor itself: its storage stays alive, so no other tensor can take its address.
+        # BatchNorm updates its running statistics inside its kernel without bumping their version: buffers
+        # (small) are compared by value, with a copy
+        params = {name for name, _ in model.named_parameters()}
+        stamps = {k: (v, v._version, None if k in params else v.detach().clone()) for k, v in state.items()}
+        seen = self._seen.get(id(model))
+        unchanged = (_frozen_guess(model) if seen is None else
+                     {k for k, (v, version, _) in stamps.items() if k in seen and _same(seen[k], v, version)})
+        self._seen[id(model)] = stamps
+        source = next((f for f, saved in self._files.items() if f.is_file()
+                       and all(k in stamps and _same(stamp, *stamps[k]) for k, stamp in saved.items())), None)
+        frozen = self._files[source] if source is not None else {k: stamps[k] for k in unchanged}
+        size = sum(v.nelement() * v.element_size() for v in state.values())
+        if source is None and sum(state[k].nelement() * state[k].element_size() for k in unchanged) < SPLIT_FRACTION * size:
+            self._pending = (path, None)
+            return state
+        try:
+            if source is None:
+                raise OSError("no earlier copy")
+            os.link(source, tmp / FROZEN_FILE)
+        except OSError:
+            (tmp / FROZEN_FILE).write_bytes(save({k: state[k].detach().to("cpu").contiguous() for k in sorted(frozen)}))
+        self._pending = (path, frozen)
+        return {k: v for k, v in state.items() if k not in frozen}
+
+    def commit(self) -> None:
+        """Record what the folder :meth:`split` prepared holds, now that it is in place."""
+        if self._pending is not None:
+            path, frozen = self._pending
+            self._files.pop(path / FROZEN_FILE, None)
+            if frozen is not None:
+                self._files[path / FROZEN_FILE] = frozen
+            self._pending = None
+
+
+def _same(stamp: tuple, tensor: torch.Tensor, version: int, *_) -> bool:
+    old, old_version, value = stamp
+    if value is not None:
+        return value.shape == tensor.shape and torch.equal(value, tensor)
+    return old.data_ptr() == tensor.data_ptr() and old_version == version and old.shape == tensor.shape
+
+
+def _frozen_guess(model: torch.nn.Module) -> set[str]:
+    """Names of the state that training will presumably leave alone: parameters without gradient, and the
+    buffers of modules that have no trainable parameter of their own."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    for prefix, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            frozen |= {f"{prefix}.{name}" if prefix else name for name, _ in module.named_buffers(recurse=False)}
+    return frozen & set(model.state_dict().keys())
+
+
+def read_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint folder: ``model.safetensors``, plus ``frozen.safetensors`` where present.
+
+    Raises:
+        FinetuneError: a missing, truncated or corrupt file, named.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for name in (WEIGHTS_FILE, FROZEN_FILE):
+        path = Path(folder) / name
+        if name == FROZEN_FILE and not path.exists():
+            break
+        if not path.is_file():
+            raise FinetuneError(f"{path} is missing")
+        try:
+            state.update(load_file(str(path), device=str(device)))
+        except (SafetensorError, OSError) as e:
+            raise FinetuneError(f"{path} is not a readable safetensors file (truncated or corrupt: {e})") from None
+    return state
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -196,16 +312,8 @@ def load_weights(folder: str | Path, model: torch.nn.Module, description: str,
                  map_location: str | torch.device = "cpu") -> None:
     """Load ``folder/model.safetensors`` into ``model``, refusing a missing or unreadable file and weights
     whose names or shapes differ from the model's (``description`` names the model in the message)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(folder) / WEIGHTS_FILE
-    if not path.is_file():
-        raise FinetuneError(f"{path} is missing")
-    try:
-        state = load_file(str(path), device=str(map_location))
-    except (SafetensorError, OSError) as e:
-        raise FinetuneError(f"{path} is not a readable safetensors file (truncated or corrupt: {e})") from None
+    state = read_weights(folder, map_location)
     expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())

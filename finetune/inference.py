@@ -12,7 +12,7 @@ files, PIL images or RGB arrays into top-k labels with probabilities::
 A calibrated checkpoint's temperature (:mod:`finetune.calibration`) divides the logits before the softmax;
 test-time augmentation (:mod:`finetune.tta`) averages the probabilities over views of each image.
 
-Loading reads ``checkpoint.json`` and ``model.safetensors`` only: no recipe, no training data, no network
+Loading reads ``checkpoint.json`` and the weights (``model.safetensors``, and ``frozen.safetensors`` where split) only: no recipe, no training data, no network
 and no pickled code. :func:`predict_probabilities` (shared with evaluation) batches images with the one
 collate and runs :func:`finetune._device.forward_batches`, the forward pass validation and feature
 extraction use too.
@@ -157,7 +157,7 @@ class Predictor:
             model, sources, transform, device=self.device, batch_size=batch_size, num_workers=num_workers
         )
         results = [Prediction(path=_path_of(s), error=errors.get(i)) for i, s in enumerate(sources)]
-        top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        top = topk_indices(probs, k)
         for row, i in enumerate(indices):
             results[i] = Prediction(
                 labels=[self.classes[c] for c in top[row]],
@@ -165,6 +165,43 @@ class Predictor:
                 path=results[i].path,
             )
         return results[0] if single else results
+
+
+def topk_indices(probs: np.ndarray, k: int, *, block: int = 1 << 20) -> np.ndarray:
+    """The indices of the ``min(k, C)`` largest values of each row of ``probs`` (shape ``(N, C)``), largest
+    first, ties in class-index order: what a stable descending argsort gives, without sorting all ``C``
+    columns or copying the matrix. Rows go in blocks of about ``block`` values (a partial sort, then the
+    ``k`` picked sorted); only rows with a tie across the k-th place are sorted in full, to keep ties in
+    index order.
+
+    Returns:
+        An int64 ``(N, min(k, C))`` array.
+    """
+    probs = np.asarray(probs)
+    rows, num_classes = probs.shape
+    k = min(k, num_classes)
+    top = np.empty((rows, k), dtype=np.int64)
+    step = max(1, block // max(num_classes, 1))
+    for start in range(0, rows, step):
+        top[start:start + step] = _topk_block(probs[start:start + step], k)
+    return top
+
+
+def _topk_block(probs: np.ndarray, k: int) -> np.ndarray:
+    num_classes = probs.shape[1]
+    if k < num_classes:
+        picked = np.argpartition(probs, num_classes - k, axis=1)[:, num_classes - k:]
+    else:
+        picked = np.broadcast_to(np.arange(num_classes), probs.shape)
+    values = np.take_along_axis(probs, picked, axis=1)
+    order = np.lexsort((picked, -values), axis=1)  # by value (descending), then by class index
+    top = np.take_along_axis(picked, order, axis=1)
+    if k < num_classes:
+        kth = np.take_along_axis(values, order[:, -1:], axis=1)
+        tied = np.flatnonzero((probs >= kth).sum(axis=1) > k)
+        if len(tied):  # which tied classes argpartition kept is arbitrary: the lowest indices win
+            top[tied] = np.argsort(-probs[tied], axis=1, kind="stable")[:, :k]
+    return top
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Predictor:

@@ -147,3 +147,72 @@ def test_an_intact_checkpoint_still_loads(saved):
 
     model, meta = load_checkpoint(saved)
     assert meta["classes"] == ["a", "b", "c"] and model.head[1].out_features == 3
+
+
+def test_a_frozen_backbone_is_written_once_and_each_checkpoint_stays_self_contained(tmp_path):
+    import shutil
+
+    import torch
+
+    from finetune.checkpoint import FROZEN_FILE, WEIGHTS_FILE, WeightsWriter, load_checkpoint, save_checkpoint
+    from finetune.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3, head={"name": "spinal", "width": 16}, pretrained=False)
+    model.backbone.requires_grad_(False)
+    model.backbone.eval()
+    optimizer = torch.optim.AdamW(model.head.parameters(), lr=0.1)
+    meta = {"classes": ["a", "b", "c"], "preprocessing": {}}
+    writer = WeightsWriter()
+    inodes = []
+    for epoch in range(3):
+        optimizer.zero_grad()
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        optimizer.step()
+        save_checkpoint(tmp_path / "last", model, meta, writer=writer)
+        if epoch == 1:
+            save_checkpoint(tmp_path / "best", model, meta, writer=writer)
+        inodes.append(os.stat(tmp_path / "last" / FROZEN_FILE).st_ino)
+    assert inodes[0] == inodes[1] == inodes[2] == os.stat(tmp_path / "best" / FROZEN_FILE).st_ino  # written once
+    backbone_bytes = os.path.getsize(tmp_path / "last" / FROZEN_FILE)
+    assert os.path.getsize(tmp_path / "last" / WEIGHTS_FILE) < backbone_bytes / 4  # the head alone
+
+    # the backbone changes (a later stage trains it): a new frozen file holds its new values
+    with torch.no_grad():
+        model.backbone.conv1[0].weight.mul_(2)
+    save_checkpoint(tmp_path / "last", model, meta, writer=writer)
+    loaded, _ = load_checkpoint(tmp_path / "last")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+    # BatchNorm statistics change inside its kernel (no version bump): the new ones are written
+    model.backbone.train()
+    model(torch.randn(4, 3, 32, 32))
+    save_checkpoint(tmp_path / "last", model, meta, writer=writer)
+    loaded, _ = load_checkpoint(tmp_path / "last")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+    # best loads alone: without the other folder or the writer
+    expected_best = {k: v.clone() for k, v in load_checkpoint(tmp_path / "best")[0].state_dict().items()}
+    shutil.rmtree(tmp_path / "last")
+    alone, _ = load_checkpoint(tmp_path / "best")
+    assert all(torch.equal(alone.state_dict()[k], v) for k, v in expected_best.items())
+    assert not torch.equal(alone.state_dict()["backbone.conv1.0.weight"], model.state_dict()["backbone.conv1.0.weight"])
+
+
+def test_a_stage_that_trains_everything_writes_one_weights_file(tmp_path):
+    import torch
+
+    from finetune.checkpoint import FROZEN_FILE, WeightsWriter, save_checkpoint
+    from finetune.models import create_model
+
+    model = create_model("test_resnet", 3, head="linear", pretrained=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    writer = WeightsWriter()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        optimizer.step()
+        save_checkpoint(tmp_path / "last", model, {"classes": ["a", "b", "c"], "preprocessing": {}}, writer=writer)
+        assert not (tmp_path / "last" / FROZEN_FILE).exists()

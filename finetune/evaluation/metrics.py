@@ -12,6 +12,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from finetune.errors import FinetuneError
+from finetune.inference import topk_indices
 
 ECE_BINS = 15
 
@@ -49,7 +50,9 @@ def classification_metrics(
         FinetuneError: for no samples, or shapes that do not match ``class_names``.
     """
     y_true = np.asarray(y_true, dtype=np.int64)
-    y_prob = np.asarray(y_prob, dtype=np.float64)
+    y_prob = np.asarray(y_prob)
+    if not np.issubdtype(y_prob.dtype, np.floating):
+        y_prob = y_prob.astype(np.float32)  # float probabilities are used as they are: no float64 copy
     num_classes = len(class_names)
     if y_true.ndim != 1 or y_prob.shape != (len(y_true), num_classes):
         raise FinetuneError(
@@ -98,20 +101,20 @@ def classification_metrics(
 def topk_accuracy(y_true: np.ndarray, y_prob: np.ndarray, k: int = 5) -> float:
     """Fraction of samples whose true class is among the ``min(k, C)`` most probable classes."""
     k = min(k, y_prob.shape[1])
-    top = np.argsort(-y_prob, axis=1, kind="stable")[:, :k]
+    top = topk_indices(y_prob, k)
     return float((top == np.asarray(y_true)[:, None]).any(axis=1).mean())
 
 
 def negative_log_likelihood(y_true: np.ndarray, y_prob: np.ndarray) -> float:
     """Mean ``-log p(true class)``, with probabilities clipped at 1e-12 so a confident miss stays finite."""
-    p_true = y_prob[np.arange(len(y_true)), y_true]
+    p_true = y_prob[np.arange(len(y_true)), y_true].astype(np.float64)
     return float(-np.log(np.clip(p_true, 1e-12, 1.0)).mean())
 
 
 def expected_calibration_error(y_true: np.ndarray, y_prob: np.ndarray, bins: int = ECE_BINS) -> float:
     """Expected calibration error (Guo et al., 2017): the sample-weighted mean gap between accuracy and
     top-1 confidence over ``bins`` equal-width confidence bins ``(lo, hi]``."""
-    confidence = y_prob.max(axis=1)
+    confidence = y_prob.max(axis=1).astype(np.float64)
     correct = y_prob.argmax(axis=1) == y_true
     # Bin b holds confidences in (b/bins, (b+1)/bins]; a confidence of exactly 0 joins the first bin.
     which = np.clip(np.ceil(confidence * bins).astype(np.int64) - 1, 0, bins - 1)

@@ -16,7 +16,9 @@ file (:func:`file_fingerprint`). A change to any of those makes a new folder; ol
 least recently used first, to keep the total under ``cache_max_gb``. A stage whose cache alone would
 exceed the limit runs uncached.
 
-Arrays are ``.npy`` files read memory-mapped, written into a temporary folder that is renamed into place
+Arrays are ``.npy`` files read memory-mapped. Extraction streams each batch into float16 memory-mapped
+files (no float32 copy of a split in RAM), shared between the processes of a machine under DDP (each
+writes its block of rows); they are written into a temporary folder that is renamed into place
 when complete; ``meta.json``, written last, lists every file with its size, and a folder counts as a
 cache entry only when all of them are there (:func:`is_complete`). Eviction renames a folder away before
 deleting it, so a process killed mid-delete leaves no folder under a key, and the next eviction finishes
@@ -124,10 +126,12 @@ def code_fingerprint() -> dict[str, str]:
     }
 
 
-def write_meta(folder: Path, settings: dict[str, Any]) -> None:
-    """Write ``meta.json`` last: the settings and the size of every other file, for :func:`is_complete`."""
+def write_meta(folder: Path, settings: dict[str, Any], extracted: Optional[list[int]] = None) -> None:
+    """Write ``meta.json`` last: the settings, the size of every other file (for :func:`is_complete`) and
+    how many images each process of the machine extracted."""
     files = {f.name: f.stat().st_size for f in sorted(folder.iterdir()) if f.is_file() and f.name != "meta.json"}
-    (folder / "meta.json").write_text(json.dumps({"settings": settings, "files": files}, indent=2, default=str))
+    meta = {"settings": settings, "files": files, "extracted_by_rank": extracted}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
 
 
 def is_complete(folder: Path) -> bool:
@@ -166,7 +170,8 @@ class FeatureDataset(Dataset):
 
 def extract_features(backbone, dataset, *, device, amp_dtype, batch_size: int, num_workers: int,
                      channels_last: bool = False, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
-    """Pooled backbone features for every readable sample of ``dataset`` (BatchNorm in eval mode)."""
+    """Pooled backbone features for every readable sample of ``dataset`` (BatchNorm in eval mode), in RAM;
+    the cache streams them into its file with :func:`extract_into` instead."""
     from finetune.data import collate_skip
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -177,6 +182,45 @@ def extract_features(backbone, dataset, *, device, amp_dtype, batch_size: int, n
     if not len(labels):
         raise FinetuneError(f"no readable image left to extract {desc} from ({len(dataset)} skipped)")
     return feats, labels
+
+
+class _Indexed(Dataset):
+    """Samples ``indices`` of ``dataset``, each labelled with its index: a batch says which rows it fills."""
+
+    def __init__(self, dataset: Dataset, indices: range):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        sample = self.dataset[self.indices[i]]
+        return None if sample is None else (sample[0], self.indices[i])
+
+
+def extract_into(rows: np.ndarray, backbone, dataset, *, indices: Optional[range] = None, device, amp_dtype,
+                 batch_size: int, num_workers: int, channels_last: bool = False) -> np.ndarray:
+    """Write the pooled backbone features of samples ``indices`` of ``dataset`` (default: all) into
+    ``rows[i]`` batch by batch: into a float16 memory map, only one batch is ever held in RAM.
+
+    Returns:
+        The indices written, ascending; an unreadable sample's row is left as it was.
+    """
+    from finetune.data import collate_skip
+
+    written = []
+
+    def sink(features: np.ndarray, index: np.ndarray) -> None:
+        rows[index] = features  # cast to the file's dtype in place, no float32 copy of the split
+        written.append(index)
+
+    indices = range(len(dataset)) if indices is None else indices
+    loader = DataLoader(_Indexed(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_skip, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(0))  # leave the global RNG alone
+    forward_batches(backbone, loader, device=device, amp_dtype=amp_dtype, channels_last=channels_last,
+                    softmax=False, sink=sink)
+    return np.concatenate(written) if written else np.zeros(0, dtype=np.int64)
 
 
 def cached_features(backbone, items: list[tuple[Path, int]], transform, *, settings: dict[str, Any],
@@ -193,6 +237,7 @@ def cached_features(backbone, items: list[tuple[Path, int]], transform, *, setti
         from the cache.
     """
     from finetune.data import ImageDataset
+    from finetune.models.factory import pooled_width
 
     settings = {"code": code_fingerprint(), **settings}
     root = features_folder(cache_dir)
@@ -200,11 +245,13 @@ def cached_features(backbone, items: list[tuple[Path, int]], transform, *, setti
     cached = is_complete(folder)
     if not cached:
         def write(tmp: Path) -> None:
-            feats, _ = extract_features(backbone, ImageDataset(items, transform), device=device, amp_dtype=amp_dtype,
-                                        batch_size=batch_size, num_workers=num_workers)
-            if len(feats) != len(items):
-                raise FinetuneError(f"{len(items) - len(feats)} image(s) became unreadable while extracting features")
-            np.save(tmp / "features.npy", feats.astype(np.float16))
+            rows = np.lib.format.open_memmap(tmp / "features.npy", "w+", np.float16, (len(items), pooled_width(backbone)))
+            written = extract_into(rows, backbone, ImageDataset(items, transform), device=device, amp_dtype=amp_dtype,
+                                   batch_size=batch_size, num_workers=num_workers)
+            rows.flush()
+            del rows
+            if len(written) != len(items):
+                raise FinetuneError(f"{len(items) - len(written)} image(s) became unreadable while extracting features")
             write_meta(tmp, settings)
 
         _write_folder(folder, write)
@@ -245,7 +292,7 @@ def stage_features(
         cache_dir: the cache folder (None: the default, see :func:`features_folder`).
         max_bytes: the cache's size limit; a stage whose features alone exceed it runs uncached.
         num_features: the backbone's feature width.
-        dist: the process group: one process per machine extracts, the others wait and read.
+        dist: the process group: the processes of each machine share its extraction, then all read.
         device, amp_dtype, channels_last: how the backbone runs.
         seed: the augmentation seed.
         batch_size, num_workers: the extraction's loader.
@@ -254,8 +301,6 @@ def stage_features(
         ``(train, val)`` datasets of ``(features, label)``, or None when the features would exceed
         ``max_bytes``.
     """
-    from finetune.data import ImageDataset
-
     n_rows = max(views, 1) * len(items["train"]) + len(items["val"])
     nbytes = n_rows * num_features * 2  # stored as float16
     if nbytes > max_bytes:
@@ -267,31 +312,44 @@ def stage_features(
     key = cache_key(backbone, settings, items) if dist.is_main else None
     folder = root / ddp.broadcast_object(key, dist)
 
-    def extract(dataset, desc):
-        return extract_features(backbone, dataset, device=device, amp_dtype=amp_dtype, batch_size=batch_size,
-                                num_workers=num_workers, channels_last=channels_last, desc=desc)
-
-    # one process per machine computes; the others wait and read
+    # the processes of a machine share the extraction: its local rank 0 makes the files, each process
+    # writes its share of the rows, then local rank 0 checks and publishes the folder
+    leader = dist.rank - dist.local_rank
+    tmp = None
     if dist.local_rank == 0 and not is_complete(folder):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = make_temp_dir(folder.parent, prefix=f".{folder.name}.tmp-")
+        for split, n_views in (("train", max(views, 1)), ("val", 1)):
+            np.lib.format.open_memmap(tmp / f"{split}.npy", "w+", np.float16, (n_views, len(items[split]), num_features))
+    tmp = ddp.all_gather_objects(tmp and str(tmp), dist)[leader]
+    if tmp is not None:
         start = time.perf_counter()
-
-        def write(tmp: Path) -> None:
-            train_views = []
-            for view in range(max(views, 1)):
-                ds = ImageDataset(items["train"], train_transform if views else eval_transform, seed=seed)
-                ds.set_epoch(view)
-                feats, train_labels = extract(ds, "train split features")
-                train_views.append(feats)
-            np.save(tmp / "train.npy", np.stack(train_views).astype(np.float16))
-            np.save(tmp / "train_labels.npy", train_labels)
-            feats, val_labels = extract(ImageDataset(items["val"], eval_transform, seed=seed), "val split features")
-            np.save(tmp / "val.npy", feats[None].astype(np.float16))
-            np.save(tmp / "val_labels.npy", val_labels)
-            write_meta(tmp, settings)
-
-        _write_folder(folder, write)
-        log.info("cached backbone features in %.1fs (%s)", time.perf_counter() - start, folder)
-        evict(root, max_bytes, keep=folder)
+        tmp = Path(tmp)
+        try:
+            written, error = _extract_share(tmp, backbone, items, views=views, transforms=(train_transform, eval_transform),
+                                            seed=seed, share=(dist.local_rank, dist.local_world_size), device=device,
+                                            amp_dtype=amp_dtype, batch_size=batch_size, num_workers=num_workers,
+                                            channels_last=channels_last), None
+        except Exception as e:  # tell the other processes, which would otherwise wait forever
+            written, error = None, e
+        shares = ddp.all_gather_objects((written, error and f"{type(error).__name__}: {error}"), dist)
+        shares = shares[leader:leader + dist.local_world_size]
+        failed = [message for _, message in shares if message]
+        if dist.local_rank == 0:
+            try:
+                if failed:
+                    raise FinetuneError(failed[0])
+                _finish(tmp, items, [w for w, _ in shares], settings)
+                _publish(tmp, folder)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            log.info("cached backbone features in %.1fs (%s)", time.perf_counter() - start, folder)
+            evict(root, max_bytes, keep=folder)
+        if error is not None:
+            raise error
+        if failed:
+            raise FinetuneError(f"feature extraction failed in another process: {failed[0]}")
     else:
         log.info("using cached backbone features (%s)", folder)
     ddp.barrier(dist)
@@ -304,25 +362,87 @@ _KEY = re.compile(r"[0-9a-f]{24}")
 _EVICTED = re.compile(r"\.[0-9a-f]{24}\.evict-[0-9a-f]+")
 
 
+def _extract_share(tmp: Path, backbone, items: dict[str, list[tuple[Path, int]]], *, views: int,
+                   transforms: tuple[Callable, Callable], seed: int, share: tuple[int, int],
+                   **run) -> dict[str, np.ndarray]:
+    """Extract share ``(i, n)`` of the rows of ``tmp/train.npy`` (every view) and ``tmp/val.npy``: the
+    ``i``-th of ``n`` contiguous blocks of each split.
+
+    Returns:
+        The rows written per split (of the train split: those every view wrote).
+    """
+    from finetune.data import ImageDataset
+
+    i, n = share
+    written = {}
+    for split in ("train", "val"):
+        rows = np.load(tmp / f"{split}.npy", mmap_mode="r+")
+        block = range(len(items[split]) * i // n, len(items[split]) * (i + 1) // n)
+        for view in range(rows.shape[0]):
+            transform = transforms[0] if split == "train" and views else transforms[1]
+            dataset = ImageDataset(items[split], transform, seed=seed)
+            dataset.set_epoch(view)
+            done = extract_into(rows[view], backbone, dataset, indices=block, **run)
+            if view and not np.array_equal(done, written[split]):
+                raise FinetuneError(f"images of the {split} split became unreadable while extracting features")
+            written[split] = done
+        rows.flush()
+        del rows
+    return written
+
+
+def _finish(tmp: Path, items: dict[str, list[tuple[Path, int]]], shares: list[dict[str, np.ndarray]],
+            settings: dict[str, Any]) -> None:
+    """Complete the folder ``tmp`` the processes extracted ``shares`` into: drop the rows of unreadable
+    images, write the labels and ``meta.json``."""
+    for split in ("train", "val"):
+        kept = np.sort(np.concatenate([share[split] for share in shares]))
+        if not len(kept):
+            raise FinetuneError(f"no readable image left to extract {split} split features from "
+                                f"({len(items[split])} skipped)")
+        if len(kept) < len(items[split]):
+            _keep_rows(tmp / f"{split}.npy", kept)
+        np.save(tmp / f"{split}_labels.npy", np.array([items[split][i][1] for i in kept], dtype=np.int64))
+    write_meta(tmp, settings, extracted=[int(sum(len(w) for w in share.values())) for share in shares])
+
+
+def _keep_rows(path: Path, kept: np.ndarray, chunk_bytes: int = 16 << 20) -> None:
+    """Rewrite the ``(views, N, F)`` array at ``path`` with only rows ``kept``, ``chunk_bytes`` at a time."""
+    old = np.load(path, mmap_mode="r")
+    chunk = max(1, chunk_bytes // (old.shape[0] * old.shape[2] * old.itemsize))
+    part = path.with_name(f"{path.stem}.part.npy")
+    new = np.lib.format.open_memmap(part, "w+", old.dtype, (old.shape[0], len(kept), old.shape[2]))
+    for start in range(0, len(kept), chunk):
+        new[:, start:start + chunk] = old[:, kept[start:start + chunk]]
+    new.flush()
+    del new, old
+    os.replace(part, path)
+
+
 def _write_folder(folder: Path, write) -> None:
-    """Make cache entry ``folder`` by ``write(tmp)`` into a temporary sibling renamed into place; an
-    incomplete folder under that name is discarded first, a complete one another run made meanwhile kept."""
+    """Make cache entry ``folder`` by ``write(tmp)`` into a temporary sibling renamed into place."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(folder.parent, prefix=f".{folder.name}.tmp-")
     try:
         write(tmp)
-        if folder.exists() and not is_complete(folder):
-            _delete(folder)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not is_complete(folder):
-                raise
-            # another run finished the same cache first: its features are identical, keep them
-            shutil.rmtree(tmp, ignore_errors=True)
+        _publish(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Rename the complete ``tmp`` to ``folder``: an incomplete folder under that name is discarded first, a
+    complete one another run made meanwhile kept (``tmp`` is then deleted)."""
+    if folder.exists() and not is_complete(folder):
+        _delete(folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:
+        if not is_complete(folder):
+            raise
+        # another run finished the same cache first: its features are identical, keep them
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _delete(folder: Path) -> None:

@@ -7,6 +7,7 @@ Every loader batches with :func:`~finetune.data.collate_skip` and takes its work
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,6 +22,10 @@ from finetune.errors import FinetuneError
 from finetune.training import distributed as ddp
 
 log = logging.getLogger("finetune")
+
+PREFETCH_FACTOR = 4
+SHM_PATH = "/dev/shm"
+_shm_noticed: set[tuple[int, int]] = set()
 
 
 @dataclass
@@ -117,15 +122,60 @@ def make_loader(dataset: Dataset, *, sampler, batch_size: int, num_workers, devi
     from finetune.data import collate_skip
 
     workers = auto_workers(num_workers, world_size)
+    prefetch = PREFETCH_FACTOR
+    if workers:
+        workers, prefetch = shm_budget(workers, _batch_bytes(dataset, batch_size), prefetch=prefetch)
     # Workers persist across the epochs of a stage: the dataset keeps its epoch (which seeds the
     # augmentation) in shared memory, so set_epoch reaches them. The loader gets its own generator:
     # otherwise each new iterator draws its workers' base seed from the global RNG, and dropout in a
     # resumed run would see a different stream than in an uninterrupted one.
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_skip,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None, persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(0), drop_last=drop_last_for(sampler, batch_size, train),
+        pin_memory=device.type == "cuda", prefetch_factor=prefetch if workers else None,
+        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0),
+        drop_last=drop_last_for(sampler, batch_size, train),
     )
+
+
+def shm_budget(workers: int, batch_bytes: int, *, prefetch: int = PREFETCH_FACTOR,
+               shm: str = SHM_PATH) -> tuple[int, int]:
+    """Workers and batches prefetched per worker whose batches fit in half of the free ``shm``.
+
+    Worker batches travel through shared memory (``/dev/shm``): ``workers x prefetch`` of them at once.
+    Docker gives containers 64 MB, which a few workers prefetching 224 px batches exceed (the loader then
+    dies with a bus error). When they do not fit, prefetch fewer batches, then use fewer workers (none:
+    load in the main process), with a one-line notice.
+
+    Returns:
+        ``(workers, prefetch)``; as given when ``shm`` cannot be read or has room.
+    """
+    try:
+        stat = os.statvfs(shm)
+    except OSError:
+        return workers, prefetch
+    budget = stat.f_bavail * stat.f_frsize // 2
+    if workers * prefetch * batch_bytes <= budget:
+        return workers, prefetch
+    fit = budget // max(batch_bytes, 1)  # batches that fit at once
+    new_prefetch = min(prefetch, fit // workers)
+    new_workers = workers if new_prefetch else min(workers, fit)
+    new_prefetch = max(new_prefetch, 1)
+    if (new_workers, new_prefetch) not in _shm_noticed:
+        _shm_noticed.add((new_workers, new_prefetch))
+        log.warning("%s has %d MB free, too little for %d workers x %d batches of %.1f MB: using %d workers x %d "
+                    "(give the container more, e.g. docker run --shm-size=2g)", shm, 2 * budget >> 20, workers,
+                    prefetch, batch_bytes / 2**20, new_workers, new_prefetch)
+    return new_workers, new_prefetch
+
+
+def _batch_bytes(dataset: Dataset, batch_size: int) -> int:
+    """Bytes of one batch, from the first few samples that load (an unreadable one is ``None``)."""
+    for i in range(min(len(dataset), 8)):
+        sample = dataset[i]
+        if sample is not None:
+            tensors = [t for t in sample if isinstance(t, torch.Tensor)]
+            return batch_size * sum(t.element_size() * t.nelement() for t in tensors)
+    return 0
 
 
 def drop_last_for(sampler, batch_size: int, train: bool) -> bool:
@@ -190,7 +240,7 @@ def stage_inputs(model, eval_model: nn.Module, *, stage, head_only: bool, items:
                 "preprocessing": preprocessing, "train_transforms": data.train_transforms},
             cache_dir=cfg.cache_dir, max_bytes=int(cfg.cache_max_gb * 1024**3), num_features=model.num_features,
             dist=dist, device=device, amp_dtype=amp_dtype, seed=cfg.seed, batch_size=eval_batch,
-            num_workers=auto_workers(data.num_workers, 1), channels_last=cfg.channels_last)
+            num_workers=auto_workers(data.num_workers, dist.local_world_size), channels_last=cfg.channels_last)
         if features is not None:
             loaders = feature_loaders(*features, batch_size=cfg.batch_size, eval_batch_size=eval_batch,
                                       seed=cfg.seed, dist=dist)

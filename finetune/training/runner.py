@@ -16,7 +16,7 @@ import yaml
 from torch import nn
 
 from finetune._device import resolve_precision
-from finetune.checkpoint import describe_model, load_weights, save_checkpoint, write_json_atomic
+from finetune.checkpoint import WeightsWriter, describe_model, load_weights, save_checkpoint, write_json_atomic
 from finetune.config import Recipe, StageConfig, resolved_dict
 from finetune.data import preprocessing_transform, resolve_preprocessing
 from finetune.models import FinetuneModel, create_model
@@ -38,8 +38,7 @@ log = logging.getLogger("finetune")
 
 def run_training(recipe: Recipe, resolved: dict[str, Any], *, run_dir: str | Path, resume: bool = False,
                  quiet: bool = False) -> dict[str, Any]:
-    """Train ``recipe`` (``resolved``: the recipe as a dict, saved with the run) into ``run_dir``, or resume
-    the run there, and return the summary."""
+    """Train ``recipe`` (``resolved``: the recipe as a dict, saved with the run) into ``run_dir``, or resume it."""
     runner = Runner(recipe, resolved, run_dir=Path(run_dir), resume=resume, quiet=quiet)
     try:
         runner.setup()
@@ -96,6 +95,7 @@ class Runner:
         self.ema = Ema(self.model, cfg.ema) if cfg.ema is not None else None
         self.loss_fn = self._make_loss()
         self.scaler = make_grad_scaler(self.device, self.amp_dtype)
+        self.weights = WeightsWriter() if self.is_main else None
         if self.resume:
             self.load_checkpoint(self.run_dir / "checkpoints" / "last")
         elif self.is_main:
@@ -182,7 +182,7 @@ class Runner:
             if self.is_main:
                 if improved:
                     save_checkpoint(self.run_dir / "checkpoints" / "best", self._eval_model(),
-                                    self._meta({"epoch": s.best["epoch"], **s.best["val"]}))
+                                    self._meta({"epoch": s.best["epoch"], **s.best["val"]}), writer=self.weights)
                 write_logs(self.run_dir, self.classes, s.history, s.recall_history)
                 self.loggers.log_epoch(row, val["per_class_recall"])
                 self.save_checkpoint(optimizer)
@@ -213,7 +213,7 @@ class Runner:
     def save_checkpoint(self, optimizer: torch.optim.Optimizer) -> None:
         """Write ``checkpoints/last``: the model plus everything an exact resume needs."""
         data = serialize(state_dict(self.state, optimizer, self.scaler, self.ema))
-        save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self._meta(),
+        save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self._meta(), writer=self.weights,
                         extra=lambda folder: (folder / run_folder.STATE_FILE).write_bytes(data))
 
     def load_checkpoint(self, folder: Path) -> None:

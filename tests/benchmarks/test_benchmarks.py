@@ -25,6 +25,8 @@ SCRIPTS = {
     "bench_audit.py": ("audit", {"figures", "runs"}),
     "bench_setup.py": ("setup", {"bird225 (pre-split)", "caltech (one folder, split)"}),
     "bench_gpu.py": ("gpu", {"train", "extraction", "device", "precision", "peak_tflops"}),
+    "bench_checkpoint.py": ("checkpoint", {"layouts", "target"}),
+    "bench_extract_memory.py": ("extract_memory", {"variants", "target"}),
 }
 
 
@@ -183,3 +185,14 @@ def test_gpu_bench_knows_the_peaks_and_timm_figures_it_compares_with():
     model = create_model("resnet50", 1000, head="linear", pretrained=False)
     gflops = bench.train_flops_per_image(model, 224, torch.device("cpu"), None) / 1e9
     assert 24 < gflops < 25.5
+
+
+def test_checkpoint(tmp_path):
+    layouts = run_tiny("bench_checkpoint.py", tmp_path)["results"]["layouts"]
+    assert set(layouts) == {"whole model", "what changed"}
+    assert all(v["checkpoint_s"] > 0 and 0 < v["share_of_epoch"] < 1 for v in layouts.values())
+
+
+def test_extract_memory(tmp_path):
+    variants = run_tiny("bench_extract_memory.py", tmp_path)["results"]["variants"]
+    assert set(variants) == {"streamed", "in RAM"} and all(v["cache_mb"] > 0 for v in variants.values())

@@ -1,4 +1,5 @@
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from finetune.evaluation import (
     per_class_rows,
     topk_accuracy,
 )
+from finetune.inference import topk_indices
 
 CLASSES = ["A", "B", "C", "D"]
 # Six samples, four classes; D never occurs but is predicted once. Confusion (rows true, columns predicted):
@@ -139,3 +141,28 @@ def test_confident_miss_gives_a_finite_loss():
     m = classification_metrics([0], np.array([[0.0, 1.0]]), class_names=["x", "y"])
 
     assert math.isfinite(m["loss"]) and m["loss"] == pytest.approx(-math.log(1e-12))
+
+
+def test_topk_indices_equals_a_stable_descending_argsort_including_ties():
+    rng = np.random.default_rng(0)
+    probs = rng.random((200, 50)).astype(np.float32)
+    probs[:20] = np.round(probs[:20], 1)  # many ties, some across the k-th place
+    probs[20] = 0.02  # a row of one value: the lowest k indices
+    for k in (1, 5, 49, 50, 80):
+        expected = np.argsort(-probs, axis=1, kind="stable")[:, :min(k, 50)]
+        np.testing.assert_array_equal(topk_indices(probs, k), expected)
+        np.testing.assert_array_equal(topk_indices(probs, k, block=120), expected)  # several row blocks
+
+
+def test_metrics_on_many_classes_make_no_float64_copy_or_full_sort():
+    rng = np.random.default_rng(1)
+    y_prob = rng.random((2000, 3000), dtype=np.float32)
+    y_prob /= y_prob.sum(axis=1, keepdims=True)
+    y_true = rng.integers(0, 3000, 2000)
+    tracemalloc.start()
+    top5 = topk_accuracy(y_true, y_prob, k=5)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert top5 == pytest.approx(top_k_accuracy_score(y_true, y_prob, k=5, labels=np.arange(3000)))
+    # a stable argsort of -y_prob needs 3x the matrix (the negated copy, int64 indices), a float64 copy 2x
+    assert peak < 0.5 * y_prob.nbytes

@@ -80,8 +80,10 @@ def backbone_changed(run_dir: Path, init: Path) -> float:
     """The largest absolute change of a backbone weight between the init file and ``checkpoints/last``."""
     from safetensors.torch import load_file
 
+    from finetune.checkpoint import read_weights
+
     before = load_file(str(init))
-    after = load_file(str(run_dir / "checkpoints" / "last" / "model.safetensors"))
+    after = read_weights(run_dir / "checkpoints" / "last")
     common = [k for k in before if f"backbone.{k}" in after and before[k].is_floating_point()
               and "running_" not in k]
     assert len(common) > 5, sorted(after)[:10]

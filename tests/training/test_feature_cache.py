@@ -44,8 +44,8 @@ def test_head_stage_uses_the_cache_and_reuses_it_across_runs(tiny_recipe, tmp_pa
     import finetune.training.feature_cache as fc
 
     calls = []
-    real = fc.extract_features
-    monkeypatch.setattr(fc, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fc.extract_into
+    monkeypatch.setattr(fc, "extract_into", lambda *a, **k: calls.append(1) or real(*a, **k))
     cache = tmp_path / "c"
     raw = head_only(tiny_recipe, cache)
     train(raw, tmp_path / "a")
@@ -245,3 +245,105 @@ def test_cache_folders_honour_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / ("a" * 24)).stat().st_mode) == 0o755
+
+
+WIDE = 3 * 32 * 85
+
+
+def _wide_backbone():
+    """A weightless backbone with features (``WIDE``) wide next to its 32 px images: the cache dwarfs a batch."""
+    return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d((32, 85)), torch.nn.Flatten())
+
+
+def _stage_features(backbone, items, cache, **over):
+    from finetune.data import build_transform
+    from finetune.training.distributed import DistInfo
+
+    kw = dict(train_transform=build_transform(True, input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3),
+              eval_transform=build_transform(False, input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3),
+              views=2, key_parts={"test": 1}, cache_dir=cache, max_bytes=2**30, num_features=WIDE, dist=DistInfo(),
+              device=torch.device("cpu"), amp_dtype=None, seed=3, batch_size=8, num_workers=0)
+    return fc.stage_features(backbone, items, **{**kw, **over}), kw
+
+
+def test_extraction_streams_into_float16_files_equal_to_extracting_in_ram(tmp_path, make_tiny_folder, monkeypatch):
+    import tracemalloc
+
+    import numpy as np
+
+    from finetune.data import ImageDataset
+
+    root = make_tiny_folder(tmp_path / "d", per_class=30)
+    paths = sorted(root.rglob("*.png"))
+    (paths[5]).write_bytes(b"not an image")  # an unreadable train image: its row is dropped
+    items = {"train": [(p, i % 3) for i, p in enumerate(paths[:60])], "val": [(p, i % 3) for i, p in enumerate(paths[60:])]}
+    backbone = _wide_backbone()
+    peaks, real = [], fc._extract_share
+
+    def measured(*a, **k):  # numpy's peak allocation while extracting
+        tracemalloc.start()
+        try:
+            return real(*a, **k)
+        finally:
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+
+    monkeypatch.setattr(fc, "_extract_share", measured)
+    # a first small extraction does the imports (an unknown format loads every Pillow plugin)
+    _stage_features(backbone, {"train": items["train"][:6], "val": items["val"][:2]}, tmp_path / "w")
+    (train, val), kw = _stage_features(backbone, items, tmp_path / "c")
+    cache_bytes = train.features.nbytes + val.features.nbytes
+    assert train.features.dtype == np.float16 and train.features.shape == (2, 59, WIDE) and cache_bytes > 2e6
+    # the old path held the float32 features of every view (2x the cache) plus their float16 copy in RAM
+    assert peaks[1] < 0.4 * cache_bytes
+    for view in range(2):
+        dataset = ImageDataset(items["train"], kw["train_transform"], seed=3)
+        dataset.set_epoch(view)
+        feats, labels = fc.extract_features(backbone, dataset, device=torch.device("cpu"), amp_dtype=None,
+                                            batch_size=8, num_workers=0)
+        np.testing.assert_array_equal(train.features[view], feats.astype(np.float16))
+        np.testing.assert_array_equal(train.labels, labels)
+    feats, labels = fc.extract_features(backbone, ImageDataset(items["val"], kw["eval_transform"], seed=3),
+                                        device=torch.device("cpu"), amp_dtype=None, batch_size=8, num_workers=0)
+    np.testing.assert_array_equal(val.features[0], feats.astype(np.float16))
+    np.testing.assert_array_equal(val.labels, labels)
+
+
+def _extract_on_rank(rank, world, port, items, cache):
+    import torch.distributed as torch_dist
+
+    from finetune.training.distributed import DistInfo
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        _stage_features(_wide_backbone(), items, cache, views=1,
+                        dist=DistInfo(rank=rank, local_rank=rank, world_size=world, local_world_size=world))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_ddp_processes_share_the_extraction_and_make_the_single_process_cache(tmp_path, make_tiny_folder):
+    import json
+    import socket
+
+    import numpy as np
+    import torch.multiprocessing as mp
+
+    root = make_tiny_folder(tmp_path / "d", per_class=8)
+    paths = sorted(root.rglob("*.png"))
+    paths[13].write_bytes(b"not an image")  # in rank 1's half of the train rows
+    items = {"train": [(p, i % 3) for i, p in enumerate(paths[:16])], "val": [(p, i % 3) for i, p in enumerate(paths[16:])]}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_extract_on_rank, args=(2, port, items, tmp_path / "ddp"), nprocs=2, start_method="fork")
+    (train, val), _ = _stage_features(_wide_backbone(), items, tmp_path / "one", views=1)
+
+    [folder] = [p for p in (tmp_path / "ddp").iterdir() if not p.name.startswith(".")]
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["extracted_by_rank"] == [8 + 4, 7 + 4]  # train 16 (one unreadable) and val 8 rows, halved
+    np.testing.assert_array_equal(np.load(folder / "train.npy"), train.features)
+    np.testing.assert_array_equal(np.load(folder / "train_labels.npy"), train.labels)
+    np.testing.assert_array_equal(np.load(folder / "val.npy"), val.features)
+    np.testing.assert_array_equal(np.load(folder / "val_labels.npy"), val.labels)

@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
+from finetune.checkpoint import read_weights
 from finetune.config import parse_recipe
 from finetune.models import create_model
 from finetune.training.freeze import apply_trainable, frozen_batchnorms, select_trainable, set_train_mode
@@ -180,7 +180,7 @@ def test_batchnorm_eval_still_trains_the_head_normalisation(quick, tmp_path):
     quick["stages"] = [head_stage(1, batchnorm="eval")]
     run = tmp_path / "run"
     train(quick, run)
-    before, after = initial_weights(quick), load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+    before, after = initial_weights(quick), read_weights(run / "checkpoints" / "last")
     stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
     head_stats = [k for k in stats if k.startswith("head.")]
     assert head_stats and all(not torch.equal(before[k], after[k]) for k in head_stats)
@@ -310,8 +310,8 @@ def test_ema_weights_are_what_is_validated_and_saved_as_best(quick, tmp_path, em
     quick["training"]["ema"] = ema
     run = tmp_path / "run"
     train(quick, run)
-    best = load_file(str(run / "checkpoints" / "best" / "model.safetensors"))
-    last = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+    best = read_weights(run / "checkpoints" / "best")
+    last = read_weights(run / "checkpoints" / "last")
     head = [k for k in best if k.startswith("head.") and k.endswith("weight")]
     if ema is None:
         assert training_state(run)["ema"] is None
@@ -333,7 +333,7 @@ def test_ema_carries_across_stages_with_one_update_count(quick, tmp_path):
     run = tmp_path / "run"
     train(quick, run)
     state = training_state(run)
-    model = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+    model = read_weights(run / "checkpoints" / "last")
     initial = initial_weights(quick)
     assert any(not torch.equal(state["ema"][k], model[k]) for k in model if k.startswith("backbone."))
     for k in (k for k in initial if k.startswith("backbone.") and initial[k].is_floating_point()):
@@ -351,7 +351,7 @@ def test_head_only_stage_leaves_the_ema_backbone_untouched(quick, tmp_path):
     quick["stages"].append(head_stage(1))
     train(quick, tmp_path / "b")
     a, b = training_state(tmp_path / "a"), training_state(tmp_path / "b")
-    model = load_file(str(tmp_path / "b" / "checkpoints" / "last" / "model.safetensors"))
+    model = read_weights(tmp_path / "b" / "checkpoints" / "last")
     for k in a["ema"]:
         if k.startswith("backbone."):
             assert torch.equal(a["ema"][k], b["ema"][k]), k

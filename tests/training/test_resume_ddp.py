@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+
+from finetune.checkpoint import FROZEN_FILE, read_weights
 
 
 FINETUNE = [sys.executable, "-m", "finetune"]
@@ -23,7 +24,7 @@ def comparable_rows(run_dir):
 
 
 def weights(run_dir, which="last"):
-    return load_file(str(run_dir / "checkpoints" / which / "model.safetensors"))
+    return read_weights(run_dir / "checkpoints" / which)
 
 
 @pytest.fixture
@@ -66,6 +67,45 @@ def test_resume_after_sigkill_ends_with_the_same_weights_and_metrics(resume_reci
 
     subprocess.run([*FINETUNE, "train", "--resume", str(killed), "--quiet"], check=True, env=env, capture_output=True)
     assert comparable_rows(killed) == comparable_rows(full)
+    for which in ("last", "best"):
+        a, b = weights(full, which), weights(killed, which)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (which, k)
+
+
+def _kill_after_rows(recipe, run, rows, env):
+    proc = subprocess.Popen([*FINETUNE, "train", str(recipe), "--out", str(run), "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if (run / "metrics.csv").exists() and len((run / "metrics.csv").read_text().splitlines()) > rows:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_resume_after_sigkill_in_a_cached_head_stage_with_a_shared_frozen_backbone(resume_recipe, tmp_path):
+    """Checkpoints of a cached head stage hard-link one frozen.safetensors (the backbone) and write the head:
+    a kill among them resumes exactly, and best/last load alone."""
+    raw = yaml.safe_load(resume_recipe.read_text())
+    raw["stages"] = [{"name": "head", "epochs": 12, "train": "head"}]
+    raw["model"]["head"]["width"] = 4  # the backbone is most of the weights
+    resume_recipe.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    subprocess.run([*FINETUNE, "train", str(resume_recipe), "--out", str(full), "--quiet"], check=True, env=env,
+                   capture_output=True)
+    _kill_after_rows(resume_recipe, killed, 2, env)
+    assert len(comparable_rows(killed)) < 12, "the run finished before it could be killed"
+    assert (killed / "checkpoints" / "last" / FROZEN_FILE).is_file()
+    subprocess.run([*FINETUNE, "train", "--resume", str(killed), "--quiet"], check=True, env=env, capture_output=True)
+    assert comparable_rows(killed) == comparable_rows(full)
+    last = full / "checkpoints" / "last"
+    # the backbone file was written with the first epoch's checkpoint and linked since; the head at the last
+    assert (last / FROZEN_FILE).stat().st_mtime_ns < (last / "model.safetensors").stat().st_mtime_ns
     for which in ("last", "best"):
         a, b = weights(full, which), weights(killed, which)
         assert a.keys() == b.keys()

@@ -3,9 +3,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from finetune.checkpoint import load_checkpoint
+from finetune.checkpoint import load_checkpoint, read_weights
 from finetune.config import parse_recipe
 from finetune.errors import FinetuneError
 from finetune.training.runner import run_training
@@ -70,7 +69,7 @@ def test_head_stage_freezes_backbone_weights_and_batchnorm_statistics(tiny_recip
     torch.manual_seed(0)
     run = tmp_path / "run"
     train(tiny_recipe, run)
-    after = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+    after = read_weights(run / "checkpoints" / "last")
     # the run seeds 0 before creating the model: rebuild the same initial weights
     torch.manual_seed(recipe.training.seed)
     before = create_model("test_resnet", 3, head=recipe.model.head).state_dict()
@@ -85,8 +84,8 @@ def test_unchanged_model_run_is_reproducible_with_a_fixed_seed(tiny_recipe, tmp_
     tiny_recipe["output"] = {"evaluate_test": False}
     train(tiny_recipe, tmp_path / "a")
     train(tiny_recipe, tmp_path / "b")
-    a = load_file(str(tmp_path / "a" / "checkpoints" / "last" / "model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "checkpoints" / "last" / "model.safetensors"))
+    a = read_weights(tmp_path / "a" / "checkpoints" / "last")
+    b = read_weights(tmp_path / "b" / "checkpoints" / "last")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -118,7 +117,7 @@ def test_non_finite_loss_stops_naming_stage_epoch_step_and_keeps_last_checkpoint
     run = tmp_path / "run"
     with pytest.raises(FinetuneError, match=r"non-finite loss at stage 1 \(all\), epoch \d+, step \d+"):
         train(tiny_recipe, run)
-    state = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+    state = read_weights(run / "checkpoints" / "last")
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     assert all(int(r["stage"]) == 0 or float(r["train_loss"]) == float(r["train_loss"]) for r in read_metrics(run))
 
