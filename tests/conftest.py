@@ -80,6 +80,24 @@ def make_tiny_folder():
     return write_tiny_folder
 
 
+def pytest_configure(config):
+    # `-n auto` hands out tests one at a time (not in blocks of consecutive tests), so the slow tests, sorted
+    # first below, spread over the workers instead of queueing on one
+    if getattr(config.option, "maxschedchunk", "no xdist") is None:
+        config.option.maxschedchunk = 1
+
+
+# The longest tests, in the order a parallel run should start them: each worker takes two tests at first
+# (xdist), so the longest shares its worker with a short one.
+LONGEST = ("test_readme_quickstart_commands", "test_quickstart_notebook", "test_readme_defaults_commands",
+           "test_readme_data_commands")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Slow tests first: a parallel run (`-n auto`) then ends with many short tests, not one long one."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The longest tests first, then the other slow ones: a parallel run then ends with many short tests,
+    not one long one."""
+    def rank(item) -> int:
+        longest = [i for i, name in enumerate(LONGEST) if name in item.name]
+        return longest[0] if longest else len(LONGEST) + (item.get_closest_marker("slow") is None)
+
+    items.sort(key=rank)
