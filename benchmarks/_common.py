@@ -350,7 +350,14 @@ def _machine_section(docs: list[dict[str, Any]]) -> list[str]:
         )
         lines.append(f"- GPU: {m['gpu']}")
     lines.append("")
-    if any(m["gpu"] == "none" for m in seen):
+    gpus = sorted({m["gpu"] for m in seen if m["gpu"] not in (None, "none")})
+    if gpus and any(m["gpu"] == "none" for m in seen):
+        lines += [
+            f"Only the sections that name a GPU ({', '.join(gpus)}) ran on a GPU machine; every other number was",
+            "measured on a CPU machine without one (its line above says GPU: none).",
+            "",
+        ]
+    elif not gpus:
         lines += [
             "**No GPU was available for these runs.** Every number here was measured on the CPU above; the",
             "GPU measurements (mixed precision, larger backbones and resolutions, multi-GPU) have not been",

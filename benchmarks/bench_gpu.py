@@ -335,7 +335,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     wall = time.perf_counter()
     device = resolve_device(args.device)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:  # set_device refuses a plain "cuda"
         torch.cuda.set_device(device)
     configure_cuda(device)  # what a run does: cuDNN autotuning, TF32
     amp_dtype = resolve_precision("auto", device)
