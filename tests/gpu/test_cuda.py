@@ -331,3 +331,18 @@ def test_finetune_trains_under_ddp_on_cuda(ddp_backend, gpu_recipe, tmp_path):
     with open(run_dir / "manifest.csv") as f:
         val = sum(row["split"] == "val" for row in csv.DictReader(f))
     assert summary["best_val"]["num_samples"] == val
+
+
+# --------------------------------------------------------------------------------------- bench_gpu.py
+
+def test_bench_gpu_measures_on_the_default_cuda_device(tmp_path, monkeypatch):
+    """bench_gpu.py's smoke setting on ``auto`` (plain ``cuda``): torch.cuda.set_device refuses a device
+    without an index, which stopped the first real run on an H200 before it measured anything."""
+    monkeypatch.syspath_prepend(str(HERE.parents[1] / "benchmarks"))
+    import bench_gpu
+
+    results = bench_gpu.main(["--tiny", "--out", str(tmp_path)])
+    train = results["train"]["test_resnet"]
+    assert train["images_per_s"]["finetune"]["median"] > 0 and train["images_per_s"]["plain"]["median"] > 0
+    doc = json.loads((tmp_path / "results" / "gpu.json").read_text())
+    assert doc["machine"]["gpu"] == torch.cuda.get_device_name(0)
