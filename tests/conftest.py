@@ -9,6 +9,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import copy
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,45 @@ def _private_cache_root(tmp_path_factory, monkeypatch):
     """Caches that default to the cache root (the scan cache, the feature cache) go to one folder of this
     test session, never to the user's ~/.cache/finetune."""
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path_factory.getbasetemp() / "finetune-cache"))
+
+
+@dataclass
+class CliRun:
+    """What one ``finetune`` command did: its exit status and what it printed."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def finetune_cli(capfd, monkeypatch):
+    """``finetune ARGS`` run in this process: the console script's ``main`` with its own working folder and
+    environment, its output captured at the file descriptors, warnings printed as a fresh process would
+    print them (not recorded by pytest). A subprocess would re-import torch and timm, ~5 s of CPU per
+    command; what only a real process shows (its exit, start-up warnings) is checked by the few tests that
+    still start one (test_cli.py, the kill -9 tests, test_hostile_inputs' subprocess case).
+
+        done = finetune_cli("train", "r.yaml", "--out", "run", cwd=tmp_path, env={"FINETUNE_CACHE": ...})
+    """
+    from finetune.cli import main
+
+    def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> CliRun:
+        with monkeypatch.context() as patch, warnings.catch_warnings():
+            if cwd is not None:
+                patch.chdir(cwd)
+            for name, value in (env or {}).items():
+                patch.setenv(name, value)
+            warnings.simplefilter("default")
+            warnings.showwarning = warnings._showwarning_orig  # print to stderr, as `python -m` does
+            capfd.readouterr()
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse: --help (0) and usage errors (2)
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            out = capfd.readouterr()
+        return CliRun(int(code or 0), out.out, out.err)
+
+    return run
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Hostile run folders, checkpoints and resumes through the real command line (issue 15).
 
-Each case builds a folder, runs ``finetune ...`` in a subprocess and asserts: exit status 2, the error
+Each case builds a folder, runs ``finetune ...`` (the console script's ``main``, in this process:
+conftest's ``finetune_cli``) and asserts: exit status 2, the error
 as the last stderr line (``finetune CMD: error: ...``, the only line when nothing was logged before it),
 no traceback, and the folder's contents afterwards. The kill -9 loop test kills ``finetune train`` at
 random moments and checks that the folder is always resumable or restartable, and that the command says
@@ -126,12 +127,12 @@ CASES = [
 
 @pytest.mark.parametrize("build, args, expected, alone, after", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_a_hostile_run_folder_is_one_line_exit_2_and_leaves_the_folder_as_stated(
-        recipe, tmp_path, build, args, expected, alone, after):
+        recipe, tmp_path, build, args, expected, alone, after, finetune_cli):
     build(recipe, tmp_path)
     run = tmp_path / "run"
     before = snapshot(run)
 
-    out = subprocess.run([*FINETUNE, *args], cwd=tmp_path, capture_output=True, text=True)
+    out = finetune_cli(*args, cwd=tmp_path)
 
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2, out.stderr

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -89,22 +86,22 @@ def test_every_readme_command_belongs_to_a_chain_that_runs_it():
     assert any("model.int8.onnx" in c for c in chains["quickstart"])
 
 
-def run_chain(name: str, tmp_path: Path) -> None:
+def run_chain(name: str, tmp_path: Path, finetune_cli) -> None:
+    """Run chain ``name``'s commands as shown, in README's order, in ``tmp_path`` (in this process: conftest's
+    ``finetune_cli``, the console script's ``main`` without a subprocess's imports)."""
     (tmp_path / "recipes").symlink_to(REPO / "recipes")
-    env = {**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache")}
+    env = {"FINETUNE_CACHE": str(tmp_path / "cache")}
     chain = readme_chains()[name]
     for command in readme_commands():
         if command in chain or command.startswith(NEEDS.get(name, "\0")):
-            argv = shlex.split(command)
-            done = subprocess.run([sys.executable, "-m", "finetune", *argv[1:]], cwd=tmp_path, env=env,
-                                  capture_output=True, text=True, timeout=1800)
+            done = finetune_cli(*shlex.split(command)[1:], cwd=tmp_path, env=env)
             assert done.returncode == 0, f"`{command}` exited {done.returncode}:\n{done.stderr[-3000:]}"
             assert "Traceback" not in done.stderr, f"`{command}` printed a traceback:\n{done.stderr[-3000:]}"
 
 
 @pytest.mark.slow
-def test_readme_quickstart_commands_run_as_shown(tmp_path):
-    run_chain("quickstart", tmp_path)
+def test_readme_quickstart_commands_run_as_shown(tmp_path, finetune_cli):
+    run_chain("quickstart", tmp_path, finetune_cli)
     summary = json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())
     assert summary["test"]["accuracy"] >= 0.98  # README: "reaches at least 98% test accuracy"
     assert (tmp_path / "runs" / "quickstart" / "eval" / "report.html").is_file()
@@ -120,14 +117,14 @@ def test_readme_quickstart_commands_run_as_shown(tmp_path):
 
 
 @pytest.mark.slow
-def test_readme_defaults_commands_run_as_shown(tmp_path):
-    run_chain("defaults", tmp_path)
+def test_readme_defaults_commands_run_as_shown(tmp_path, finetune_cli):
+    run_chain("defaults", tmp_path, finetune_cli)
     assert (tmp_path / "runs" / "defaults" / "checkpoints" / "best" / "model.safetensors").is_file()
 
 
 @pytest.mark.slow
-def test_readme_data_commands_run_as_shown(tmp_path):
-    run_chain("data", tmp_path)
+def test_readme_data_commands_run_as_shown(tmp_path, finetune_cli):
+    run_chain("data", tmp_path, finetune_cli)
     assert (tmp_path / "data" / "digits" / "split.csv").is_file()
     assert (tmp_path / "audit-digits" / "audit.html").is_file()
     assert (tmp_path / "runs" / "quick" / "checkpoints" / "best" / "model.safetensors").is_file()

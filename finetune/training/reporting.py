@@ -19,11 +19,24 @@ METRIC_COLUMNS = [
 ]
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever ``sys.stderr`` is when a record is written, not the one it was made with
+    (a program or a notebook that redirects stderr after its first run still gets the lines)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns it
+        pass
+
+
 def setup_logging(is_main: bool) -> None:
     """The ``finetune`` logger prints bare lines on stderr: progress from rank 0, warnings from every rank."""
     log = logging.getLogger("finetune")
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.propagate = False

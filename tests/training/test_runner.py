@@ -180,3 +180,21 @@ def test_data_loader_workers_see_each_new_epoch(tiny_recipe, tmp_path):
     train(tiny_recipe, tmp_path / "b")
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]  # worker count doesn't matter
+
+
+def test_progress_lines_go_to_the_stderr_a_program_has_when_it_logs():
+    """A program (or notebook, or in-process CLI test) that redirects stderr after its first run still gets
+    the epoch lines: the handler used to keep the stderr of the first run's moment."""
+    import contextlib
+    import io
+    import logging
+
+    from finetune.training.reporting import setup_logging
+
+    setup_logging(True)
+    for _ in range(2):  # the second redirect is the one the old handler missed
+        buf = io.StringIO()
+        with contextlib.redirect_stderr(buf):
+            setup_logging(True)
+            logging.getLogger("finetune").info("epoch 1/1")
+        assert buf.getvalue() == "epoch 1/1\n"
