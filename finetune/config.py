@@ -32,6 +32,61 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class RandomErasingConfig(_Section):
+    p: float = Field(0.25, gt=0, le=1)  # probability an image gets an erased rectangle
+    scale: tuple[float, float] = (0.02, 0.33)  # its area, as a fraction of the image's
+    ratio: tuple[float, float] = (0.3, 3.3)  # its aspect ratio (width / height)
+    fill: Union[Literal["random", "random_uniform"], float] = "random"  # per-pixel noise, one colour, or a value
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1, got {list(self.scale)}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must be (low, high) with 0 < low <= high, got {list(self.ratio)}")
+        return self
+
+
+AUGMENT_FIELDS = {"none": set(), "randaugment": {"magnitude", "num_ops", "magnitude_std"},
+                  "trivialaugment": {"magnitude"}, "autoaugment": {"policy", "magnitude_std"}}
+"""The options each ``data.augment.preset`` uses (``random_erasing`` goes with any)."""
+
+
+class AugmentConfig(_Section):
+    # a timm policy on the train images (finetune/data/transforms.py: augment_ops)
+    preset: Literal["none", "randaugment", "trivialaugment", "autoaugment"] = "none"
+    magnitude: int = Field(9, ge=0, le=10)  # randaugment: each op's; trivialaugment: the top of its uniform draw
+    num_ops: int = Field(2, ge=1, le=10)  # randaugment: ops per image
+    magnitude_std: float = Field(0.5, ge=0)  # randaugment, autoaugment: Gaussian noise on the magnitude
+    policy: Literal["v0", "v0r", "original", "originalr"] = "v0"  # autoaugment: timm's ImageNet policy
+    random_erasing: Optional[RandomErasingConfig] = None  # albumentations' Erasing, after the policy
+
+    @model_validator(mode="after")
+    def _options_of_preset(self):
+        unused = sorted(self.model_fields_set - AUGMENT_FIELDS[self.preset] - {"preset", "random_erasing"})
+        if unused:
+            used = ", ".join(sorted(AUGMENT_FIELDS[self.preset])) or "none"
+            raise ValueError(f"preset {self.preset} takes no {', '.join(unused)} (its options: {used})")
+        return self
+
+
+class MixupConfig(_Section):
+    # timm's Mixup: each batch (with probability prob) is mixed by Mixup or, with probability switch_prob
+    # when both alphas are set, by CutMix; targets become soft labels (finetune/training/mixing.py)
+    mixup_alpha: float = Field(0.8, ge=0)
+    cutmix_alpha: float = Field(1.0, ge=0)
+    prob: float = Field(1.0, ge=0, le=1)
+    switch_prob: float = Field(0.5, ge=0, le=1)
+    mode: Literal["batch", "pair", "elem"] = "batch"  # one mixing factor per batch, per pair or per sample
+
+    @model_validator(mode="after")
+    def _something_mixes(self):
+        if not (self.mixup_alpha > 0 or self.cutmix_alpha > 0):
+            raise ValueError("needs mixup_alpha or cutmix_alpha above 0 (turn mixing off with mixup: null, "
+                             "or false in a stage)")
+        return self
+
+
 class DataConfig(_Section):
     root: Optional[str] = None  # an image folder (pre-split or one folder to split), or a manifest CSV
     # A split manifest CSV instead of splitting root; its paths are relative to root, or without root to the
@@ -51,6 +106,8 @@ class DataConfig(_Section):
     crop_pct: Optional[float] = Field(None, gt=0, le=1)
     train_transforms: Optional[list[dict[str, Any]]] = None  # albumentations specs; None: timm-like default
     eval_transforms: Optional[list[dict[str, Any]]] = None
+    # augmentation preset after train_transforms in stages that see images; auto: by input size (size_defaults)
+    augment: Union[Literal["auto"], AugmentConfig, None] = None
     balance: Literal["none", "sampler", "loss"] = "none"
     class_weights: Literal["inverse", "effective"] = "inverse"  # formula when balance: loss
     num_workers: Union[int, Literal["auto"]] = "auto"
@@ -126,6 +183,9 @@ class StageConfig(_Section):
     batchnorm: Literal["auto", "eval", "train"] = "auto"
     feature_cache: Union[bool, Literal["auto"]] = "auto"  # head-only stages train from cached features
     feature_cache_views: int = Field(0, ge=0)  # augmented views cached per image (0: no augmentation)
+    # Mixup/CutMix of this stage, replacing training.mixup (null: that one; false: none). A stage that sets
+    # its own trains on images even when head-only (mixing images is not mixing cached features).
+    mixup: Union[Literal[False], MixupConfig, None] = None
 
     @field_validator("train")
     @classmethod
@@ -152,6 +212,9 @@ class TrainingConfig(_Section):
     accumulation: int = Field(1, ge=1)
     clip_grad: Optional[float] = Field(None, gt=0)  # max gradient norm
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Mixup/CutMix of the stages that train on images (cached head stages see no images and don't mix);
+    # auto: by input size (finetune.data.transforms.size_defaults)
+    mixup: Union[Literal["auto"], MixupConfig, None] = None
     # EMA decay; evaluate and select on the EMA weights. One EMA for the run: it carries across stages
     # (one update count; its first update copies the model) and each update averages only what the stage
     # trains (frozen weights keep their EMA; a head-only stage moves only the head's).
@@ -477,6 +540,7 @@ def check_against_model(recipe: Recipe, source: str = "recipe") -> None:
 
     from finetune.models import create_model, head_options, parse_head
     from finetune.models.factory import check_forward
+    from finetune.training.feature_cache import is_head_only
     from finetune.training.freeze import select_trainable
 
     backbone = recipe.model.backbone
@@ -509,9 +573,12 @@ def check_against_model(recipe: Recipe, source: str = "recipe") -> None:
             raise FinetuneError(one_line(f"{source}: stages.{i}.optimizer.name: unknown optimizer "
                                          f"'{stage.optimizer.name}' (see timm.optim.list_optimizers())"))
         try:
-            select_trainable(model, stage.train)
+            trainable = select_trainable(model, stage.train)
         except FinetuneError as e:
             raise FinetuneError(f"{source}: stages.{i}.train: {e}") from None
+        if stage.mixup and stage.feature_cache is True and is_head_only(trainable):
+            raise FinetuneError(f"{source}: stages.{i}.mixup: a head-only stage with feature_cache: true trains on "
+                                "cached features, which cannot be mixed; set feature_cache: auto or false")
 
 
 def check_environment(recipe: Recipe, source: str = "recipe") -> None:

@@ -1,0 +1,83 @@
+"""Augmentation presets (data.augment): timm policies and albumentations' Erasing in the numpy pipeline."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finetune.data import ImageDataset, build_transform
+from finetune.data.transforms import TimmPolicy, size_defaults
+
+MEAN = STD = (0.5, 0.5, 0.5)
+RESIZE = [{"name": "Resize", "height": 32, "width": 32}]
+PRESETS = [
+    {"preset": "randaugment", "num_ops": 2, "magnitude": 9},
+    {"preset": "trivialaugment", "magnitude": 10},
+    {"preset": "autoaugment", "policy": "original"},
+]
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(6):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+        items.append((path, 0))
+    return items
+
+
+def samples(items, augment, epoch):
+    dataset = ImageDataset(items, build_transform(True, input_size=32, mean=MEAN, std=STD, ops=RESIZE,
+                                                  augment=augment), seed=3)
+    dataset.set_epoch(epoch)
+    return [dataset[i][0] for i in range(len(items))]
+
+
+@pytest.mark.parametrize("augment", PRESETS, ids=lambda a: a["preset"])
+def test_preset_changes_pixels_deterministically_per_seed_epoch_and_sample(images, augment):
+    plain = samples(images, None, 0)
+    python_state, numpy_state = random.getstate(), np.random.get_state()[1].copy()
+    first = samples(images, augment, 0)
+    # the policy seeds timm's global generators per image and puts them back
+    assert random.getstate() == python_state and np.array_equal(np.random.get_state()[1], numpy_state)
+    assert all(torch.equal(a, b) for a, b in zip(first, samples(images, augment, 0)))  # same (seed, epoch, index)
+    changed = [not torch.equal(a, b) for a, b in zip(first, plain)]
+    assert sum(changed) >= 3, changed  # RandAugment applies each op with p 0.5: most images change
+    next_epoch = samples(images, augment, 1)
+    assert sum(not torch.equal(a, b) for a, b in zip(first, next_epoch)) >= 3
+
+
+def test_random_erasing_erases_one_rectangle_within_the_scale():
+    transform = build_transform(True, input_size=32, mean=(0, 0, 0), std=(1, 1, 1), ops=RESIZE, augment={
+        "random_erasing": {"p": 1.0, "scale": [0.1, 0.2], "fill": 0}})
+    image = np.full((32, 32, 3), 200, np.uint8)
+    for seed in range(5):
+        transform.set_random_seed(seed)
+        erased = (transform(image=image)["image"] == 0).all(0).numpy()
+        rows, cols = np.flatnonzero(erased.any(1)), np.flatnonzero(erased.any(0))
+        box = erased[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        assert box.all() and box.sum() == erased.sum()  # one filled rectangle
+        assert 0.08 <= erased.mean() <= 0.22  # scale 0.1-0.2 of the area, up to rounding of its sides
+
+
+def test_size_defaults_are_off_below_96_px_mild_below_160_and_strong_above():
+    assert size_defaults(32) == {"augment": None, "mixup": None}
+    assert size_defaults((3, 64, 64)) == {"augment": None, "mixup": None}
+    mid = size_defaults(128)
+    assert mid["augment"]["preset"] == "trivialaugment" and mid["mixup"] is None
+    big = size_defaults((3, 224, 224))
+    assert big["augment"]["preset"] == "randaugment" and big["augment"]["random_erasing"]["p"] == 0.25
+    assert big["mixup"]["mixup_alpha"] > 0 and big["mixup"]["cutmix_alpha"] > 0
+
+
+@pytest.mark.parametrize("size, policy", [(64, None), (128, "rand-m5-n1-mstd101-p1.0"), (224, "rand-m9-n2-mstd0.5")])
+def test_auto_builds_the_size_default_in_train_pipelines_only(size, policy):
+    train = build_transform(True, input_size=size, mean=MEAN, std=STD, augment="auto")
+    policies = [t.config for t in train.transforms if isinstance(t, TimmPolicy)]
+    assert policies == ([policy] if policy else [])
+    assert any(type(t).__name__ == "Erasing" for t in train.transforms) == (size >= 160)
+    evaluation = build_transform(False, input_size=size, mean=MEAN, std=STD, augment="auto")
+    assert not any(isinstance(t, TimmPolicy) for t in evaluation.transforms)
