@@ -14,10 +14,11 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from finetune.errors import FinetuneError, one_line, short_repr
 
@@ -30,6 +31,15 @@ LOGGER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+def _section_or(section: type, value: Any) -> Any:
+    """A field holding either a ``section`` (a mapping) or a ``value`` (such as ``Literal["auto"]``), validated as
+    the one its input looks like, so an error names the key rather than every branch of the union."""
+    def pick(raw: Any) -> str:
+        return "<section>" if isinstance(raw, (dict, BaseModel)) else "<value>"
+
+    return Annotated[Union[Annotated[section, Tag("<section>")], Annotated[value, Tag("<value>")]], Discriminator(pick)]
 
 
 class RandomErasingConfig(_Section):
@@ -107,7 +117,7 @@ class DataConfig(_Section):
     train_transforms: Optional[list[dict[str, Any]]] = None  # albumentations specs; None: timm-like default
     eval_transforms: Optional[list[dict[str, Any]]] = None
     # augmentation preset after train_transforms in stages that see images; auto: by input size (size_defaults)
-    augment: Union[Literal["auto"], AugmentConfig, None] = None
+    augment: Optional[_section_or(AugmentConfig, Literal["auto"])] = None
     balance: Literal["none", "sampler", "loss"] = "none"
     class_weights: Literal["inverse", "effective"] = "inverse"  # formula when balance: loss
     num_workers: Union[int, Literal["auto"]] = "auto"
@@ -185,7 +195,7 @@ class StageConfig(_Section):
     feature_cache_views: int = Field(0, ge=0)  # augmented views cached per image (0: no augmentation)
     # Mixup/CutMix of this stage, replacing training.mixup (null: that one; false: none). A stage that sets
     # its own trains on images even when head-only (mixing images is not mixing cached features).
-    mixup: Union[Literal[False], MixupConfig, None] = None
+    mixup: Optional[_section_or(MixupConfig, Literal[False])] = None
 
     @field_validator("train")
     @classmethod
@@ -214,7 +224,7 @@ class TrainingConfig(_Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     # Mixup/CutMix of the stages that train on images (cached head stages see no images and don't mix);
     # auto: by input size (finetune.data.transforms.size_defaults)
-    mixup: Union[Literal["auto"], MixupConfig, None] = None
+    mixup: Optional[_section_or(MixupConfig, Literal["auto"])] = None
     # EMA decay; evaluate and select on the EMA weights. One EMA for the run: it carries across stages
     # (one update count; its first update copies the model) and each update averages only what the stage
     # trains (frozen weights keep their EMA; a head-only stage moves only the head's).
@@ -454,7 +464,7 @@ def _merge_stage_defaults(raw: dict[str, Any]) -> dict[str, Any]:
 def _format_error(e: ValidationError, source: str) -> str:
     lines = []
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(recipe)"
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("<")) or "(recipe)"  # no union tags
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"

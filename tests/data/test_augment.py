@@ -81,3 +81,22 @@ def test_auto_builds_the_size_default_in_train_pipelines_only(size, policy):
     assert any(type(t).__name__ == "Erasing" for t in train.transforms) == (size >= 160)
     evaluation = build_transform(False, input_size=size, mean=MEAN, std=STD, augment="auto")
     assert not any(isinstance(t, TimmPolicy) for t in evaluation.transforms)
+
+
+def test_readme_augmentation_example_is_a_valid_recipe_part(tiny_recipe):
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from finetune.config import parse_recipe
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    block = re.search(r"\*\*Augmentation presets and Mixup/CutMix\*\*.*?```yaml\n(.*?)```", readme, re.S).group(1)
+    example = yaml.safe_load(block)
+    tiny_recipe["data"].update(example["data"])
+    tiny_recipe["training"].update(example["training"])
+    tiny_recipe["stages"] = example["stages"]
+    recipe = parse_recipe(tiny_recipe)
+    assert recipe.data.augment.preset == "randaugment" and recipe.data.augment.random_erasing.p == 0.25
+    assert recipe.training.mixup.cutmix_alpha == 1.0 and recipe.stages[1].mixup.cutmix_alpha == 0.0
