@@ -186,6 +186,10 @@ class TimmPolicy(A.ImageOnlyTransform):
         super().__init__(p=p)
         self.policy = policy
         self.config = config
+        ops = getattr(policy, "ops", None) or [op for sub in getattr(policy, "policy", []) for op in sub]
+        for op in ops:  # RandAugment's ops, or AutoAugment's sub-policies' ops
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
 
     def get_params(self) -> dict:
         return {"seed": self.py_random.getrandbits(32)}
@@ -204,6 +208,14 @@ class TimmPolicy(A.ImageOnlyTransform):
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("config",)
+
+
+def _posterize(img, bits_to_keep: int, **_):
+    """timm's posterize, keeping at least 1 bit: timm's ``Posterize`` asks for 0 bits below magnitude 2.5 (and
+    ``PosterizeIncreasing`` above 7.5), which Pillow >= 10 refuses (older Pillow made the image black)."""
+    from PIL import ImageOps
+
+    return img if bits_to_keep >= 8 else ImageOps.posterize(img, max(int(bits_to_keep), 1))
 
 
 def _pil_interpolation(name: str) -> int:

@@ -100,3 +100,18 @@ def test_readme_augmentation_example_is_a_valid_recipe_part(tiny_recipe):
     recipe = parse_recipe(tiny_recipe)
     assert recipe.data.augment.preset == "randaugment" and recipe.data.augment.random_erasing.p == 0.25
     assert recipe.training.mixup.cutmix_alpha == 1.0 and recipe.stages[1].mixup.cutmix_alpha == 0.0
+
+
+@pytest.mark.parametrize("augment", [
+    {"preset": "randaugment", "num_ops": 3, "magnitude": 0}, {"preset": "randaugment", "magnitude": 10},
+    {"preset": "trivialaugment", "magnitude": 10}, {"preset": "autoaugment", "policy": "v0"},
+    {"preset": "autoaugment", "policy": "originalr"},
+], ids=lambda a: f"{a['preset']}-{a.get('magnitude', a.get('policy'))}")
+def test_every_op_of_a_preset_runs_at_any_magnitude(augment):
+    """timm's Posterize asks Pillow for 0 bits at low magnitudes, which Pillow >= 10 refuses: kept at 1 bit."""
+    transform = build_transform(True, input_size=16, mean=MEAN, std=STD, ops=[{"name": "Resize", "height": 16,
+                                                                             "width": 16}], augment=augment)
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    for seed in range(400):
+        transform.set_random_seed(seed)
+        assert transform(image=image)["image"].shape == (3, 16, 16)
