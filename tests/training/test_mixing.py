@@ -168,3 +168,10 @@ def test_feature_cache_key_holds_the_augmentation_preset(tiny_recipe, monkeypatc
         assert inputs.module is model and inputs.mix is None  # the fake cache declined: images, unmixed
     assert "augment" not in keys[0]
     assert keys[1]["augment"]["preset"] == "trivialaugment" and keys[1]["augment"] != keys[2]["augment"]
+
+
+def test_no_recipe_defaults_choose_augmentation_and_mixing_by_input_size(tiny_folder):
+    from finetune.cli.train import default_recipe
+
+    recipe = parse_recipe(default_recipe(str(tiny_folder), "test_resnet", "linear", "false"))
+    assert recipe.data.augment == "auto" and recipe.training.mixup == "auto"
