@@ -155,7 +155,7 @@ def augment_ops(augment: Mapping, *, input_size: Sequence[int], mean: Sequence[f
         config = f"rand-m{augment.get('magnitude', 9)}-n{augment.get('num_ops', 2)}-mstd{augment.get('magnitude_std', 0.5)}"
         steps.append(TimmPolicy(rand_augment_transform(config, hparams), config))
     elif preset == "trivialaugment":  # uniform magnitude (mstd > 100), one op, always applied
-        config = f"rand-m{augment.get('magnitude', 10)}-n1-mstd101-p1.0"
+        config = f"rand-m{augment.get('magnitude', 9)}-n1-mstd101-p1.0"
         steps.append(TimmPolicy(rand_augment_transform(config, hparams), config))
     elif preset == "autoaugment":
         config = f"{augment.get('policy', 'v0')}-mstd{augment.get('magnitude_std', 0.5)}"
@@ -214,7 +214,7 @@ class TimmPolicy(A.ImageOnlyTransform):
 
 def _posterize(img, bits_to_keep: int, **_):
     """timm's posterize, keeping at least 1 bit: timm's ``Posterize`` asks for 0 bits below magnitude 2.5 (and
-    ``PosterizeIncreasing`` above 7.5), which Pillow >= 10 refuses (older Pillow made the image black)."""
+    ``PosterizeIncreasing`` above 7.5), which Pillow 13 refuses (older Pillow made the image black)."""
     from PIL import ImageOps
 
     return img if bits_to_keep >= 8 else ImageOps.posterize(img, max(int(bits_to_keep), 1))

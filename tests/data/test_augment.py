@@ -108,7 +108,7 @@ def test_readme_augmentation_example_is_a_valid_recipe_part(tiny_recipe):
     {"preset": "autoaugment", "policy": "originalr"},
 ], ids=lambda a: f"{a['preset']}-{a.get('magnitude', a.get('policy'))}")
 def test_every_op_of_a_preset_runs_at_any_magnitude(augment):
-    """timm's Posterize asks Pillow for 0 bits at low magnitudes, which Pillow >= 10 refuses: kept at 1 bit."""
+    """timm's Posterize asks Pillow for 0 bits at low magnitudes, which Pillow 13 refuses: kept at 1 bit."""
     transform = build_transform(True, input_size=16, mean=MEAN, std=STD, ops=[{"name": "Resize", "height": 16,
                                                                              "width": 16}], augment=augment)
     image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
