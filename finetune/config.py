@@ -14,10 +14,11 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from finetune.errors import FinetuneError, one_line, short_repr
 
@@ -30,6 +31,70 @@ LOGGER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+def _section_or(section: type, value: Any) -> Any:
+    """A field holding either a ``section`` (a mapping) or a ``value`` (such as ``Literal["auto"]``), validated as
+    the one its input looks like, so an error names the key rather than every branch of the union."""
+    def pick(raw: Any) -> str:
+        return "<section>" if isinstance(raw, (dict, BaseModel)) else "<value>"
+
+    return Annotated[Union[Annotated[section, Tag("<section>")], Annotated[value, Tag("<value>")]], Discriminator(pick)]
+
+
+class RandomErasingConfig(_Section):
+    p: float = Field(0.25, gt=0, le=1)  # probability an image gets an erased rectangle
+    scale: tuple[float, float] = (0.02, 0.33)  # its area, as a fraction of the image's
+    ratio: tuple[float, float] = (0.3, 3.3)  # its aspect ratio (width / height)
+    fill: Union[Literal["random", "random_uniform"], float] = "random"  # per-pixel noise, one colour, or a value
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1, got {list(self.scale)}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must be (low, high) with 0 < low <= high, got {list(self.ratio)}")
+        return self
+
+
+AUGMENT_FIELDS = {"none": set(), "randaugment": {"magnitude", "num_ops", "magnitude_std"},
+                  "trivialaugment": {"magnitude"}, "autoaugment": {"policy", "magnitude_std"}}
+"""The options each ``data.augment.preset`` uses (``random_erasing`` goes with any)."""
+
+
+class AugmentConfig(_Section):
+    # a timm policy on the train images (finetune/data/transforms.py: augment_ops)
+    preset: Literal["none", "randaugment", "trivialaugment", "autoaugment"] = "none"
+    magnitude: int = Field(9, ge=0, le=10)  # randaugment: each op's; trivialaugment: the top of its uniform draw
+    num_ops: int = Field(2, ge=1, le=10)  # randaugment: ops per image
+    magnitude_std: float = Field(0.5, ge=0)  # randaugment, autoaugment: Gaussian noise on the magnitude
+    policy: Literal["v0", "v0r", "original", "originalr"] = "v0"  # autoaugment: timm's ImageNet policy
+    random_erasing: Optional[RandomErasingConfig] = None  # albumentations' Erasing, after the policy
+
+    @model_validator(mode="after")
+    def _options_of_preset(self):
+        unused = sorted(self.model_fields_set - AUGMENT_FIELDS[self.preset] - {"preset", "random_erasing"})
+        if unused:
+            used = ", ".join(sorted(AUGMENT_FIELDS[self.preset])) or "none"
+            raise ValueError(f"preset {self.preset} takes no {', '.join(unused)} (its options: {used})")
+        return self
+
+
+class MixupConfig(_Section):
+    # timm's Mixup: each batch (with probability prob) is mixed by Mixup or, with probability switch_prob
+    # when both alphas are set, by CutMix; targets become soft labels (finetune/training/mixing.py)
+    mixup_alpha: float = Field(0.8, ge=0)
+    cutmix_alpha: float = Field(1.0, ge=0)
+    prob: float = Field(1.0, ge=0, le=1)
+    switch_prob: float = Field(0.5, ge=0, le=1)
+    mode: Literal["batch", "pair", "elem"] = "batch"  # one mixing factor per batch, per pair or per sample
+
+    @model_validator(mode="after")
+    def _something_mixes(self):
+        if not (self.mixup_alpha > 0 or self.cutmix_alpha > 0):
+            raise ValueError("needs mixup_alpha or cutmix_alpha above 0 (turn mixing off with mixup: null, "
+                             "or false in a stage)")
+        return self
 
 
 class DataConfig(_Section):
@@ -51,6 +116,8 @@ class DataConfig(_Section):
     crop_pct: Optional[float] = Field(None, gt=0, le=1)
     train_transforms: Optional[list[dict[str, Any]]] = None  # albumentations specs; None: timm-like default
     eval_transforms: Optional[list[dict[str, Any]]] = None
+    # augmentation preset after train_transforms in stages that see images; auto: by input size (size_defaults)
+    augment: Optional[_section_or(AugmentConfig, Literal["auto"])] = None
     balance: Literal["none", "sampler", "loss"] = "none"
     class_weights: Literal["inverse", "effective"] = "inverse"  # formula when balance: loss
     num_workers: Union[int, Literal["auto"]] = "auto"
@@ -126,6 +193,9 @@ class StageConfig(_Section):
     batchnorm: Literal["auto", "eval", "train"] = "auto"
     feature_cache: Union[bool, Literal["auto"]] = "auto"  # head-only stages train from cached features
     feature_cache_views: int = Field(0, ge=0)  # augmented views cached per image (0: no augmentation)
+    # Mixup/CutMix of this stage, replacing training.mixup (null: that one; false: none). A stage that sets
+    # its own trains on images even when head-only (mixing images is not mixing cached features).
+    mixup: Optional[_section_or(MixupConfig, Literal[False])] = None
 
     @field_validator("train")
     @classmethod
@@ -152,6 +222,9 @@ class TrainingConfig(_Section):
     accumulation: int = Field(1, ge=1)
     clip_grad: Optional[float] = Field(None, gt=0)  # max gradient norm
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Mixup/CutMix of the stages that train on images (cached head stages see no images and don't mix);
+    # auto: by input size (finetune.data.transforms.size_defaults)
+    mixup: Optional[_section_or(MixupConfig, Literal["auto"])] = None
     # EMA decay; evaluate and select on the EMA weights. One EMA for the run: it carries across stages
     # (one update count; its first update copies the model) and each update averages only what the stage
     # trains (frozen weights keep their EMA; a head-only stage moves only the head's).
@@ -391,7 +464,7 @@ def _merge_stage_defaults(raw: dict[str, Any]) -> dict[str, Any]:
 def _format_error(e: ValidationError, source: str) -> str:
     lines = []
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(recipe)"
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("<")) or "(recipe)"  # no union tags
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -477,6 +550,7 @@ def check_against_model(recipe: Recipe, source: str = "recipe") -> None:
 
     from finetune.models import create_model, head_options, parse_head
     from finetune.models.factory import check_forward
+    from finetune.training.feature_cache import is_head_only
     from finetune.training.freeze import select_trainable
 
     backbone = recipe.model.backbone
@@ -509,9 +583,12 @@ def check_against_model(recipe: Recipe, source: str = "recipe") -> None:
             raise FinetuneError(one_line(f"{source}: stages.{i}.optimizer.name: unknown optimizer "
                                          f"'{stage.optimizer.name}' (see timm.optim.list_optimizers())"))
         try:
-            select_trainable(model, stage.train)
+            trainable = select_trainable(model, stage.train)
         except FinetuneError as e:
             raise FinetuneError(f"{source}: stages.{i}.train: {e}") from None
+        if stage.mixup and stage.feature_cache is True and is_head_only(trainable):
+            raise FinetuneError(f"{source}: stages.{i}.mixup: a head-only stage with feature_cache: true trains on "
+                                "cached features, which cannot be mixed; set feature_cache: auto or false")
 
 
 def check_environment(recipe: Recipe, source: str = "recipe") -> None:

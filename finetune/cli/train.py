@@ -8,7 +8,8 @@ DEFAULT_STAGES_HELP = (
     "stage 'head' (3 epochs, AdamW lr 1e-3, head only, from cached features), "
     "stage 'top' (3 epochs, lr 3e-4, head + last 2 backbone stages), "
     "stage 'all' (4 epochs, lr 1e-4, everything, layer decay 0.8); cosine schedules with warmup, "
-    "a 0.7/0.15/0.15 split when the folder is not pre-split."
+    "a 0.7/0.15/0.15 split when the folder is not pre-split; augmentation and Mixup/CutMix chosen by input size "
+    "(data.augment: auto, training.mixup: auto)."
 )
 
 
@@ -38,7 +39,7 @@ def default_recipe(data: str, backbone: str, head: str, pretrained: str) -> dict
     source = {"manifest": data} if data.lower().endswith(".csv") else {"root": data}
     return {
         "name": f"{Path(data).name or 'data'}-{backbone}",
-        "data": source,
+        "data": {**source, "augment": "auto"},
         "model": {"backbone": backbone, "pretrained": yaml.safe_load(pretrained), "head": head},
         "optimizer": {"name": "adamw", "weight_decay": 0.05},
         "schedule": {"name": "cosine", "warmup_epochs": 1},
@@ -47,6 +48,7 @@ def default_recipe(data: str, backbone: str, head: str, pretrained: str) -> dict
             {"name": "top", "epochs": 3, "train": "last:2", "optimizer": {"lr": 3e-4}},
             {"name": "all", "epochs": 4, "train": "all", "optimizer": {"lr": 1e-4, "layer_decay": 0.8}},
         ],
+        "training": {"mixup": "auto"},  # auto (with data.augment): by input size, data/transforms.py size_defaults
     }
 
 

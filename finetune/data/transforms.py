@@ -14,11 +14,16 @@ Ops are named albumentations transforms with their keyword arguments, as a recip
 
 which is the SpinalNet seed's Bird-225 and Caltech-101 train pipeline (``Resize((230, 230)) →
 RandomRotation(15) → RandomCrop(224) → RandomHorizontalFlip``); its eval pipeline is
-``[{"name": "Resize", "height": 224, "width": 224}]``."""
+``[{"name": "Resize", "height": 224, "width": 224}]``.
+
+Augmentation presets (``data.augment``) follow the ops in the train pipeline: a timm policy (RandAugment,
+TrivialAugment or AutoAugment, :class:`TimmPolicy`) and albumentations' ``Erasing`` (random erasing, on the
+uint8 image before ``Normalize``). :func:`size_defaults` gives the per-input-size defaults of ``auto``."""
 from __future__ import annotations
 
 import inspect
 import math
+import random
 from collections.abc import Mapping, Sequence
 
 import albumentations as A
@@ -48,6 +53,7 @@ def build_transform(
     interpolation: str = "bicubic",
     crop_pct: float = 0.875,
     ops: Sequence[Mapping] | None = None,
+    augment: Mapping | str | None = None,
 ) -> A.Compose:
     """Build a train or eval pipeline ending in ``Normalize(mean, std)`` and ``ToTensorV2``.
 
@@ -66,6 +72,8 @@ def build_transform(
         ops: albumentations transforms as ``{"name": ..., **kwargs}`` mappings, replacing the defaults.
             An ``interpolation`` given as a name is mapped to its OpenCV flag. They must bring the image to
             ``input_size``.
+        augment: An augmentation preset (``data.augment`` as a dict, see :func:`augment_ops`) or ``"auto"``
+            (:func:`size_defaults` for ``input_size``), applied after ``ops`` in the train pipeline only.
 
     Returns:
         The pipeline: ``transform(image=uint8_rgb_array)["image"]`` is a float32 3×H×W tensor.
@@ -81,7 +89,135 @@ def build_transform(
         ops = _default_ops(train, height, width, crop_pct)
     steps = [_op(i, spec, flag) for i, spec in enumerate(ops)]
     _check_output_size(A.Compose(steps), height, width)
+    if train and augment == "auto":
+        augment = size_defaults((height, width))["augment"]
+    if train and augment:
+        steps += augment_ops(augment, input_size=(height, width), mean=mean)
     return A.Compose([*steps, Normalize(mean=tuple(mean), std=tuple(std)), A.ToTensorV2()])
+
+
+def size_defaults(input_size: int | Sequence[int]) -> dict:
+    """The augmentation preset and Mixup/CutMix that ``auto`` (``data.augment: auto``, ``training.mixup: auto``,
+    the no-recipe defaults of ``finetune train --data --backbone``) means for an input size.
+
+    Mild on small images, where a shear, a rotation or an erased patch removes much of the object:
+
+    * shorter side < 96 px: no policy, no random erasing, no Mixup/CutMix;
+    * 96-159 px: TrivialAugment (one op per image, magnitude uniform in 0-5); no erasing, no mixing;
+    * >= 160 px: RandAugment (2 ops, magnitude 9, std 0.5, timm's ``rand-m9-n2-mstd0.5``), random erasing
+      with p 0.25, and Mixup (alpha 0.2) or CutMix (alpha 1.0) on half of the batches.
+
+    Returns:
+        ``{"augment": dict | None, "mixup": dict | None}`` in the recipe's form (``data.augment``,
+        ``training.mixup``).
+    """
+    side = min(_size(input_size))
+    if side < 96:
+        return {"augment": None, "mixup": None}
+    if side < 160:
+        return {"augment": {"preset": "trivialaugment", "magnitude": 5}, "mixup": None}
+    return {
+        "augment": {"preset": "randaugment", "num_ops": 2, "magnitude": 9, "magnitude_std": 0.5,
+                    "random_erasing": {"p": 0.25}},
+        "mixup": {"mixup_alpha": 0.2, "cutmix_alpha": 1.0, "prob": 0.5, "switch_prob": 0.5},
+    }
+
+
+def augment_ops(augment: Mapping, *, input_size: Sequence[int], mean: Sequence[float]) -> list[A.BasicTransform]:
+    """The albumentations steps of an augmentation preset (``data.augment``, validated by the recipe).
+
+    * ``randaugment``: timm's RandAugment, ``num_ops`` ops drawn with replacement from timm's 15, each applied
+      with probability 0.5 (timm's default) at ``magnitude`` (0-10) plus Gaussian noise of ``magnitude_std``.
+    * ``trivialaugment``: TrivialAugment (Müller & Hutter, 2021) as timm writes it: one op per image, always
+      applied, its magnitude drawn uniformly from 0 to ``magnitude`` (timm's op ranges, narrower than
+      torchvision's "wide" ones at ``magnitude: 10``).
+    * ``autoaugment``: timm's AutoAugment ImageNet ``policy`` (``v0``, ``v0r``, ``original``, ``originalr``).
+    * ``random_erasing``: albumentations' ``Erasing`` (Zhong et al., 2017) with probability ``p``, an erased
+      area of ``scale`` of the image and aspect ``ratio``, filled with per-pixel noise (``fill: random``),
+      one random colour (``random_uniform``) or a value.
+
+    timm's ops work on PIL images and draw from Python's and NumPy's global generators: :class:`TimmPolicy`
+    seeds them from the pipeline's own generator for each image and restores them after, so the policy is as
+    deterministic per (seed, epoch, sample) as the rest of the pipeline. Translations are relative to the
+    image (timm's ``translate_const`` is 45% of the shorter side), uncovered pixels take the mean colour, and
+    geometric ops interpolate bilinearly (Pillow's bicubic affine transform costs three times as much).
+    """
+    from PIL import Image
+    from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
+
+    height, width = _size(input_size)
+    # bilinear whatever the run's interpolation: Pillow's bicubic affine costs 3x as much (9 vs 3 ms at 224 px)
+    hparams = {"translate_const": int(min(height, width) * 0.45),
+               "img_mean": tuple(round(255 * x) for x in mean), "interpolation": Image.Resampling.BILINEAR}
+    preset = augment.get("preset", "none")
+    steps: list[A.BasicTransform] = []
+    if preset == "randaugment":
+        config = f"rand-m{augment.get('magnitude', 9)}-n{augment.get('num_ops', 2)}-mstd{augment.get('magnitude_std', 0.5)}"
+        steps.append(TimmPolicy(rand_augment_transform(config, hparams), config))
+    elif preset == "trivialaugment":  # uniform magnitude (mstd > 100), one op, always applied
+        config = f"rand-m{augment.get('magnitude', 9)}-n1-mstd101-p1.0"
+        steps.append(TimmPolicy(rand_augment_transform(config, hparams), config))
+    elif preset == "autoaugment":
+        config = f"{augment.get('policy', 'v0')}-mstd{augment.get('magnitude_std', 0.5)}"
+        steps.append(TimmPolicy(auto_augment_transform(config, hparams), config))
+    elif preset != "none":
+        raise FinetuneError(f"unknown augmentation preset {preset!r} (expected randaugment, trivialaugment, "
+                            "autoaugment or none)")
+    erasing = augment.get("random_erasing")
+    if erasing:
+        fill = erasing.get("fill", "random")
+        steps.append(A.Erasing(p=erasing.get("p", 0.25), scale=tuple(erasing.get("scale", (0.02, 0.33))),
+                               ratio=tuple(erasing.get("ratio", (0.3, 3.3))),
+                               fill=fill if isinstance(fill, str) else float(fill)))
+    return steps
+
+
+class TimmPolicy(A.ImageOnlyTransform):
+    """A timm augmentation policy (PIL in, PIL out) as an albumentations step on uint8 RGB arrays.
+
+    timm's policies draw from the global ``random`` and ``numpy.random`` generators. Each image's draw is
+    seeded from this step's own generator (which ``Compose.set_random_state`` sets, see `ImageDataset`), and
+    the global generators are restored afterwards, so training's own random stream is untouched.
+
+    Args:
+        policy: A timm policy, e.g. ``rand_augment_transform("rand-m9-n2-mstd0.5", hparams)``.
+        config: Its timm configuration string (shown in the repr).
+    """
+
+    def __init__(self, policy, config: str, p: float = 1.0):
+        super().__init__(p=p)
+        self.policy = policy
+        self.config = config
+        ops = getattr(policy, "ops", None) or [op for sub in getattr(policy, "policy", []) for op in sub]
+        for op in ops:  # RandAugment's ops, or AutoAugment's sub-policies' ops
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+
+    def get_params(self) -> dict:
+        return {"seed": self.py_random.getrandbits(32)}
+
+    def apply(self, img: np.ndarray, seed: int = 0, **params) -> np.ndarray:
+        from PIL import Image
+
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            return np.asarray(self.policy(Image.fromarray(img)))
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("config",)
+
+
+def _posterize(img, bits_to_keep: int, **_):
+    """timm's posterize, keeping at least 1 bit: timm's ``Posterize`` asks for 0 bits below magnitude 2.5 (and
+    ``PosterizeIncreasing`` above 7.5), which Pillow 13 refuses (older Pillow made the image black)."""
+    from PIL import ImageOps
+
+    return img if bits_to_keep >= 8 else ImageOps.posterize(img, max(int(bits_to_keep), 1))
 
 
 class Normalize(A.Normalize):
@@ -131,9 +267,10 @@ def resolve_preprocessing(
 
 
 def preprocessing_transform(preprocessing: Mapping, *, train: bool = False,
-                            ops: Sequence[Mapping] | None = None) -> A.Compose:
+                            ops: Sequence[Mapping] | None = None, augment: Mapping | str | None = None) -> A.Compose:
     """The pipeline ``preprocessing`` (:func:`resolve_preprocessing`) describes: eval with its
-    ``eval_transforms``, or train with ``ops`` (the recipe's ``train_transforms``)."""
+    ``eval_transforms``, or train with ``ops`` (the recipe's ``train_transforms``) and ``augment``
+    (``data.augment``)."""
     return build_transform(
         train,
         input_size=preprocessing["input_size"],
@@ -142,6 +279,7 @@ def preprocessing_transform(preprocessing: Mapping, *, train: bool = False,
         interpolation=preprocessing.get("interpolation", "bicubic"),
         crop_pct=preprocessing.get("crop_pct", 0.875),
         ops=ops if train else preprocessing.get("eval_transforms"),
+        augment=augment if train else None,
     )
 
 

@@ -37,12 +37,15 @@ class StageInputs:
         train_loader: its training batches.
         val_loader: its validation batches (each rank reads its shard).
         eval_module: what validates (the EMA's copy of ``module`` when there is an EMA).
+        mix: Mixup/CutMix of the training batches (:class:`~finetune.training.mixing.BatchMixer`), or None
+            (always None on cached features).
     """
 
     module: nn.Module
     train_loader: DataLoader
     val_loader: DataLoader
     eval_module: nn.Module
+    mix: Optional[Callable] = None
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed the sampler's shuffle and the dataset's augmentation (or feature view) for ``epoch``."""
@@ -218,9 +221,12 @@ def feature_loaders(train: Dataset, val: Dataset, *, batch_size: int, eval_batch
 
 def stage_inputs(model, eval_model: nn.Module, *, stage, head_only: bool, items: Callable[[str], list],
                  image_loader: Callable[..., DataLoader], preprocessing: dict, transforms: tuple[Callable, Callable],
-                 data, cfg, dist: ddp.DistInfo, device: torch.device, amp_dtype) -> StageInputs:
+                 data, cfg, dist: ddp.DistInfo, device: torch.device, amp_dtype, num_classes: int) -> StageInputs:
     """What a stage trains on: images through the whole model (``image_loader(split, train=...)``), or, for a
     head-only stage whose features fit the cache, cached backbone features through the head.
+
+    Mixup/CutMix (the stage's ``mixup``, else ``training.mixup``) mixes image batches only: cached stages
+    don't mix, and a head-only stage with its own ``mixup`` trains on images rather than on the cache.
 
     Args:
         model, eval_model: the :class:`~finetune.models.FinetuneModel` and what validates (its EMA, or itself).
@@ -228,16 +234,19 @@ def stage_inputs(model, eval_model: nn.Module, *, stage, head_only: bool, items:
         head_only: the stage trains nothing but the head.
         items: ``items(split)`` → ``(path, label)`` pairs.
         preprocessing, transforms: the run's preprocessing and its (train, eval) pipelines.
+        num_classes: the run's classes (Mixup's soft targets).
     """
     from finetune.training.feature_cache import stage_features
+    from finetune.training.mixing import stage_mixer
 
     eval_batch = cfg.eval_batch_size or cfg.batch_size * 2
-    if stage.feature_cache is not False and head_only:
+    if stage.feature_cache is not False and head_only and not stage.mixup:
         features = stage_features(
             model.backbone, {"train": items("train"), "val": items("val")}, train_transform=transforms[0],
             eval_transform=transforms[1], views=stage.feature_cache_views, key_parts={
                 "backbone": model.backbone_name, "backbone_kwargs": model.backbone_kwargs,
-                "preprocessing": preprocessing, "train_transforms": data.train_transforms},
+                "preprocessing": preprocessing, "train_transforms": data.train_transforms,
+                **({"augment": _dump(data.augment)} if data.augment else {})},
             cache_dir=cfg.cache_dir, max_bytes=int(cfg.cache_max_gb * 1024**3), num_features=model.num_features,
             dist=dist, device=device, amp_dtype=amp_dtype, seed=cfg.seed, batch_size=eval_batch,
             num_workers=auto_workers(data.num_workers, dist.local_world_size), channels_last=cfg.channels_last)
@@ -245,4 +254,18 @@ def stage_inputs(model, eval_model: nn.Module, *, stage, head_only: bool, items:
             loaders = feature_loaders(*features, batch_size=cfg.batch_size, eval_batch_size=eval_batch,
                                       seed=cfg.seed, dist=dist)
             return StageInputs(model.head, *loaders, eval_module=eval_model.head)
-    return StageInputs(model, image_loader("train", train=True), image_loader("val", train=False), eval_model)
+    mix = stage_mixer(_dump(stage.mixup), _dump(cfg.mixup), input_size=preprocessing["input_size"],
+                      num_classes=num_classes)
+    return StageInputs(model, image_loader("train", train=True), image_loader("val", train=False), eval_model, mix)
+
+
+def train_pipeline(preprocessing: dict, data) -> Callable:
+    """The run's train pipeline: ``data.train_transforms`` (or the default ops), then ``data.augment``."""
+    from finetune.data import preprocessing_transform
+
+    return preprocessing_transform(preprocessing, train=True, ops=data.train_transforms, augment=_dump(data.augment))
+
+
+def _dump(section):
+    """A recipe section as plain data (pydantic models to dicts; other values as they are)."""
+    return section.model_dump() if hasattr(section, "model_dump") else section

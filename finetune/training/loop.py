@@ -63,6 +63,7 @@ def train_one_epoch(
     where: str = "",
     progress: Optional[Callable[[int, int, float, float], None]] = None,
     on_update: Optional[Callable[[torch.Tensor, float], None]] = None,
+    mix: Optional[Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None,
 ) -> EpochStats:
     """Train ``model`` for one pass over ``loader`` (batches of ``(inputs, labels, skipped)``).
 
@@ -75,6 +76,10 @@ def train_one_epoch(
     counting from ``first_update``), and ``ema.update()`` follows each update (the EMA knows what it tracks).
     ``on_update(loss, lr)`` gets each update's mean micro-batch loss (a device tensor: reading it is the
     caller's sync point) and the learning rate it used.
+
+    ``mix(inputs, labels) -> (inputs, soft_targets)`` (Mixup/CutMix, :class:`~finetune.training.mixing.BatchMixer`)
+    mixes each batch; ``loss_fn`` then gets class probabilities as targets, and training accuracy counts the
+    predictions of each sample's dominant class (the largest entry of its target).
 
     Raises:
         FinetuneError: on a non-finite loss, naming ``where`` (stage and epoch) and the step.
@@ -101,13 +106,17 @@ def train_one_epoch(
             labels = labels.to(device, non_blocking=True)
             if channels_last and inputs.ndim == 4:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
+            targets = labels
+            if mix is not None:
+                inputs, targets = mix(inputs, labels)
+                labels = targets.argmax(1)  # the dominant class, for the accuracy
             window = min(accumulation, n_batches - step + step % accumulation)  # micro-batches in this update
             # DDP: only the micro-batch that ends an update all-reduces gradients
             sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with autocast(device, amp_dtype):
                     logits = model(inputs)
-                    loss = loss_fn(logits.float(), labels)
+                    loss = loss_fn(logits.float(), targets)
                 scaler.scale(loss / window).backward()
             # record the first non-finite step on the device; checked at the sync points below
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)

@@ -98,7 +98,8 @@ def _sweep(runner, stage, start_lr: float, end_lr: float, num_updates: int, smoo
     inputs = stage_inputs(model, model, stage=stage, head_only=is_head_only(trainable), items=runner.items,
                           image_loader=loader, preprocessing=runner.preprocessing,
                           transforms=(runner.train_transform, runner.eval_transform), data=data, cfg=cfg,
-                          dist=runner.dist, device=runner.device, amp_dtype=runner.amp_dtype)
+                          dist=runner.dist, device=runner.device, amp_dtype=runner.amp_dtype,
+                          num_classes=len(runner.classes))
     cached = inputs.module is not model
     optimizer = make_optimizer(model, stage.optimizer)
     scaler = make_grad_scaler(runner.device, runner.amp_dtype)
@@ -112,6 +113,8 @@ def _sweep(runner, stage, start_lr: float, end_lr: float, num_updates: int, smoo
             group["lr"] = lr * group.get("lr_scale", 1.0)
         images, labels = next(batches)
         images, labels = images.to(runner.device), labels.to(runner.device)
+        if inputs.mix is not None:  # the stage's Mixup/CutMix: sweep on the batches it will train on
+            images, labels = inputs.mix(images, labels)
         with autocast(runner.device, runner.amp_dtype):
             loss = runner.loss_fn(inputs.module(images), labels)
         optimizer.zero_grad(set_to_none=True)

@@ -26,7 +26,7 @@ from finetune.training.ema import Ema, stage_state_names
 from finetune.training.feature_cache import is_head_only
 from finetune.training.freeze import freeze_stage, set_train_mode
 from finetune.training.loggers import RunLogger, create_run_logger
-from finetune.training.loaders import StageInputs, image_loader, run_manifest, split_items, stage_inputs
+from finetune.training.loaders import StageInputs, image_loader, run_manifest, split_items, stage_inputs, train_pipeline
 from finetune.training.loop import evaluate, make_grad_scaler, reduce_epoch, train_one_epoch, updates_per_epoch
 from finetune.training.optim import make_loss, stage_optimizer
 from finetune.training.reporting import (Progress, calibrate_best, epoch_row, evaluate_test, format_summary,
@@ -90,7 +90,7 @@ class Runner:
         self.preprocessing = resolve_preprocessing(
             self.model.data_config(), input_size=data.input_size, mean=data.mean, std=data.std,
             interpolation=data.interpolation, crop_pct=data.crop_pct, eval_transforms=data.eval_transforms)
-        self.train_transform = preprocessing_transform(self.preprocessing, train=True, ops=data.train_transforms)
+        self.train_transform = train_pipeline(self.preprocessing, data)
         self.eval_transform = preprocessing_transform(self.preprocessing)
         self.ema = Ema(self.model, cfg.ema) if cfg.ema is not None else None
         self.loss_fn = self._make_loss()
@@ -146,8 +146,8 @@ class Runner:
                  f"{sum(p.numel() for n, p in self.model.named_parameters() if n in trainable):,}")
         inputs = stage_inputs(self.model, self._eval_model(), stage=stage, head_only=is_head_only(trainable),
                               items=self.items, image_loader=self._image_loader, preprocessing=self.preprocessing,
-                              transforms=(self.train_transform, self.eval_transform), data=self.recipe.data,
-                              cfg=cfg, dist=self.dist, device=self.device, amp_dtype=self.amp_dtype)
+                              transforms=(self.train_transform, self.eval_transform), data=self.recipe.data, cfg=cfg,
+                              dist=self.dist, device=self.device, amp_dtype=self.amp_dtype, num_classes=len(self.classes))
         if self.ema is not None:  # the EMA averages what this stage changes; frozen weights keep their EMA
             self.ema.track(self.model, stage_state_names(self.model, trainable, frozen_bn, runs=inputs.module))
         module = ddp.wrap(inputs.module, self.dist, self.device)
@@ -167,7 +167,7 @@ class Runner:
                     amp_dtype=self.amp_dtype, scaler=self.scaler, accumulation=cfg.accumulation,
                     clip_grad=cfg.clip_grad, scheduler=scheduler, first_update=s.updates_in_stage, ema=self.ema,
                     channels_last=cfg.channels_last, where=where, progress=bar,
-                    on_update=self.loggers.log_update)
+                    on_update=self.loggers.log_update, mix=inputs.mix)
             s.updates_in_stage += stats.updates
             totals = reduce_epoch(stats, self.dist, self.device, where)
             val = self._validate(inputs)

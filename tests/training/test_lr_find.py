@@ -66,3 +66,21 @@ def test_head_stage_sweeps_on_cached_features_from_the_command(tiny_recipe, tmp_
     assert "suggested lr" in capsys.readouterr().out
     assert main(["lr-find", str(tmp_path / "r.yaml"), "--stage", "5"]) == 2
     assert "--stage must be 0..1" in capsys.readouterr().err
+
+
+def test_sweep_of_a_mixup_stage_trains_on_mixed_batches(tiny_recipe, tmp_path, monkeypatch):
+    from finetune.training.mixing import BatchMixer
+
+    mixed = []
+    original = BatchMixer.__call__
+
+    def counting(self, inputs, labels):
+        out = original(self, inputs, labels)
+        mixed.append(out[1].shape)
+        return out
+
+    monkeypatch.setattr(BatchMixer, "__call__", counting)
+    tiny_recipe["stages"] = [{"name": "all", "epochs": 1, "train": "all"}]
+    tiny_recipe["training"]["mixup"] = {"mixup_alpha": 0.4}
+    result = lr_find(parse_recipe(tiny_recipe), tiny_recipe, stage=0, out_dir=tmp_path / "lr", num_updates=4)
+    assert len(mixed) == result["num_updates"] == 4 and all(shape[1] == 3 for shape in mixed)
