@@ -152,6 +152,20 @@ def test_mixed_precision_steps_train_with_finite_loss(gpu_recipe, tmp_path, prec
         assert scaler == {}
 
 
+def test_mixup_cutmix_and_a_preset_train_on_the_gpu_in_mixed_precision(gpu_recipe, tmp_path):
+    """Mixup/CutMix mixes the batch on the GPU (timm's Mixup, soft targets under autocast; an odd batch
+    keeps its last sample), after a RandAugment preset in the loader workers' numpy pipeline."""
+    gpu_recipe["data"]["augment"] = {"preset": "randaugment", "num_ops": 2, "magnitude": 9}
+    gpu_recipe["training"].update(precision="auto", channels_last=True, batch_size=7,
+                                  mixup={"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5})
+    with ConvProbe() as probe:
+        train(gpu_recipe, tmp_path / "run")
+    assert probe.calls and {c["dtype"] for c in probe.calls} == {expected_auto_dtype()}
+    rows = metric_rows(tmp_path / "run")
+    assert len(rows) == 2 and all(math.isfinite(float(r["train_loss"])) for r in rows)
+    assert backbone_changed(tmp_path / "run", tmp_path / "init.safetensors") > 1e-4
+
+
 def test_precision_auto_picks_bf16_from_compute_capability_8(gpu_recipe, tmp_path):
     gpu_recipe["training"]["precision"] = "auto"
     with ConvProbe() as probe:
