@@ -14,7 +14,8 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture(scope="module")
+# session-scoped: the slow tests run first, so a module fixture would be built again for the others
+@pytest.fixture(scope="session")
 def images(tmp_path_factory):
     """24 noisy one-colour images, 8 per class: calibration and evaluation data."""
     from tests.evaluation.conftest import COLOURS, write_images
@@ -23,7 +24,7 @@ def images(tmp_path_factory):
                         {name: [colour] * 8 for name, colour in COLOURS.items()})
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exported(checkpoint, images, tmp_path_factory):
     """The checkpoint as fp32 ONNX, int8 dynamic (the API, from the checkpoint) and int8 static (the CLI,
     quantising the fp32 export with 12 calibration images)."""
