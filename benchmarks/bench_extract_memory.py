@@ -17,9 +17,10 @@ The images: ``--images`` photos of the benchmark folder (a folder of class folde
 ``dataset.json`` left out; 4/5 of them are the train split (2 augmented views), the rest val. They are
 decoded and transformed by finetune's own pipelines at the backbone's input size and go through a real
 timm backbone (``--backbone``, random init: memory does not depend on the weights). Before measuring,
-each process extracts one full batch: the backbone's activations at that batch size set a high-water
-mark of RSS that does not grow with the number of images, so "extra" is the peak over the larger of that
-mark and the RSS before: what holding the features costs, which is what grows with a data set.
+each process runs the same extraction on the first 192 of the photos: what does not grow with the number
+of images (the backbone's activations for a batch, the batch the loop holds while it decodes the next)
+sets a high-water mark of RSS, so "extra" is the peak over the larger of that mark and the RSS before:
+what holding the features costs, which is what grows with a data set.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import _common
 
 TARGET = 1.2
 BATCH = 64
+WARM = 3 * BATCH  # photos of the warm-up extraction: more than one batch per view
 
 
 def _rss_mb() -> float:
@@ -90,10 +92,12 @@ def child(variant: str, spec: dict[str, Any]) -> None:
     photos = [(Path(p), label) for p, label in spec["photos"]]
     model = create_model(spec["backbone"], max(label for _, label in photos) + 1, head="linear", pretrained=False)
     backbone, width = model.backbone.eval(), model.num_features
-    prep = resolve_preprocessing(model.data_config())
+    prep = resolve_preprocessing(model.data_config(), input_size=spec.get("input_size"))
     train_tf, eval_tf = preprocessing_transform(prep, train=True), preprocessing_transform(prep)
-    split = len(photos) * 4 // 5
-    items = {"train": photos[:split], "val": photos[split:]}
+
+    def splits(photos):  # 4/5 train, the rest val
+        return {"train": photos[:len(photos) * 4 // 5], "val": photos[len(photos) * 4 // 5:]}
+
     run = dict(device=torch.device("cpu"), amp_dtype=None, batch_size=BATCH, num_workers=0)
 
     def extract(items, cache):
@@ -112,10 +116,11 @@ def child(variant: str, spec: dict[str, Any]) -> None:
         np.save(entry / "val.npy", feats[None].astype(np.float16))
         return entry
 
-    # imports, and one full batch: the backbone's activations' high-water mark
-    extract({"train": items["train"][:BATCH], "val": items["val"][:4]}, cache.with_name(cache.name + "-warm"))
+    # imports, and the same extraction of the first WARM photos: what does not grow with the data set (the
+    # activations of a batch, the batch the loop holds while the next one is decoded) sets a high-water mark
+    extract(splits(photos[:WARM]), cache.with_name(cache.name + "-warm"))
     before, warm_peak = _rss_mb(), _peak_mb()
-    entry = extract(items, cache)
+    entry = extract(splits(photos), cache)
     peak = _peak_mb()
     cache_mb = sum((entry / f).stat().st_size for f in ("train.npy", "val.npy")) / 2**20
     print(json.dumps({"before_mb": before, "warm_peak_mb": warm_peak, "peak_mb": peak,
@@ -128,6 +133,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("dataset", type=Path, nargs="?", help="a folder of class folders of photos, e.g. bird225/train "
                                                          "of a folder written by make_dataset.py (not with --tiny)")
     p.add_argument("--backbone", default="resnet50", help="the timm backbone (random init)")
+    p.add_argument("--input-size", type=int, help="pixels (default: the backbone's own input size)")
     p.add_argument("--images", type=int, default=3000)
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args(argv)
@@ -148,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             dataset = Path(tmp) / "data" / make_dataset.BIRD / "train"
         photos = sample_photos(dataset, args.images)
         args.images = len(photos)  # all of them when the folder holds fewer
-        spec = {"backbone": args.backbone, "photos": [(str(path), label) for path, label in photos]}
+        spec = {"backbone": args.backbone, "input_size": args.input_size, "photos": [(str(path), label) for path, label in photos]}
         for r in range(args.repeats):
             for variant in (results if r % 2 == 0 else reversed(list(results))):
                 cache = Path(tmp) / f"cache-{variant.replace(' ', '')}-{r}"
@@ -169,26 +175,28 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     width = results["streamed"][0]["width"]
     classes = len({label for _, label in photos})
     summary = [f"Extraction of {args.images:,} benchmark-folder photos ({classes} classes of "
-               f"{dataset.parent.name}/{dataset.name}), {args.backbone} at its input size (random init, "
+               f"{dataset.parent.name}/{dataset.name}), {args.backbone} at "
+               f"{f'{args.input_size} px' if args.input_size else 'its input size'} (random init, "
                f"{width}-wide features), 2 train views, into a {new['cache_mb']:.1f} MB float16 cache: peak extra "
                f"RSS {new['extra_over_cache']:.2f}x the cache streamed (target <= {TARGET}x), "
                f"{old['extra_over_cache']:.2f}x stacked in RAM as before."]
     tables = [_common.table(
-        "Peak RSS over the extraction minus the larger of the RSS before it and the peak of a one-batch warm-up "
-        f"extraction; medians of {args.repeats} fresh process(es) per variant, interleaved.",
+        f"Peak RSS over the extraction minus the larger of the RSS before it and the peak of a warm-up extraction of "
+        f"the first {WARM} photos; medians of {args.repeats} fresh process(es) per variant, interleaved.",
         ["variant", "cache MB", "peak extra RSS MB", "extra / cache", "peak over RSS before, MB (activations included)"],
         rows)]
     notes = ["RSS counts the memory map's written pages (page cache the kernel may write back and drop): "
              "the streamed variant's extra RAM is mostly those pages, about 1x the cache.",
-             f"Batch {BATCH}, one torch thread, num_workers 0 (decoding in the measured process); the backbone's "
-             "activations for one batch are the same in both variants and do not grow with the data set, so the "
-             "warm-up's high-water mark takes them out."]
+             f"Batch {BATCH}, one torch thread, num_workers 0 (decoding in the measured process). The backbone's "
+             "activations for a batch and the input batch the loop holds while it decodes the next are the same in "
+             "both variants and do not grow with the data set; the warm-up's high-water mark takes them out."]
     _common.write_result(
         args.out, "extract_memory", title="Feature extraction: peak RAM streamed vs in RAM",
         command=_common.command_line("bench_extract_memory.py", [a for a in (argv or sys.argv[1:])
                                                                   if a != str(args.dataset)]),
         tiny=args.tiny, wall_s=time.perf_counter() - started,
         settings={"images": args.images, "repeats": args.repeats, "width": width, "views": 2,
+                  "input_size": args.input_size or "the backbone's", "warm_up_photos": WARM,
                   "dataset": "tiny" if args.tiny else str(dataset), "backbone": args.backbone},
         summary=summary, tables=tables, notes=notes, results={"variants": stats, "target": TARGET})
     return stats
