@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.dataset:
         bird = json.loads((args.dataset / "dataset.json").read_text())["variants"]["bird225"]
         args.features, args.classes = bird["images"]["train"], bird["classes"]
-        source = f"as many as the benchmark folder's bird225 train split ({bird['classes']} classes)"
+        source = "as many as the benchmark folder's bird225 train split"
     if args.tiny:
         args.backbone, args.epochs = "test_resnet", 3
         if not args.dataset:
@@ -126,8 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
              "how wide (the backbone's features)."]
     _common.write_result(
         args.out, "checkpoint", title="Checkpoints in a cached head stage: whole model vs what changed",
-        command=_common.command_line("bench_checkpoint.py", [a for a in (argv or sys.argv[1:])
-                                                              if a != str(args.dataset)]), tiny=args.tiny,
+        command=_common.command_line("bench_checkpoint.py", ["DIR" if a == str(args.dataset) else a
+                                                              for a in (argv or sys.argv[1:])]), tiny=args.tiny,
         wall_s=time.perf_counter() - started,
         settings={"backbone": args.backbone, "classes": args.classes, "features": args.features, "rows": source,
                   "epochs": args.epochs, "threads": args.threads},
