@@ -154,7 +154,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             dataset = Path(tmp) / "data" / make_dataset.BIRD / "train"
         photos = sample_photos(dataset, args.images)
         args.images = len(photos)  # all of them when the folder holds fewer
-        spec = {"backbone": args.backbone, "input_size": args.input_size, "photos": [(str(path), label) for path, label in photos]}
+        spec = {"backbone": args.backbone, "input_size": args.input_size,
+                "photos": [(str(path), label) for path, label in photos]}
         for r in range(args.repeats):
             for variant in (results if r % 2 == 0 else reversed(list(results))):
                 cache = Path(tmp) / f"cache-{variant.replace(' ', '')}-{r}"

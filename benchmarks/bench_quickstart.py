@@ -141,7 +141,7 @@ def phases(lines: list[tuple[float, str]], stages: dict[str, dict[str, float]], 
     return out
 
 
-def single(args, overrides: list[str]) -> dict[str, Any]:
+def single(args, overrides: list[str], argv: Optional[Sequence[str]]) -> dict[str, Any]:
     results = run_quickstart(_common.REPO_ROOT, overrides, args.threads)
     results["targets"] = {"wall_s": TARGET_S, "test_accuracy": TARGET_ACC}
     wall, cpu, test_acc = results["wall_s"], results["cpu_s"], results["test_accuracy"]
@@ -161,7 +161,7 @@ def single(args, overrides: list[str]) -> dict[str, Any]:
              "machine's load at the time; cores_used says how much CPU the run actually got."]
     _common.write_result(
         args.out, "quickstart", title="Quickstart end to end",
-        command=_common.command_line("bench_quickstart.py", args.argv), tiny=args.tiny, wall_s=wall,
+        command=_common.command_line("bench_quickstart.py", argv), tiny=args.tiny, wall_s=wall,
         settings={"command": "finetune train recipes/quickstart.yaml --out run --quiet", "overrides": overrides,
                   "threads": args.threads or "default", "tiny": args.tiny},
         summary=summary, tables=tables, notes=notes, results=results,
@@ -169,7 +169,7 @@ def single(args, overrides: list[str]) -> dict[str, Any]:
     return results
 
 
-def compare(args, overrides: list[str]) -> dict[str, Any]:
+def compare(args, overrides: list[str], argv: Optional[Sequence[str]]) -> dict[str, Any]:
     """This checkout against ``args.compare`` in turns; per-phase medians and per-round ratios."""
     before_dir = args.compare.resolve()
     before_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=before_dir, capture_output=True,
@@ -217,7 +217,7 @@ def compare(args, overrides: list[str]) -> dict[str, Any]:
              "Python environment; every run is cold (empty feature cache and scan cache, digits written anew)."]
     _common.write_result(
         args.out, "quickstart_compare", title="Quickstart: this checkout vs an earlier commit, side by side",
-        command=_common.command_line("bench_quickstart.py", args.argv), tiny=args.tiny,
+        command=_common.command_line("bench_quickstart.py", argv), tiny=args.tiny,
         wall_s=time.perf_counter() - started,
         settings={"before": str(before_dir), "before_commit": before_commit, "rounds": args.rounds,
                   "overrides": overrides, "threads": args.threads or "default"},
@@ -236,13 +236,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                         "with this one")
     p.add_argument("--rounds", type=int, default=2, help="with --compare: runs per side")
     args = p.parse_args(argv)
-    args.argv = argv
     if args.tiny and args.threads is None:
         args.threads = 1  # tiny steps on two threads crawl when the shared machine is busy
     if args.tiny and args.compare:
         args.rounds = 1
     overrides = [*(TINY_SETS if args.tiny else ()), *args.overrides]
-    return compare(args, overrides) if args.compare else single(args, overrides)
+    return compare(args, overrides, argv) if args.compare else single(args, overrides, argv)
 
 
 if __name__ == "__main__":
