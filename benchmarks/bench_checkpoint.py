@@ -1,5 +1,6 @@
 """Checkpoint cost in a cached head stage: the whole model every epoch vs what changed (target <= 25%).
 
+    python benchmarks/bench_checkpoint.py --dataset DIR   # as many rows as make_dataset.py's bird225 train split
     python benchmarks/bench_checkpoint.py          # wide_resnet101_2 + spinal (random init), 225 classes
     python benchmarks/bench_checkpoint.py --tiny   # seconds; the smoke test
 
@@ -18,7 +19,9 @@ it (the stage's steady state) and that first one apart.
 """
 from __future__ import annotations
 
+import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,12 +37,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--backbone", default="wide_resnet101_2")
     p.add_argument("--classes", type=int, default=225)
     p.add_argument("--features", type=int, default=12000, help="cached feature rows per epoch")
+    p.add_argument("--dataset", type=Path, help="a folder written by make_dataset.py: rows and classes from its "
+                                                "bird225 train split (its dataset.json)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--dir", type=Path, default=None, help="where the checkpoints go (default: a temp folder)")
     _common.add_threads_option(p)
     args = p.parse_args(argv)
+    source = "random rows"
+    if args.dataset:
+        bird = json.loads((args.dataset / "dataset.json").read_text())["variants"]["bird225"]
+        args.features, args.classes = bird["images"]["train"], bird["classes"]
+        source = "as many as the benchmark folder's bird225 train split"
     if args.tiny:
-        args.backbone, args.classes, args.features, args.epochs = "test_resnet", 3, 256, 3
+        args.backbone, args.epochs = "test_resnet", 3
+        if not args.dataset:
+            args.classes, args.features = 3, 256
 
     import torch
 
@@ -97,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     params = sum(p.numel() for p in model.parameters()) / 1e6
     summary = [
         f"Cached head stage of {args.backbone} + spinal ({params:.0f} M parameters, {args.classes} classes), "
-        f"{args.features} feature rows per epoch: checkpoints (best + last, fsync) take "
+        f"{args.features:,} feature rows per epoch ({source}): checkpoints (best + last, fsync) take "
         f"{new['share_of_epoch']:.0%} of the epoch's wall time when writing what changed "
         f"(target <= {TARGET:.0%}), {old['share_of_epoch']:.0%} writing the whole model: "
         f"{old['checkpoint_s'] / new['checkpoint_s']:.1f}x cheaper ({new['checkpoint_s']:.2f} s vs {old['checkpoint_s']:.2f} s).",
@@ -109,12 +121,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
          "last/ MB (links counted)"], rows)]
     notes = ["Every epoch writes best and last here (validation improving every epoch: the worst case).",
              "`last/` still holds the head's AdamW state (2x the head) and the RNG state every epoch.",
-             "The disk is the shared machine's; fsync times vary with other writers, so the share is the claim."]
+             "The disk is the shared machine's; fsync times vary with other writers, so the share is the claim.",
+             "Feature rows are random: a head step's time does not depend on the values, only on how many rows and "
+             "how wide (the backbone's features)."]
     _common.write_result(
         args.out, "checkpoint", title="Checkpoints in a cached head stage: whole model vs what changed",
-        command=_common.command_line("bench_checkpoint.py", argv), tiny=args.tiny,
+        command=_common.command_line("bench_checkpoint.py", ["DIR" if a == str(args.dataset) else a
+                                                              for a in (argv or sys.argv[1:])]), tiny=args.tiny,
         wall_s=time.perf_counter() - started,
-        settings={"backbone": args.backbone, "classes": args.classes, "features": args.features,
+        settings={"backbone": args.backbone, "classes": args.classes, "features": args.features, "rows": source,
                   "epochs": args.epochs, "threads": args.threads},
         summary=summary, tables=tables, notes=notes, results={"layouts": stats, "target": TARGET})
     return stats

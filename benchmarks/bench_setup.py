@@ -13,6 +13,7 @@ widens the gap).
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -78,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                             ["variant", "usable images", "first run s", "second run s", "speedup", "per round"], rows)]
     _common.write_result(
         args.out, "setup", title="Setup time: the scan cache",
-        command=_common.command_line("bench_setup.py", [a for a in (argv or []) if a != str(args.dataset)]),
+        command=_common.command_line("bench_setup.py", [a for a in (argv or sys.argv[1:]) if a != str(args.dataset)]),
         tiny=args.tiny, wall_s=wall, settings={"dataset": str(dataset) if not args.tiny else "tiny",
                                                "rounds": args.rounds},
         summary=summary, tables=tables, results=results,

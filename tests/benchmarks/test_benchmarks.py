@@ -131,6 +131,33 @@ def test_quickstart(tmp_path):
     results = doc["results"]
     assert results["wall_s"] > 0 and 0 <= results["test_accuracy"] <= 1
     assert set(results["stages"]) == {"0", "1", "2"} and len(results["epochs"]) == 3
+    phases = results["phases"]
+    parts = ["start-up and setup", *(f"{n}: whole stage" for n in ("head (cached)", "top (last:3)", "all")),
+             "finish (calibration, test evaluation, report)"]
+    assert all(phases[p] > 0 for p in parts)
+    assert phases["whole run"] == results["wall_s"] and sum(phases[p] for p in parts) == pytest.approx(results["wall_s"])
+    assert phases["head (cached): feature extraction"] == results["feature_extraction_s"] > 0
+
+
+def test_quickstart_phases_split_the_wall_time_at_the_log_lines():
+    bench = load_script("bench_quickstart.py")
+    lines = [(5.0, "quickstart: tf_efficientnet_lite0 + spinal head, 10 classes, ..."),
+             (6.0, "stage 0 (head): 2 epochs, training head (1,000 parameters)"),
+             (9.0, "cached backbone features in 2.5s (/cache/x)"),
+             (10.0, "stage 0 (head), epoch 1: train loss 1.0 acc 0.5 | val loss 1.0 acc 0.5 macro-F1 0.5 | 9 img/s"),
+             (11.0, "stage 0 (head), epoch 2: train loss 1.0 acc 0.5 | val loss 1.0 acc 0.5 macro-F1 0.5 | 9 img/s | best"),
+             (12.0, "stage 1 (top): 1 epochs, training last:3 (2,000 parameters)"),
+             (20.0, "stage 1 (top), epoch 1: train loss 1.0 acc 0.5 | val loss 1.0 acc 0.5 macro-F1 0.5 | 9 img/s"),
+             (29.0, "best epoch 3 ...")]
+    stages = {"0": {"train_pass_s": 1.5}, "1": {"train_pass_s": 7.0}}
+    phases = bench.phases(lines, stages, 2.5, wall=30.0)
+    assert phases == {
+        "start-up and setup": 6.0,
+        "head (cached): whole stage": 6.0, "head (cached): training passes": 1.5,
+        "head (cached): feature extraction": 2.5, "head (cached): validation, checkpoints, logs": 2.0,
+        "top (last:3): whole stage": 8.0, "top (last:3): training passes": 7.0,
+        "top (last:3): validation, checkpoints, logs": 1.0,
+        "finish (calibration, test evaluation, report)": 10.0, "whole run": 30.0}
 
 
 def test_head_accuracy(tmp_path, digits):
@@ -187,12 +214,51 @@ def test_gpu_bench_knows_the_peaks_and_timm_figures_it_compares_with():
     assert 24 < gflops < 25.5
 
 
-def test_checkpoint(tmp_path):
-    layouts = run_tiny("bench_checkpoint.py", tmp_path)["results"]["layouts"]
+@pytest.fixture(scope="module")
+def bench_folder(tmp_path_factory):
+    """A tiny benchmark folder (make_dataset.py): 4 Bird classes, planted bad files included."""
+    make_dataset = load_script("make_dataset.py")
+    dest = tmp_path_factory.mktemp("bench-folder") / "data"
+    doc = make_dataset.generate(dest, classes=4, per_class=3, eval_per_class=1, caltech_classes=3,
+                                caltech_per_class=4, specials=1, workers=1)
+    return dest, doc
+
+
+def test_checkpoint(tmp_path, bench_folder):
+    dest, made = bench_folder
+    doc = run_tiny("bench_checkpoint.py", tmp_path, "--dataset", str(dest))
+    layouts = doc["results"]["layouts"]
     assert set(layouts) == {"whole model", "what changed"}
     assert all(v["checkpoint_s"] > 0 and 0 < v["share_of_epoch"] < 1 for v in layouts.values())
+    # the epoch trains on as many rows as the benchmark folder's usable training images
+    bird = made["variants"]["bird225"]
+    assert (doc["settings"]["features"], doc["settings"]["classes"]) == (bird["images"]["train"], bird["classes"])
+
+
+def test_extract_memory_samples_every_class_and_no_planted_bad_file(bench_folder):
+    dest, made = bench_folder
+    bench = load_script("bench_extract_memory.py")
+    bad = {(dest / "bird225" / b["path"]).resolve() for b in made["variants"]["bird225"]["bad_files"]}
+    photos = bench.sample_photos(dest / "bird225" / "train", 8)
+    assert len(photos) == 8 and {label for _, label in photos} == {0, 1, 2, 3}
+    assert not bad & {path.resolve() for path, _ in photos}
+    assert bench.sample_photos(dest / "bird225" / "train", 8) == photos  # seeded
+    everything = bench.sample_photos(dest / "bird225" / "train", 10_000)
+    assert len(everything) == made["variants"]["bird225"]["images"]["train"]
 
 
 def test_extract_memory(tmp_path):
-    variants = run_tiny("bench_extract_memory.py", tmp_path)["results"]["variants"]
-    assert set(variants) == {"streamed", "in RAM"} and all(v["cache_mb"] > 0 for v in variants.values())
+    """Benchmark-folder photos (a tiny one, written by the script) through a timm backbone."""
+    doc = run_tiny("bench_extract_memory.py", tmp_path)
+    from finetune.models import create_model
+
+    width = create_model("test_resnet", 2, head="linear", pretrained=False).num_features
+    assert doc["settings"]["backbone"] == "test_resnet" and doc["settings"]["width"] == width
+    n = doc["settings"]["images"]
+    assert n == 24
+    rows = n * 4 // 5 * 2 + (n - n * 4 // 5)  # two train views of 4/5 of the photos, one val view
+    assert set(doc["results"]["variants"]) == {"streamed", "in RAM"}
+    for variant in doc["results"]["variants"].values():
+        # both variants wrote the same float16 cache: rows x width x 2 bytes plus the two .npy headers
+        assert rows * width * 2 < variant["cache_mb"] * 2**20 <= rows * width * 2 + 2 * 256
+        assert all(run["peak_mb"] >= run["warm_peak_mb"] > 0 for run in variant["runs"])
