@@ -22,6 +22,7 @@ SCRIPTS = {
     "bench_heads.py": ("heads", {"linear", "spinal (default: 4x1024, p 0.5)", "mlp (default: 4096-4096)"}),
     "bench_quickstart.py": ("quickstart", {"wall_s", "cpu_s", "test_accuracy", "stages", "targets"}),
     "bench_head_accuracy.py": ("head_accuracy", {"stats", "difference", "runs"}),
+    "bench_recipes.py": ("recipes", {"transitions", "full", "fewshot", "settings"}),
     "bench_audit.py": ("audit", {"figures", "runs"}),
     "bench_setup.py": ("setup", {"bird225 (pre-split)", "caltech (one folder, split)"}),
     "bench_gpu.py": ("gpu", {"train", "extraction", "device", "precision", "peak_tflops"}),
@@ -196,3 +197,17 @@ def test_checkpoint(tmp_path):
 def test_extract_memory(tmp_path):
     variants = run_tiny("bench_extract_memory.py", tmp_path)["results"]["variants"]
     assert set(variants) == {"streamed", "in RAM"} and all(v["cache_mb"] > 0 for v in variants.values())
+
+
+def test_recipes(tmp_path, digits):
+    doc = run_tiny("bench_recipes.py", tmp_path, "--digits", str(digits))
+    results = doc["results"]
+    assert SCRIPTS["bench_recipes.py"][1] <= set(results)
+    for arm in ("defaults", "quickstart"):  # one epoch per stage: two transitions each, checked
+        (run,) = results["transitions"][arm].values()
+        assert [t["stage"] for t in run["transitions"]] == [1, 2]
+        assert all({"first_ok", "end_ok", "first_epoch_change"} <= set(t) for t in run["transitions"])
+    assert set(results["full"]) == {"defaults", "plain"}
+    assert set(results["fewshot"]) == {"fewshot spinal", "fewshot linear", "fewshot mlp", "fewshot plain"}
+    plain = results["full"]["plain"]["runs"][0]
+    assert plain["epochs"] >= 1 and 0 <= plain["test_accuracy"] <= 1
