@@ -57,6 +57,7 @@ def quickstart_recipe(root: Path, *, tiny: bool) -> dict[str, Any]:
 
     raw = yaml.safe_load((_common.REPO_ROOT / "recipes" / "quickstart.yaml").read_text())
     raw["data"]["root"] = str(root)
+    raw["data"].pop("sample", None)  # root holds the digits already (a subset of them when tiny)
     return _common.tiny_recipe(raw) if tiny else raw
 
 
@@ -159,6 +160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--recipes", nargs="+", choices=("defaults", "quickstart"), default=["defaults", "quickstart"],
+                   help="the recipes the transitions part runs")
     p.add_argument("--plain-lr", type=float, default=PLAIN_LR, help="the plain loop's AdamW lr")
     p.add_argument("--digits", type=Path, help="an existing digits folder (default: written to a temp folder)")
     p.add_argument("--records", type=Path,
@@ -187,7 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench-recipes-") as tmp:
         work = Path(tmp)
-        root = _common.digits_folder(work, per_class=20 if args.tiny else None, source=args.digits)
+        root = _common.digits_folder(work, per_class=8 if args.tiny else None, source=args.digits)
         cache = work / "cache"
 
         def run(arm: str, raw: dict[str, Any], seed: int, **kw) -> dict[str, Any]:
@@ -210,10 +213,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             return out
 
         for seed in args.seeds:
-            if "transitions" in args.parts or "full" in args.parts:
-                raw = defaults_recipe(root, tiny=args.tiny)
+            raw = defaults_recipe(root, tiny=args.tiny)
+            if "full" in args.parts or ("transitions" in args.parts and "defaults" in args.recipes):
                 record("defaults", seed, lambda: run("defaults", raw, seed))
-            if "transitions" in args.parts:
+            if "transitions" in args.parts and "quickstart" in args.recipes:
                 record("quickstart", seed, lambda: run("quickstart", quickstart_recipe(root, tiny=args.tiny), seed))
             if "full" in args.parts:
                 record("plain", seed, lambda: plain("defaults", raw, seed))
