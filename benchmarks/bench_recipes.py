@@ -2,7 +2,7 @@
 
     python benchmarks/bench_recipes.py                          # digits at 64 px, seeds 0 1 2: every part
     python benchmarks/bench_recipes.py --parts transitions      # one part (transitions, fewshot, full)
-    python benchmarks/bench_recipes.py --tiny                   # test_resnet at 32 px, 1 seed: the smoke test
+    python benchmarks/bench_recipes.py --tiny                   # test_resnet at 32 px, 1 seed, spinal only: smoke test
 
 Data: the digits sample (8x8 scans as 32 px PNGs) at ``data.input_size: 64``, split 70/15/15 with seed 0 (the
 same val and test images in every arm); ``fewshot`` keeps 10 training images per class
@@ -152,7 +152,7 @@ def plain_loop(run_dir: Path, *, seed: int, budget_s: float, lr: float, tiny: bo
             break
     wall = time.perf_counter() - start
     model.load_state_dict(best[1])
-    return {"seed": seed, "wall_s": wall, "epochs": epoch, "val_history": history, "best_val_accuracy": best[0],
+    return {"seed": seed, "wall_s": wall, "epochs_trained": epoch, "val_history": history, "best_val_accuracy": best[0],
             "test_accuracy": accuracy(loaders["test"])}
 
 
@@ -209,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             out = plain_loop(run_dir, seed=seed, budget_s=arms[reference][seed]["wall_s"], lr=args.plain_lr,
                              tiny=args.tiny)
             print(f"plain loop beside {reference} seed {seed}: test {out['test_accuracy']:.4f}, {out['wall_s']:.0f} s "
-                  f"({out['epochs']} epochs)", flush=True)
+                  f"({out['epochs_trained']} epochs)", flush=True)
             return out
 
         for seed in args.seeds:
@@ -222,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 record("plain", seed, lambda: plain("defaults", raw, seed))
             if "fewshot" in args.parts:
                 per_class = 2 if args.tiny else 10
-                for head in ("spinal", "linear", "mlp"):
+                for head in ("spinal",) if args.tiny else ("spinal", "linear", "mlp"):
                     head_raw = defaults_recipe(root, head=head, tiny=args.tiny)
                     record(f"fewshot {head}", seed,
                            lambda: run(f"fewshot {head}", head_raw, seed, train_per_class=per_class))
