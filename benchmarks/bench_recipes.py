@@ -167,12 +167,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--records", type=Path,
                    help="keep each run's figures here as ARM-SEED.json and report every record found: runs "
                         "already recorded are skipped, and processes given other --seeds can share the folder")
+    p.add_argument("--report", action="store_true", help="run nothing: report the runs recorded in --records")
     args = p.parse_args(argv)
     args.argv = argv
     if args.tiny:
         args.seeds = args.seeds[:1]
     start = time.perf_counter()
     arms: dict[str, dict[int, dict[str, Any]]] = {}
+    if args.report and not args.records:
+        p.error("--report needs --records")
     if args.records:
         args.records.mkdir(parents=True, exist_ok=True)
 
@@ -180,12 +183,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         path = args.records / f"{arm.replace(' ', '_')}-{seed}.json" if args.records else None
         if path is not None and path.is_file():
             out = json.loads(path.read_text())
+        elif args.report:
+            return None
         else:
             out = make()
             if path is not None:
                 path.write_text(json.dumps(out))
         arms.setdefault(arm, {})[seed] = out
-        report(args, arms, time.perf_counter() - start)
+        if not args.report:
+            report(args, arms, time.perf_counter() - start)
         return out
 
     with tempfile.TemporaryDirectory(prefix="bench-recipes-") as tmp:
@@ -218,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 record("defaults", seed, lambda: run("defaults", raw, seed))
             if "transitions" in args.parts and "quickstart" in args.recipes:
                 record("quickstart", seed, lambda: run("quickstart", quickstart_recipe(root, tiny=args.tiny), seed))
-            if "full" in args.parts:
+            if "full" in args.parts and "defaults" in arms and seed in arms["defaults"]:
                 record("plain", seed, lambda: plain("defaults", raw, seed))
             if "fewshot" in args.parts:
                 per_class = 2 if args.tiny else 10
@@ -227,7 +233,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     record(f"fewshot {head}", seed,
                            lambda: run(f"fewshot {head}", head_raw, seed, train_per_class=per_class))
                 raw = defaults_recipe(root, tiny=args.tiny)
-                record("fewshot plain", seed, lambda: plain("fewshot spinal", raw, seed, train_per_class=per_class))
+                if seed in arms.get("fewshot spinal", {}):
+                    record("fewshot plain", seed,
+                           lambda: plain("fewshot spinal", raw, seed, train_per_class=per_class))
     return report(args, arms, time.perf_counter() - start)
 
 
@@ -282,12 +290,17 @@ def report(args, arms: dict[str, dict[int, dict[str, Any]]], wall: float) -> dic
                 b = _common.mean_std([r["test_accuracy"] for r in arms[theirs].values()])["mean"]
                 summary.append(f"{data}: defaults {a:.4f} vs plain loop {b:.4f} test accuracy "
                                f"({'beat' if a > b else 'do NOT beat'} it, {100 * (a - b):+.1f} points).")
+        heads = {h: arms[f"fewshot {h}"] for h in ("spinal", "linear", "mlp") if f"fewshot {h}" in arms}
+        if len(heads) > 1:
+            summary.append("10 images/class, heads under the defaults (test accuracy, mean over seeds): " + ", ".join(
+                f"{h} {_common.mean_std([r['test_accuracy'] for r in runs.values()])['mean']:.4f} "
+                f"(seeds {', '.join(map(str, sorted(runs)))})" for h, runs in heads.items()) + ".")
     results["settings"] = {"seeds": args.seeds, "parts": args.parts, "plain_lr": args.plain_lr,
                            "backbone": "test_resnet" if args.tiny else BACKBONE, "input_size": 32 if args.tiny else SIZE}
     _common.write_result(
         args.out, "recipes", title="Recipes: stage transitions, defaults vs a plain loop, heads",
         command=_common.command_line("bench_recipes.py", argv=None if args.argv is None else args.argv),
-        tiny=args.tiny, wall_s=wall, settings=results["settings"], summary=summary or ["no run finished yet"],
+        tiny=args.tiny, wall_s=wall, settings=results["settings"], summary=summary or ["Runs so far in the table below; no comparison complete yet."],
         tables=tables or [_common.table("Runs", ["arm"], [["none yet"]])], results=results,
         notes=["Runs in-process with data.num_workers: 0 and calibration off; wall times depend on the machine's "
                "load (a shared 2-core CPU): the plain loop's budget is the defaults' wall time of the same seed, "
