@@ -183,17 +183,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         path = args.records / f"{arm.replace(' ', '_')}-{seed}.json" if args.records else None
         if path is not None and path.is_file():
             out = json.loads(path.read_text())
-        elif args.report:
-            return None
         else:
             out = make()
             if path is not None:
                 path.write_text(json.dumps(out))
         arms.setdefault(arm, {})[seed] = out
-        if not args.report:
-            report(args, arms, time.perf_counter() - start)
+        report(args, arms, time.perf_counter() - start)
         return out
 
+    if args.report:  # every record in the folder, under its file's arm name (underscores read as spaces)
+        for path in sorted(args.records.glob("*-*.json")):
+            arm, seed = path.stem.rsplit("-", 1)
+            arms.setdefault(arm.replace("_", " "), {})[int(seed)] = json.loads(path.read_text())
+        return report(args, arms, time.perf_counter() - start)
     with tempfile.TemporaryDirectory(prefix="bench-recipes-") as tmp:
         work = Path(tmp)
         root = _common.digits_folder(work, per_class=8 if args.tiny else None, source=args.digits)
@@ -243,7 +245,7 @@ def report(args, arms: dict[str, dict[int, dict[str, Any]]], wall: float) -> dic
     """Write the results of the runs so far (``arms``: arm -> seed -> run) and RESULTS.md."""
     results: dict[str, Any] = {"transitions": {}, "full": {}, "fewshot": {}}
     tables, summary = [], []
-    shown = [arm for arm in ("defaults", "quickstart") if arm in arms and "transitions" in args.parts]
+    shown = [arm for arm in arms if arm.startswith(("defaults", "quickstart")) and "transitions" in args.parts]
     if shown:
         rows, verdicts = [], []
         for arm in shown:
