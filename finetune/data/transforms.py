@@ -43,9 +43,8 @@ SMALL_INPUT = 128
 SMALL_INPUT_CROP_SCALE = (0.5, 1.0)
 """RandomResizedCrop's area fraction for small inputs. timm's 0.08-1 is ImageNet-from-scratch strength: at
 64 px a crop of 8% of the area is an 18 px patch blown up 3.5 times, far from anything the eval transform
-shows (on 8x8 digits at 64 px, 0.08-1 cost the head stage and every transition accuracy; see
-benchmarks/RESULTS.md, stage transitions). BiT's rule for small images (a 128 px crop of a 160 px resize)
-keeps about 64% of the area."""
+shows, and a head trained on cached features then meets very different ones. BiT's rule for small images
+(a 128 px crop of a 160 px resize) keeps about 64% of the area."""
 
 
 def build_transform(
