@@ -287,11 +287,12 @@ def report(args, arms: dict[str, dict[int, dict[str, Any]]], wall: float) -> dic
             ["arm", "seeds", "test acc", "std", "best val acc", "wall s", "test acc per seed"], rows))
         for data, ours, theirs in (("full digits", "defaults", "plain"),
                                    ("10 images/class", "fewshot spinal", "fewshot plain")):
-            if ours in compare and theirs in compare:
-                a = _common.mean_std([r["test_accuracy"] for r in arms[ours].values()])["mean"]
-                b = _common.mean_std([r["test_accuracy"] for r in arms[theirs].values()])["mean"]
-                summary.append(f"{data}: defaults {a:.4f} vs plain loop {b:.4f} test accuracy "
-                               f"({'beat' if a > b else 'do NOT beat'} it, {100 * (a - b):+.1f} points).")
+            seeds = sorted(set(arms.get(ours, {})) & set(arms.get(theirs, {})))
+            if ours in compare and theirs in compare and seeds:  # on the seeds both ran
+                a = _common.mean_std([arms[ours][s]["test_accuracy"] for s in seeds])["mean"]
+                b = _common.mean_std([arms[theirs][s]["test_accuracy"] for s in seeds])["mean"]
+                summary.append(f"{data}, seeds {', '.join(map(str, seeds))}: defaults {a:.4f} vs plain loop {b:.4f} "
+                               f"test accuracy ({'beat' if a > b else 'do NOT beat'} it, {100 * (a - b):+.1f} points).")
         heads = {h: arms[f"fewshot {h}"] for h in ("spinal", "linear", "mlp") if f"fewshot {h}" in arms}
         if len(heads) > 1:
             summary.append("10 images/class, heads under the defaults (test accuracy, mean over seeds): " + ", ".join(
@@ -304,7 +305,10 @@ def report(args, arms: dict[str, dict[int, dict[str, Any]]], wall: float) -> dic
         command=_common.command_line("bench_recipes.py", argv=None if args.argv is None else args.argv),
         tiny=args.tiny, wall_s=wall, settings=results["settings"], summary=summary or ["Runs so far in the table below; no comparison complete yet."],
         tables=tables or [_common.table("Runs", ["arm"], [["none yet"]])], results=results,
-        notes=["Runs in-process with data.num_workers: 0 and calibration off; wall times depend on the machine's "
+        notes=["With --records each run is kept as ARM-SEED.json, and --report gathers every record of the folder, "
+               "which may come from several processes (one per seed) and from recipes since changed: an arm named "
+               "'... (not shipped)' is a variant measured and not adopted.",
+               "Runs in-process with data.num_workers: 0 and calibration off; wall times depend on the machine's "
                "load (a shared 2-core CPU): the plain loop's budget is the defaults' wall time of the same seed, "
                "measured just before it."],
     )
