@@ -30,7 +30,7 @@ REPO_ROOT = BENCH_DIR.parent
 START_LOAD = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 # section order in RESULTS.md; a result whose name is not listed goes last
-ORDER = ("dataset", "gpu", "step", "feature_cache", "extract_memory", "checkpoint", "data", "decode", "heads", "quickstart", "head_accuracy", "audit",
+ORDER = ("dataset", "gpu", "step", "feature_cache", "extract_memory", "checkpoint", "data", "decode", "heads", "quickstart", "recipes", "head_accuracy", "audit",
          "export")
 
 

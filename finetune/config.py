@@ -188,11 +188,14 @@ class StageConfig(_Section):
     schedule: ScheduleConfig
     # The backbone's BatchNorm mode while training. auto: layers in frozen parts stay in eval mode (their
     # running statistics don't drift), layers in trained parts train. eval: every backbone BatchNorm keeps
-    # its pretrained statistics (often better on small datasets far from ImageNet). train: every one
-    # trains. The head's normalisation is new and always trains.
+    # its pretrained statistics (often better on small datasets far from ImageNet; the no-recipe defaults
+    # and the shipped staged recipes use it once the backbone trains). train: every one trains. The head's
+    # normalisation is new and always trains.
     batchnorm: Literal["auto", "eval", "train"] = "auto"
     feature_cache: Union[bool, Literal["auto"]] = "auto"  # head-only stages train from cached features
-    feature_cache_views: int = Field(0, ge=0)  # augmented views cached per image (0: no augmentation)
+    # augmented views cached per image (0: the eval transform, no augmentation). A head trained on un-augmented
+    # features meets augmented ones when the next stage unfreezes the backbone: staged recipes cache 1 or more.
+    feature_cache_views: int = Field(0, ge=0)
     # Mixup/CutMix of this stage, replacing training.mixup (null: that one; false: none). A stage that sets
     # its own trains on images even when head-only (mixing images is not mixing cached features).
     mixup: Optional[_section_or(MixupConfig, Literal[False])] = None

@@ -5,11 +5,11 @@ from pathlib import Path
 
 DEFAULT_STAGES_HELP = (
     "Without a recipe, --data and --backbone make the default recipe: "
-    "stage 'head' (3 epochs, AdamW lr 1e-3, head only, from cached features), "
-    "stage 'top' (3 epochs, lr 3e-4, head + last 2 backbone stages), "
-    "stage 'all' (4 epochs, lr 1e-4, everything, layer decay 0.8); cosine schedules with warmup, "
-    "a 0.7/0.15/0.15 split when the folder is not pre-split; augmentation and Mixup/CutMix chosen by input size "
-    "(data.augment: auto, training.mixup: auto)."
+    "stage 'head' (3 epochs, AdamW lr 1e-3, head only, from one cached view of the train transform), "
+    "stage 'top' (3 epochs, lr 1e-4, head + last 2 backbone stages), "
+    "stage 'all' (4 epochs, lr 1e-4, everything, layer decay 0.8); cosine schedules with 1 warmup epoch, "
+    "backbone BatchNorm statistics frozen (batchnorm: eval), a 0.7/0.15/0.15 split when the folder is not "
+    "pre-split; augmentation and Mixup/CutMix chosen by input size (data.augment: auto, training.mixup: auto)."
 )
 
 
@@ -44,9 +44,15 @@ def default_recipe(data: str, backbone: str, head: str, pretrained: str) -> dict
         "optimizer": {"name": "adamw", "weight_decay": 0.05},
         "schedule": {"name": "cosine", "warmup_epochs": 1},
         "stages": [
-            {"name": "head", "epochs": 3, "train": "head", "optimizer": {"lr": 1e-3}},
-            {"name": "top", "epochs": 3, "train": "last:2", "optimizer": {"lr": 3e-4}},
-            {"name": "all", "epochs": 4, "train": "all", "optimizer": {"lr": 1e-4, "layer_decay": 0.8}},
+            # the head learns on augmented features (one cached view of the train transform), so the images
+            # of the next stage look like what it was trained on
+            {"name": "head", "epochs": 3, "train": "head", "optimizer": {"lr": 1e-3}, "feature_cache_views": 1},
+            # a trained head and pretrained features: a low lr with warmup moves them gently, and BatchNorm
+            # keeps its pretrained statistics (batches of 32 augmented images far from ImageNet would
+            # replace them within an epoch, and the head would see other features than it learned on)
+            {"name": "top", "epochs": 3, "train": "last:2", "optimizer": {"lr": 1e-4}, "batchnorm": "eval"},
+            {"name": "all", "epochs": 4, "train": "all", "optimizer": {"lr": 1e-4, "layer_decay": 0.8},
+             "batchnorm": "eval"},
         ],
         "training": {"mixup": "auto"},  # auto (with data.augment): by input size, data/transforms.py size_defaults
     }

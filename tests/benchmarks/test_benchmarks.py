@@ -22,6 +22,7 @@ SCRIPTS = {
     "bench_heads.py": ("heads", {"linear", "spinal (default: 4x1024, p 0.5)", "mlp (default: 4096-4096)"}),
     "bench_quickstart.py": ("quickstart", {"wall_s", "cpu_s", "test_accuracy", "stages", "targets"}),
     "bench_head_accuracy.py": ("head_accuracy", {"stats", "difference", "runs"}),
+    "bench_recipes.py": ("recipes", {"transitions", "full", "fewshot", "settings"}),
     "bench_audit.py": ("audit", {"figures", "runs"}),
     "bench_setup.py": ("setup", {"bird225 (pre-split)", "caltech (one folder, split)"}),
     "bench_gpu.py": ("gpu", {"train", "extraction", "device", "precision", "peak_tflops"}),
@@ -262,3 +263,17 @@ def test_extract_memory(tmp_path):
         # both variants wrote the same float16 cache: rows x width x 2 bytes plus the two .npy headers
         assert rows * width * 2 < variant["cache_mb"] * 2**20 <= rows * width * 2 + 2 * 256
         assert all(run["peak_mb"] >= run["warm_peak_mb"] > 0 for run in variant["runs"])
+
+
+def test_recipes(tmp_path, digits):
+    doc = run_tiny("bench_recipes.py", tmp_path, "--digits", str(digits))
+    results = doc["results"]
+    assert SCRIPTS["bench_recipes.py"][1] <= set(results)
+    for arm in ("defaults", "quickstart"):  # one epoch per stage: two transitions each, checked
+        (run,) = results["transitions"][arm].values()
+        assert [t["stage"] for t in run["transitions"]] == [1, 2]
+        assert all({"first_ok", "end_ok", "first_epoch_change"} <= set(t) for t in run["transitions"])
+    assert set(results["full"]) == {"defaults", "plain"}
+    assert set(results["fewshot"]) == {"fewshot spinal", "fewshot plain"}  # --tiny: the spinal head only
+    plain = results["full"]["plain"]["runs"][0]
+    assert plain["epochs_trained"] >= 1 and 0 <= plain["test_accuracy"] <= 1

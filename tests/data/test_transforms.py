@@ -52,6 +52,22 @@ def test_default_train_pipeline_is_random_resized_crop_and_flip():
     names = [type(t).__name__ for t in transform.transforms]
     assert names == ["RandomResizedCrop", "HorizontalFlip", "Normalize", "ToTensorV2"]
     assert transform.transforms[0].interpolation == cv2.INTER_CUBIC
+    assert tuple(transform.transforms[0].scale) == (0.08, 1.0)  # timm's ImageNet crop from 128 px up
+
+
+def test_default_train_crop_is_milder_on_small_inputs():
+    """Below 128 px the default crop keeps at least half the image: a bright centre square of 1/16 of the
+    image is always partly in the crop; timm's ImageNet crops (down to 8%) often cut it away entirely."""
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[24:40, 24:40] = 255
+    for size in (64, 128):
+        transform = build_transform(True, input_size=size, mean=(0, 0, 0), std=(1, 1, 1))
+        assert tuple(transform.transforms[0].scale) == ((0.5, 1.0) if size < 128 else (0.08, 1.0))
+        bright = [float((apply(transform, image) > 0.5).float().mean()) for _ in range(200)]
+        if size < 128:
+            assert min(bright) > 0.05
+        else:
+            assert min(bright) == 0.0
 
 
 def test_default_eval_pipeline_resizes_by_crop_pct_then_centre_crops():

@@ -124,6 +124,7 @@ def test_non_finite_loss_stops_naming_stage_epoch_step_and_keeps_last_checkpoint
 
 def test_train_without_recipe_uses_staged_defaults(tiny_folder, tmp_path):
     from finetune.cli import main
+    from finetune.models import create_model
 
     run = tmp_path / "run"
     code = main(["train", "--data", str(tiny_folder), "--backbone", "test_resnet", "--head", "linear",
@@ -132,6 +133,32 @@ def test_train_without_recipe_uses_staged_defaults(tiny_folder, tmp_path):
                  "--set", f"training.cache_dir={tmp_path / 'cache'}"])
     assert code == 0
     assert [r["stage"] for r in read_metrics(run)] == ["0", "1", "2"]
+    # the head stage cached one view of the train transform (not the eval transform's features)
+    (meta,) = (tmp_path / "cache").glob("*/meta.json")
+    assert json.loads(meta.read_text())["settings"]["views"] == 1
+    # 'top' and 'all' trained the backbone with its BatchNorm statistics frozen (batchnorm: eval)
+    torch.manual_seed(0)
+    fresh = create_model("test_resnet", 3, head="linear").state_dict()
+    trained = read_weights(run / "checkpoints" / "last")
+    stats = [k for k in fresh if k.startswith("backbone.") and k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(trained[k], fresh[k]) for k in stats)
+    convs = [k for k in fresh if k.startswith("backbone.") and k.endswith("conv1.weight")]
+    assert convs and not all(torch.equal(trained[k], fresh[k]) for k in convs)  # while the weights moved
+
+
+def test_default_recipe_stage_settings():
+    """The no-recipe stages: augmented cached head features, a gentle warmed-up lr and frozen BatchNorm
+    statistics once the backbone trains (the stage-transition fixes of issue 12)."""
+    from finetune.cli.train import default_recipe
+    from finetune.config import resolve_raw
+
+    stages = resolve_raw(default_recipe("data", "test_resnet", "spinal", "false"))["stages"]
+    assert [(s["name"], s["train"]) for s in stages] == [("head", "head"), ("top", "last:2"), ("all", "all")]
+    assert stages[0]["feature_cache_views"] == 1 and stages[0]["optimizer"]["lr"] == 1e-3
+    assert [s["batchnorm"] for s in stages[1:]] == ["eval", "eval"]
+    assert all(s["schedule"]["warmup_epochs"] == 1 for s in stages)
+    assert stages[1]["optimizer"]["lr"] <= 1e-4 and stages[2]["optimizer"]["lr"] <= 1e-4
+    assert stages[2]["optimizer"]["layer_decay"] == 0.8
 
 
 def test_resize_cache_trains_from_pre_resized_copies(tiny_recipe, tmp_path):
