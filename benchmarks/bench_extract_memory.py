@@ -128,6 +128,14 @@ def child(variant: str, spec: dict[str, Any]) -> None:
                       "extra_over_before_mb": peak - before, "cache_mb": cache_mb, "width": width}))
 
 
+def run_child(variant: str, spec: dict) -> dict:
+    """One variant's extraction in a fresh process. The spec (every photo's path) goes on stdin: as one
+    argument it failed with E2BIG past ~1,500 photos (Linux caps one argument at 128 KiB)."""
+    out = subprocess.run([sys.executable, __file__, "--child", variant], input=json.dumps(spec),
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("dataset", type=Path, nargs="?", help="a folder of class folders of photos, e.g. bird225/train "
@@ -159,10 +167,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         for r in range(args.repeats):
             for variant in (results if r % 2 == 0 else reversed(list(results))):
                 cache = Path(tmp) / f"cache-{variant.replace(' ', '')}-{r}"
-                out = subprocess.run([sys.executable, __file__, "--child", variant,
-                                      json.dumps({**spec, "cache": str(cache)})],
-                                     check=True, capture_output=True, text=True)
-                results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                results[variant].append(run_child(variant, {**spec, "cache": str(cache)}))
                 print(f"  {variant} {r + 1}/{args.repeats}: {results[variant][-1]}", file=sys.stderr, flush=True)
     stats, rows = {}, []
     for variant, runs in results.items():
@@ -205,6 +210,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], json.loads(sys.argv[3]))
+        child(sys.argv[2], json.loads(sys.stdin.read()))
     else:
         main()

@@ -265,6 +265,23 @@ def test_extract_memory(tmp_path):
         assert all(run["peak_mb"] >= run["warm_peak_mb"] > 0 for run in variant["runs"])
 
 
+
+def test_extract_memory_child_takes_a_spec_longer_than_one_argument_may_be(tmp_path):
+    """The photos' paths reach the child on stdin: as one argument, 6,000 benchmark-folder photos failed with
+    'Argument list too long' (one argument may hold 128 KiB)."""
+    from PIL import Image
+
+    bench = load_script("bench_extract_memory.py")
+    folder = tmp_path / ("x" * 200)
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (16, 16), (60 * i, 90, 120)).save(folder / f"{i}.png")
+    photos = [(str(folder / f"{i % 2}.png"), i % 2) for i in range(700)]  # ~150 KB of JSON
+    spec = {"backbone": "test_resnet", "input_size": 16, "photos": photos, "cache": str(tmp_path / "cache")}
+    assert len(json.dumps(spec)) > 128 * 1024
+    result = bench.run_child("streamed", spec)
+    assert result["cache_mb"] > 0 and result["width"] > 0
+
 def test_recipes(tmp_path, digits):
     doc = run_tiny("bench_recipes.py", tmp_path, "--digits", str(digits))
     results = doc["results"]
