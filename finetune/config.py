@@ -232,6 +232,10 @@ class TrainingConfig(_Section):
     # (one update count; its first update copies the model) and each update averages only what the stage
     # trains (frozen weights keep their EMA; a head-only stage moves only the head's).
     ema: Optional[float] = Field(None, gt=0, lt=1)
+    # ramp the decay up with the updates, as timm's ModelEmaV3(use_warmup=True): 1 - (1 + n)^(-2/3) after n
+    # updates, capped at `ema` (0.9 after 30 updates, 0.99 after 1,000): the average never holds on to the
+    # first, random-head updates of a short run or a small data set
+    ema_warmup: bool = False
     # patience in epochs, within a stage: a stage stops after this many epochs without beating its own
     # best (not the run's, which unfreezing often starts below); checkpoints/best stays the run's best.
     early_stopping: Optional[int] = Field(None, ge=1)
@@ -253,6 +257,12 @@ class TrainingConfig(_Section):
     # where metrics also go: csv (the run folder's metrics.csv and plots) is always written; tensorboard
     # (RUN_DIR/tensorboard) and mlflow ($MLFLOW_TRACKING_URI, else RUN_DIR/mlruns) are optional extras
     loggers: list[Logger] = Field(default_factory=lambda: ["csv"])
+
+    @model_validator(mode="after")
+    def _ema_warmup_needs_ema(self):
+        if self.ema_warmup and self.ema is None:
+            raise ValueError("ema_warmup needs ema, the decay it ramps up to (e.g. training.ema: 0.999)")
+        return self
 
     @field_validator("loggers")
     @classmethod

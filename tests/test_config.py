@@ -41,6 +41,7 @@ def recipe_with(path, value):
         ("training.device", "tpu", r"training\.device: device must be auto, cpu, cuda or cuda:N"),
         ("stages.0.epochs", "-1", r"stages\.0\.epochs: .*greater than or equal to 0"),
         ("schedule.name", "linear", r"stages\.0\.schedule\.name: "),
+        ("training.ema_warmup", "true", r"training: .*ema_warmup needs ema, the decay it ramps up to"),
     ],
 )
 def test_bad_recipe_values_give_one_clear_error_naming_the_key_path(path, value, message):

@@ -23,12 +23,13 @@ class Ema:
     Args:
         model: the model to average; tracked whole until :meth:`track` narrows it.
         decay: the EMA decay per update.
+        warmup: ramp the decay up from 0 with the update count (timm's ``use_warmup``), capped at ``decay``.
     """
 
-    def __init__(self, model: nn.Module, decay: float):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
         from timm.utils import ModelEmaV3
 
-        self._ema = ModelEmaV3(model, decay=decay)
+        self._ema = ModelEmaV3(model, decay=decay, use_warmup=warmup)
         self.updates = 0
         self.track(model, model.state_dict().keys())
 

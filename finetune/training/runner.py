@@ -92,7 +92,7 @@ class Runner:
             interpolation=data.interpolation, crop_pct=data.crop_pct, eval_transforms=data.eval_transforms)
         self.train_transform = train_pipeline(self.preprocessing, data)
         self.eval_transform = preprocessing_transform(self.preprocessing)
-        self.ema = Ema(self.model, cfg.ema) if cfg.ema is not None else None
+        self.ema = Ema(self.model, cfg.ema, cfg.ema_warmup) if cfg.ema is not None else None
         self.loss_fn = self._make_loss()
         self.scaler = make_grad_scaler(self.device, self.amp_dtype)
         self.weights = WeightsWriter() if self.is_main else None
@@ -212,7 +212,7 @@ class Runner:
 
     def save_checkpoint(self, optimizer: torch.optim.Optimizer) -> None:
         """Write ``checkpoints/last``: the model plus everything an exact resume needs."""
-        data = serialize(state_dict(self.state, optimizer, self.scaler, self.ema))
+        data = serialize(state_dict(self.state, optimizer, self.scaler, self.ema, self.model))
         save_checkpoint(self.run_dir / "checkpoints" / "last", self.model, self._meta(), writer=self.weights,
                         extra=lambda folder: (folder / run_folder.STATE_FILE).write_bytes(data))
 
@@ -223,7 +223,7 @@ class Runner:
         m = self.recipe.model
         load_weights(folder, self.model, describe_model(m.backbone, m.head, len(self.classes), m.backbone_kwargs),
                      self.device)
-        self.state, self.resume_optimizer = load_state_dict(saved, self.scaler, self.ema)
+        self.state, self.resume_optimizer = load_state_dict(saved, self.scaler, self.ema, self.model)
         log.info("resuming %s at stage %d, epoch %d", self.run_dir, self.state.stage_index,
                  self.state.epoch_in_stage + 1)
 

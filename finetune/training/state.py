@@ -40,8 +40,12 @@ class RunState:
         self.stage_best, self.stale_epochs = None, 0
 
 
-def state_dict(state: RunState, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema) -> dict[str, Any]:
-    """Everything an exact resume needs, in the training-state file's format."""
+def state_dict(state: RunState, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, ema,
+               model: Optional[torch.nn.Module] = None) -> dict[str, Any]:
+    """Everything an exact resume needs, in the training-state file's format. The EMA's entries equal to
+    ``model``'s (a frozen backbone the EMA never averaged) are not written again: ``ema_shared`` names them,
+    and :func:`load_state_dict` takes them from the model, whose weights the checkpoint holds."""
+    ema_state, shared = ema_delta(ema, model) if ema is not None else (None, [])
     return {
         "stage_index": state.stage_index,
         "epoch_in_stage": state.epoch_in_stage,
@@ -54,14 +58,26 @@ def state_dict(state: RunState, optimizer: torch.optim.Optimizer, scaler: torch.
         "recall_history": json.dumps(state.recall_history),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
-        "ema": ema.module.state_dict() if ema is not None else None,
+        "ema": ema_state,
+        "ema_shared": shared,
         "ema_updates": ema.updates if ema is not None else 0,
         "rng": rng_state(),
     }
 
 
-def load_state_dict(saved: dict[str, Any], scaler: torch.amp.GradScaler, ema) -> tuple[RunState, dict[str, Any]]:
-    """Restore the GradScaler, the EMA and the RNGs from a training state.
+def ema_delta(ema, model: Optional[torch.nn.Module]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The EMA's state-dict entries that differ from ``model``'s, and the names of those equal to them."""
+    ema_state = ema.module.state_dict()
+    model_state = model.state_dict() if model is not None else {}
+    shared = [k for k, v in ema_state.items() if k in model_state and model_state[k].shape == v.shape
+              and model_state[k].dtype == v.dtype and torch.equal(model_state[k], v)]
+    return {k: v for k, v in ema_state.items() if k not in set(shared)}, shared
+
+
+def load_state_dict(saved: dict[str, Any], scaler: torch.amp.GradScaler, ema,
+                    model: Optional[torch.nn.Module] = None) -> tuple[RunState, dict[str, Any]]:
+    """Restore the GradScaler, the EMA and the RNGs from a training state (``model``, its weights already
+    loaded, gives the EMA's entries the state shares with it).
 
     Returns:
         The run's progress, and the optimizer state (for the optimizer the stage builds).
@@ -73,7 +89,8 @@ def load_state_dict(saved: dict[str, Any], scaler: torch.amp.GradScaler, ema) ->
         history=json.loads(saved["history"]), recall_history=json.loads(saved["recall_history"]),
     )
     if ema is not None and saved["ema"] is not None:
-        ema.module.load_state_dict(saved["ema"])
+        model_state = model.state_dict() if model is not None else {}
+        ema.module.load_state_dict({**{k: model_state[k] for k in saved.get("ema_shared", [])}, **saved["ema"]})
         ema.updates = saved.get("ema_updates", 0)
     scaler.load_state_dict(saved["scaler"])
     set_rng_state(saved["rng"])

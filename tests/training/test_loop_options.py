@@ -31,7 +31,13 @@ def read_metrics(run_dir):
 
 
 def training_state(run_dir):
-    return torch.load(run_dir / "checkpoints" / "last" / "training_state.pt", weights_only=True)
+    """The training state of ``checkpoints/last``, its EMA made whole again: the entries it shares with the
+    model (``ema_shared``) come from the checkpoint's weights, as a resume takes them."""
+    state = torch.load(run_dir / "checkpoints" / "last" / "training_state.pt", weights_only=True)
+    if state["ema"] is not None:
+        model = read_weights(run_dir / "checkpoints" / "last")
+        state["ema"] = {**{k: model[k] for k in state["ema_shared"]}, **state["ema"]}
+    return state
 
 
 def initial_weights(raw):
@@ -322,6 +328,37 @@ def test_ema_weights_are_what_is_validated_and_saved_as_best(quick, tmp_path, em
         assert all(not torch.equal(best[k], last[k]) for k in head)
 
 
+def test_ema_warmup_blends_update_n_at_decay_one_minus_n_to_the_minus_two_thirds_capped():
+    """timm's EMA warmup: the first update copies, update n blends at min(1 - n^(-2/3), decay); past
+    n = 32 the cap of 0.9 holds."""
+    from finetune.training.ema import Ema
+
+    model = nn.Linear(1, 1, bias=False)
+    ema = Ema(model, 0.9, warmup=True)
+    values = torch.randn(40, generator=torch.Generator().manual_seed(0)).tolist()
+    expected = values[0]
+    for n, value in enumerate(values, start=1):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update()
+        decay = min(1 - n ** (-2 / 3), 0.9)
+        expected = value if n == 1 else decay * expected + (1 - decay) * value
+        assert ema.module.weight.item() == pytest.approx(expected, rel=1e-5, abs=1e-6), n
+
+
+def test_ema_warmup_lets_the_average_of_a_short_run_follow_it(quick, tmp_path):
+    """At a fixed decay of 0.999 a few updates leave the EMA at the first update's (nearly random) head;
+    with ``training.ema_warmup`` the decay starts low and the EMA head follows training."""
+    quick["stages"] = [head_stage(3)]
+    gap = {}
+    for warmup in (False, True):
+        quick["training"].update({"ema": 0.999, "ema_warmup": warmup})
+        train(quick, tmp_path / str(warmup))
+        ema, model = training_state(tmp_path / str(warmup))["ema"], read_weights(tmp_path / str(warmup) / "checkpoints" / "last")
+        gap[warmup] = sum((ema[k] - model[k]).norm().item() for k in model if k.startswith("head.") and k.endswith("weight"))
+    assert gap[True] < 0.5 * gap[False]
+
+
 def test_ema_carries_across_stages_with_one_update_count(quick, tmp_path):
     """Stage 0 trains the head (1 update), stage 1 everything with 1 update. The EMA isn't restarted
     at stage 1: its one update blends the (still initial) EMA backbone with the trained one at the
@@ -358,6 +395,29 @@ def test_head_only_stage_leaves_the_ema_backbone_untouched(quick, tmp_path):
     assert any(not torch.equal(a["ema"][k], model[k]) for k in a["ema"] if k.startswith("backbone."))
     assert all(not torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"] if k.startswith("head.") and k.endswith("weight"))
     assert b["ema_updates"] == a["ema_updates"] + 2
+
+
+def test_training_state_of_a_cached_head_stage_holds_the_ema_of_the_head_alone(quick, tmp_path):
+    """The EMA backbone of a head-first run is the model's, bit for bit: the training state names it
+    (``ema_shared``) instead of writing it every epoch, and a resume takes it from the checkpoint's weights."""
+    quick["stages"] = [head_stage(2), {"name": "all", "epochs": 1, "train": "all"}]
+    quick["training"].update({"ema": 0.5, "batch_size": 8})
+    quick["stages"][1]["epochs"] = 0
+    run = tmp_path / "run"
+    train(quick, run)
+    raw = torch.load(run / "checkpoints" / "last" / "training_state.pt", weights_only=True)
+    model = read_weights(run / "checkpoints" / "last")
+    backbone = {k for k in model if k.startswith("backbone.")}
+    assert backbone and backbone <= set(raw["ema_shared"])
+    assert set(raw["ema"]) == {k for k in model if k.startswith("head.")} - set(raw["ema_shared"])
+    assert any(k.endswith("weight") for k in raw["ema"])
+    # the whole run (stage 1 included) against the head stage resumed from its last checkpoint
+    quick["stages"][1]["epochs"] = 1
+    train(quick, tmp_path / "whole")
+    (run / "recipe.yaml").write_text((tmp_path / "whole" / "recipe.yaml").read_text())
+    train(quick, run, resume=True)
+    a, b = training_state(tmp_path / "whole")["ema"], training_state(run)["ema"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_ema_update_of_a_cached_head_stage_writes_only_the_head():
