@@ -191,8 +191,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         f"the first {WARM} photos; medians of {args.repeats} fresh process(es) per variant, interleaved.",
         ["variant", "cache MB", "peak extra RSS MB", "extra / cache", "peak over RSS before, MB (activations included)"],
         rows)]
-    notes = ["RSS counts the memory map's written pages (page cache the kernel may write back and drop): "
-             "the streamed variant's extra RAM is mostly those pages, about 1x the cache.",
+    notes = ["The streamed extraction hands the memory map's written pages back to the kernel every 8 MB "
+             "(madvise DONTNEED: they stay in the page cache, which the kernel writes back and may drop) and "
+             "trims the C heap (glibc malloc_trim): before, RSS held every written page (about 1x the cache) "
+             "plus ~20 MB of freed memory in the malloc arenas of the threads that fingerprint the files.",
              f"Batch {BATCH}, one torch thread, num_workers 0 (decoding in the measured process). The backbone's "
              "activations for a batch and the input batch the loop holds while it decodes the next are the same in "
              "both variants and do not grow with the data set; the warm-up's high-water mark takes them out."]
