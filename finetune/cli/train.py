@@ -47,14 +47,16 @@ def default_recipe(data: str, backbone: str, head: str, pretrained: str) -> dict
             # the head learns on augmented features (one cached view of the train transform), so the images
             # of the next stage look like what it was trained on
             {"name": "head", "epochs": 3, "train": "head", "optimizer": {"lr": 1e-3}, "feature_cache_views": 1},
-            # a trained head and pretrained features: a low lr with warmup moves them gently, and BatchNorm
-            # keeps its pretrained statistics (batches of 32 augmented images far from ImageNet would
-            # replace them within an epoch, and the head would see other features than it learned on)
-            {"name": "top", "epochs": 3, "train": "last:2", "optimizer": {"lr": 1e-4}, "batchnorm": "eval"},
-            {"name": "all", "epochs": 4, "train": "all", "optimizer": {"lr": 1e-4, "layer_decay": 0.8},
-             "batchnorm": "eval"},
+            # BatchNorm keeps its pretrained statistics once the backbone trains (batches of 32 augmented
+            # images far from ImageNet would replace them within an epoch, and the head would see other
+            # features than it learned on); the EMA below carries each stage's start over its first updates
+            {"name": "top", "epochs": 3, "train": "last:2", "optimizer": {"lr": 1e-3}, "batchnorm": "eval"},
+            {"name": "all", "epochs": 4, "train": "all", "optimizer": {"lr": 1e-3, "layer_decay": 0.8},
+             "schedule": {"warmup_epochs": 2}, "batchnorm": "eval"},
         ],
-        "training": {"mixup": "auto"},  # auto (with data.augment): by input size, data/transforms.py size_defaults
+        # mixup auto (with data.augment): by input size, data/transforms.py size_defaults. Validate, select and
+        # export the EMA of the weights, its decay warmed up so a small data set's few updates are averaged too
+        "training": {"mixup": "auto", "ema": 0.999, "ema_warmup": True},
     }
 
 

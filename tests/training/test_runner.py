@@ -147,17 +147,19 @@ def test_train_without_recipe_uses_staged_defaults(tiny_folder, tmp_path):
 
 
 def test_default_recipe_stage_settings():
-    """The no-recipe stages: augmented cached head features, a gentle warmed-up lr and frozen BatchNorm
-    statistics once the backbone trains (the stage-transition fixes of issue 12)."""
+    """The no-recipe stages: augmented cached head features, warmed-up lrs, frozen BatchNorm statistics once
+    the backbone trains and a warmed-up EMA of the weights (the stage-transition fixes of issue 12)."""
     from finetune.cli.train import default_recipe
     from finetune.config import resolve_raw
 
-    stages = resolve_raw(default_recipe("data", "test_resnet", "spinal", "false"))["stages"]
+    resolved = resolve_raw(default_recipe("data", "test_resnet", "spinal", "false"))
+    stages = resolved["stages"]
+    assert resolved["training"]["ema"] == 0.999 and resolved["training"]["ema_warmup"] is True
     assert [(s["name"], s["train"]) for s in stages] == [("head", "head"), ("top", "last:2"), ("all", "all")]
     assert stages[0]["feature_cache_views"] == 1 and stages[0]["optimizer"]["lr"] == 1e-3
     assert [s["batchnorm"] for s in stages[1:]] == ["eval", "eval"]
-    assert all(s["schedule"]["warmup_epochs"] == 1 for s in stages)
-    assert stages[1]["optimizer"]["lr"] <= 1e-4 and stages[2]["optimizer"]["lr"] <= 1e-4
+    assert [s["schedule"]["warmup_epochs"] for s in stages] == [1, 1, 2]
+    assert stages[1]["optimizer"]["lr"] == stages[2]["optimizer"]["lr"] == 1e-3
     assert stages[2]["optimizer"]["layer_decay"] == 0.8
 
 
