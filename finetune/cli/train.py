@@ -50,9 +50,9 @@ def default_recipe(data: str, backbone: str, head: str, pretrained: str) -> dict
             # BatchNorm keeps its pretrained statistics once the backbone trains (batches of 32 augmented
             # images far from ImageNet would replace them within an epoch, and the head would see other
             # features than it learned on); the EMA below carries each stage's start over its first updates
-            {"name": "top", "epochs": 3, "train": "last:2", "optimizer": {"lr": 1e-3}, "batchnorm": "eval"},
-            {"name": "all", "epochs": 4, "train": "all", "optimizer": {"lr": 1e-3, "layer_decay": 0.8},
-             "schedule": {"warmup_epochs": 2}, "batchnorm": "eval"},
+            {"name": "top", "epochs": 2, "train": "last:2", "optimizer": {"lr": 1e-3}, "batchnorm": "eval"},
+            {"name": "all", "epochs": 5, "train": "all", "optimizer": {"lr": 1e-3, "layer_decay": 0.8},
+             "batchnorm": "eval"},
         ],
         # mixup auto (with data.augment): by input size, data/transforms.py size_defaults. Validate, select and
         # export the EMA of the weights, its decay warmed up so a small data set's few updates are averaged too

@@ -158,7 +158,7 @@ def test_default_recipe_stage_settings():
     assert [(s["name"], s["train"]) for s in stages] == [("head", "head"), ("top", "last:2"), ("all", "all")]
     assert stages[0]["feature_cache_views"] == 1 and stages[0]["optimizer"]["lr"] == 1e-3
     assert [s["batchnorm"] for s in stages[1:]] == ["eval", "eval"]
-    assert [s["schedule"]["warmup_epochs"] for s in stages] == [1, 1, 2]
+    assert [s["epochs"] for s in stages] == [3, 2, 5] and all(s["schedule"]["warmup_epochs"] == 1 for s in stages)
     assert stages[1]["optimizer"]["lr"] == stages[2]["optimizer"]["lr"] == 1e-3
     assert stages[2]["optimizer"]["layer_decay"] == 0.8
 
