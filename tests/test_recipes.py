@@ -25,14 +25,15 @@ def test_shipped_recipe_validates_and_starts_with_its_command(path):
     assert any(f"finetune train recipes/{path.name}" in line for line in first)
 
 
-# the quickstart keeps its higher lrs: at 1e-4 its test accuracy fell below the README's 0.98 (bench_recipes.py)
+# the quickstart keeps its higher lrs (at 1e-4 its test accuracy fell below the README's 0.98) and carries its
+# transitions with an EMA of the weights instead (bench_recipes.py)
 STAGED = [p for p in RECIPES if p.stem in ("bird225_spinal_staged", "caltech101_spinal_staged")]
 
 
 @pytest.mark.parametrize("path", STAGED, ids=lambda p: p.stem)
 def test_staged_recipes_unfreeze_gently(path):
     """After the head stage, every stage that trains the backbone keeps its BatchNorm statistics, starts at
-    most at lr 1e-4 and warms up over a whole epoch, as the no-recipe defaults (issue 12's stage transitions)."""
+    most at lr 1e-4 (photos near ImageNet's) and warms up over a whole epoch (issue 12's stage transitions)."""
     from finetune.config import load_yaml, resolve_raw
 
     stages = resolve_raw(load_yaml(path.read_text()))["stages"]
