@@ -101,7 +101,7 @@ def test_train_data_without_recipe_trains_evaluates_and_resumes(source, tmp_path
         split_cli(one, "--val", "0.25", "--test", "0.25", "--out", one / "split.csv")
     data = one / "split.csv" if source == "manifest" else one
     sets = ["data.input_size=32", "data.num_workers=0", "training.batch_size=8", "training.device=cpu",
-            f"training.cache_dir={tmp_path / 'cache'}", "stages.0.epochs=1", "stages.1.epochs=1", "stages.2.epochs=0"]
+            f"training.cache_dir={tmp_path / 'cache'}", "stages.0.epochs=1", "stages.1.epochs=1"]
     if source == "folder":
         sets += ["data.val=0.25", "data.test=0.25"]
     run = tmp_path / "run"

@@ -129,14 +129,14 @@ def test_train_without_recipe_uses_staged_defaults(tiny_folder, tmp_path):
     run = tmp_path / "run"
     code = main(["train", "--data", str(tiny_folder), "--backbone", "test_resnet", "--head", "linear",
                  "--out", str(run), "--quiet", "--set", "data.input_size=32", "--set", "data.num_workers=0",
-                 "--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1", "--set", "stages.2.epochs=1",
+                 "--set", "stages.0.epochs=1", "--set", "stages.1.epochs=1",
                  "--set", f"training.cache_dir={tmp_path / 'cache'}"])
     assert code == 0
-    assert [r["stage"] for r in read_metrics(run)] == ["0", "1", "2"]
+    assert [r["stage"] for r in read_metrics(run)] == ["0", "1"]
     # the head stage cached one view of the train transform (not the eval transform's features)
     (meta,) = (tmp_path / "cache").glob("*/meta.json")
     assert json.loads(meta.read_text())["settings"]["views"] == 1
-    # 'top' and 'all' trained the backbone with its BatchNorm statistics frozen (batchnorm: eval)
+    # 'all' trained the backbone with its BatchNorm statistics frozen (batchnorm: eval)
     torch.manual_seed(0)
     fresh = create_model("test_resnet", 3, head="linear").state_dict()
     trained = read_weights(run / "checkpoints" / "last")
@@ -155,12 +155,11 @@ def test_default_recipe_stage_settings():
     resolved = resolve_raw(default_recipe("data", "test_resnet", "spinal", "false"))
     stages = resolved["stages"]
     assert resolved["training"]["ema"] == 0.999 and resolved["training"]["ema_warmup"] is True
-    assert [(s["name"], s["train"]) for s in stages] == [("head", "head"), ("top", "last:2"), ("all", "all")]
+    assert [(s["name"], s["train"]) for s in stages] == [("head", "head"), ("all", "all")]
     assert stages[0]["feature_cache_views"] == 1 and stages[0]["optimizer"]["lr"] == 1e-3
     assert [s["batchnorm"] for s in stages[1:]] == ["eval", "eval"]
-    assert [s["epochs"] for s in stages] == [3, 2, 5] and all(s["schedule"]["warmup_epochs"] == 1 for s in stages)
-    assert stages[1]["optimizer"]["lr"] == stages[2]["optimizer"]["lr"] == 1e-3
-    assert stages[2]["optimizer"]["layer_decay"] == 0.8
+    assert [s["epochs"] for s in stages] == [3, 7] and all(s["schedule"]["warmup_epochs"] == 1 for s in stages)
+    assert stages[1]["optimizer"]["lr"] == 1e-3 and stages[1]["optimizer"]["layer_decay"] == 0.8
 
 
 def test_resize_cache_trains_from_pre_resized_copies(tiny_recipe, tmp_path):
