@@ -20,8 +20,8 @@ Arrays are ``.npy`` files read memory-mapped. Extraction streams each batch into
 files (no float32 copy of a split in RAM), shared between the processes of a machine under DDP (each
 writes its block of rows); they are written into a temporary folder that is renamed into place
 when complete. The pages written are handed back to the kernel as extraction goes (:func:`release_pages`):
-a large cache is never resident in the process, only in the page cache; ``meta.json``, written last, lists every file with its size, and a folder counts as a
-cache entry only when all of them are there (:func:`is_complete`). Eviction renames a folder away before
+a large cache is never resident in the process, only in the page cache. ``meta.json``, written last, lists
+every file with its size, and a folder counts as a cache entry only when all of them are there (:func:`is_complete`). Eviction renames a folder away before
 deleting it, so a process killed mid-delete leaves no folder under a key, and the next eviction finishes
 the delete.
 """
@@ -224,7 +224,6 @@ def trim_heap() -> None:
     trim = getattr(_LIBC, "malloc_trim", None) if _LIBC is not None else None
     if trim is not None:
         trim(0)
-
 
 
 def extract_into(rows: np.ndarray, backbone, dataset, *, indices: Optional[range] = None, device, amp_dtype,

@@ -71,7 +71,8 @@ def ema_delta(ema, model: Optional[torch.nn.Module]) -> tuple[dict[str, torch.Te
     model_state = model.state_dict() if model is not None else {}
     shared = [k for k, v in ema_state.items() if k in model_state and model_state[k].shape == v.shape
               and model_state[k].dtype == v.dtype and torch.equal(model_state[k], v)]
-    return {k: v for k, v in ema_state.items() if k not in set(shared)}, shared
+    same = set(shared)
+    return {k: v for k, v in ema_state.items() if k not in same}, shared
 
 
 def load_state_dict(saved: dict[str, Any], scaler: torch.amp.GradScaler, ema,
