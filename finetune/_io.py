@@ -1,11 +1,13 @@
-"""Output files: atomic writes (a reader sees the old file or the new one, never half of one), and
-failures to write reported as one line naming the path and the reason; and where caches live
-(:func:`cache_root`)."""
+"""Output files: atomic writes of files and of whole folders (a reader sees the old one or the new one, never
+half of one), failures to write reported as one line naming the path and the reason, text input read as
+UTF-8 or refused in one line, and where caches live (:func:`cache_root`)."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -168,3 +170,86 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     if cache_dir:
         return Path(cache_dir).expanduser()
     return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
+
+
+def read_text_file(path: str | os.PathLike, what: str) -> str:
+    """A UTF-8 text file's content (a leading byte-order mark dropped), or one `FinetuneError` line naming
+    ``what`` and ``path``: unreadable, or not UTF-8 (with the byte offset and line of the first bad byte)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise FinetuneError(f"cannot read {what} {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise FinetuneError(
+            f"{what} {path} is not UTF-8 text: byte {e.start:,} (line {line}) is {data[e.start:e.start + 1]!r}; "
+            "save it as UTF-8 (a spreadsheet's 'CSV UTF-8')"
+        ) from None
+
+
+def write_dir_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Create folder ``path`` by calling ``write(tmp_dir)`` on a temporary sibling, then swapping it in.
+
+    The swap is two renames (``path`` → ``path.old``, temporary → ``path``); if the second fails, the
+    old folder is put back. A process killed between them leaves ``path.old``, which :func:`recover_dir`
+    restores. Folders honour the umask.
+
+    Raises:
+        FinetuneError: the folder cannot be written (a read-only or full filesystem...), naming ``path``
+            and the reason; the previous folder is left as it was.
+    """
+    path = Path(path)
+    ensure_folder(path.parent, for_path=path)
+    tmp = None
+    old = path.with_name(path.name + ".old")
+    try:
+        recover_dir(path)
+        tmp = make_temp_dir(path.parent, prefix=f".{path.name}.tmp-")
+        write(tmp)
+        _fsync_dir_files(tmp)
+        if path.exists():
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old.exists() and not path.exists():
+                os.replace(old, path)
+            raise
+        fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise output_error(path, e) from e
+        raise
+    return path
+
+
+def recover_dir(path: str | Path) -> Path:
+    """Repair what a crash inside :func:`write_dir_atomic` left next to ``path``.
+
+    ``path.old`` without ``path`` (killed between the two renames) is renamed back to ``path``;
+    ``path.old`` beside ``path`` (killed before deleting it) is deleted, and so are interrupted
+    temporary folders ``.NAME.tmp-*``. Only one process may write a given ``path`` (rank 0).
+    """
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if old.is_dir():
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _fsync_dir_files(folder: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())

@@ -47,12 +47,16 @@ from typing import Any
 
 import numpy as np
 
-from finetune._io import atomic_write_text
+from finetune._io import write_dir_atomic
 from finetune.data import (
     COPY_SIMILARITY,
+    FLAT_LEVELS,
     Manifest,
     load_image,
     prepare_manifest,
+    colour_name,
+    flat_copies,
+    flat_signature,
     thumbnail_vector,
     thumbnail_views,
     view_similarity,
@@ -75,7 +79,7 @@ PCA_DIMS = 128
 MISSING_LOG_PROBABILITY = float(np.log(np.finfo(np.float64).tiny))
 """Out-of-fold log-probability of a class the fold's model never saw (about -708: the least normal float)."""
 OUTLIER_MADS = 6.0
-FILES = ("near_duplicates.csv", "label_issues.csv", "outliers.csv", "audit.html")
+FILES = ("near_duplicates.csv", "blank_images.csv", "label_issues.csv", "outliers.csv", "audit.html")
 
 
 @dataclass
@@ -90,6 +94,8 @@ class Audit:
             "score", "p_given", "p_suggested"}``.
         outliers: The images farthest from every class, farthest first: ``{"path", "split", "class",
             "distance", "nearest_class", "flagged"}`` (at least 20, or 1 % of the images).
+        blank_images: Blank or single-colour images, listed on their own (any two look alike to every
+            similarity): ``{"path", "split", "class", "colour"}`` (``#rrggbb``), in manifest order.
         settings: Backbone, input size, thresholds, folds.
         seconds: Time taken by each step (``features``, ``duplicates``, ``labels``, ``outliers``).
         features_cached: Whether the features came from the cache.
@@ -99,6 +105,7 @@ class Audit:
     near_duplicates: list[dict[str, Any]]
     label_issues: list[dict[str, Any]]
     outliers: list[dict[str, Any]]
+    blank_images: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     features_cached: bool = False
@@ -115,6 +122,7 @@ class Audit:
             "near_duplicate_images": sum(len(g["paths"]) for g in self.near_duplicates),
             "leaking_groups": len(leaking),
             "leaked_images": leaked,
+            "blank_images": len(self.blank_images),
             "label_issues": len(self.label_issues),
             "outliers_flagged": sum(o["flagged"] for o in self.outliers),
         }
@@ -196,6 +204,7 @@ def find_near_duplicates(
     thumbnail_cosine: float = THUMBNAIL_COSINE,
     copy_similarity: float = COPY_SIMILARITY,
     neighbours: int = NEIGHBOURS,
+    flat: dict[int, tuple] | None = None,
 ) -> list[tuple[list[int], float]]:
     """Groups of near-duplicate images (module docstring): embedding and thumbnail neighbours, confirmed by
     crop-aware thumbnails.
@@ -207,14 +216,26 @@ def find_near_duplicates(
         thumbnail_cosine: Least whole-thumbnail correlation of a candidate pair.
         copy_similarity: Least `view_similarity` of a confirmed pair.
         neighbours: Nearest images per image considered in each search.
+        flat: Filled with index → `flat_signature` of each blank or single-colour image (when given). Such
+            images are copies of each other only when their signatures agree (`flat_copies`): any two look
+            alike to embeddings and thumbnails.
 
     Returns:
         ``(indices, least confirmed similarity)`` per group, indices sorted, groups sorted by first index.
     """
+    flat = flat if flat is not None else {}
     if len(features) < 2:
         return []
-    thumbnails = np.stack([thumbnail_vector(load(i)) for i in range(len(features))])
+    thumbnails = []
+    for i in range(len(features)):
+        image = load(i)
+        thumbnails.append(thumbnail_vector(image))
+        signature = flat_signature(image)
+        if signature is not None:
+            flat[i] = signature
+    thumbnails = np.stack(thumbnails)
     pairs = _candidates(features, duplicate_cosine, neighbours) | _candidates(thumbnails, thumbnail_cosine, neighbours)
+    pairs |= _flat_pairs(flat)  # thumbnails cannot find blank copies (no contrast): their signatures do
     views: dict[int, np.ndarray] = {}
 
     def view(i: int) -> np.ndarray:
@@ -232,7 +253,10 @@ def find_near_duplicates(
 
     least: dict[tuple[int, int], float] = {}
     for i, j in sorted(pairs):
-        similarity = view_similarity(view(i), view(j))
+        if i in flat or j in flat:  # a blank image is a copy of another blank one of its size and colour only
+            similarity = 1.0 if flat_copies(flat.get(i), flat.get(j)) else 0.0
+        else:
+            similarity = view_similarity(view(i), view(j))
         if similarity >= copy_similarity:
             parent[find(i)] = find(j)
             least[(i, j)] = similarity
@@ -248,6 +272,23 @@ def find_near_duplicates(
         worst = min(s for (i, j), s in least.items() if find(i) == find(members[0]))
         result.append((members, worst))
     return sorted(result)
+
+
+def _flat_pairs(flat: dict[int, tuple]) -> set[tuple[int, int]]:
+    """Pairs ``(i, j)``, ``i < j``, of blank images whose signatures agree (`flat_copies`): bucketed by size
+    and colour, the buckets next to each other compared, so thousands of blank images cost no n² search."""
+    buckets: dict[tuple, list[int]] = {}
+    for i, signature in flat.items():
+        buckets.setdefault(signature, []).append(i)
+    keys = sorted(buckets)
+    pairs = set()
+    for a, key in enumerate(keys):
+        for other in keys[a:]:
+            if other[:2] != key[:2] or other[2] - key[2] > FLAT_LEVELS:
+                break
+            if flat_copies(key, other):
+                pairs |= {(min(i, j), max(i, j)) for i in buckets[key] for j in buckets[other] if i != j}
+    return pairs
 
 
 def _candidates(vectors: np.ndarray, least: float, k: int) -> set[tuple[int, int]]:
@@ -363,14 +404,18 @@ def audit_features(
 
     start = time.perf_counter()
     groups = []
+    flat: dict[int, tuple] = {}
     for number, (members, similarity) in enumerate(
-        find_near_duplicates(features, load, duplicate_cosine=duplicate_cosine, copy_similarity=copy_similarity)
+        find_near_duplicates(features, load, duplicate_cosine=duplicate_cosine, copy_similarity=copy_similarity,
+                             flat=flat)
     ):
         splits = [rows[i].split for i in members]
         groups.append({"group": number, "paths": [rows[i].path for i in members], "splits": splits,
                        "classes": [rows[i].label for i in members], "leak": len(set(splits)) > 1,
                        "similarity": round(similarity, 5)})
     groups.sort(key=lambda g: (not g["leak"], g["group"]))
+    blank = [{"path": rows[i].path, "split": rows[i].split, "class": rows[i].label, "colour": colour_name(flat[i])}
+             for i in sorted(flat)]
     seconds["duplicates"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -402,7 +447,7 @@ def audit_features(
     seconds["outliers"] = time.perf_counter() - start
     settings = {"duplicate_cosine": duplicate_cosine, "copy_similarity": copy_similarity, "folds": folds,
                 "seed": seed, "outlier_cutoff": round(cutoff, 5)}
-    return Audit(manifest, groups, issues, outliers, settings=settings, seconds=seconds)
+    return Audit(manifest, groups, issues, outliers, blank_images=blank, settings=settings, seconds=seconds)
 
 
 def audit_dataset(
@@ -464,7 +509,8 @@ def summary_text(audit: Audit, out_dir: str | os.PathLike | None = None) -> str:
         f"at {size} px ({'cached features' if audit.features_cached else 'features extracted'}; {total:.1f}s). "
         f"Near-duplicates: {s['near_duplicate_groups']} group(s) of {s['near_duplicate_images']} images, "
         f"{s['leaking_groups']} spanning splits (leakage: {s['leaked_images']} val/test image(s) with a near-copy "
-        f"in train). Label issues: {s['label_issues']} image(s) whose label the out-of-fold classifier confidently "
+        f"in train). Blank or single-colour images: {s['blank_images']} (listed on their own; copies only of one "
+        f"of the same size and colour). Label issues: {s['label_issues']} image(s) whose label the out-of-fold classifier confidently "
         f"contradicts. Outliers: {s['outliers_flagged']} image(s) far from every class."
     )
     return text + (f" Details in {out_dir}." if out_dir is not None else "")
@@ -474,37 +520,67 @@ def to_json(audit: Audit, files: dict[str, str] | None = None) -> dict[str, Any]
     """The ``--json`` object: summary, settings, seconds, the three lists and the files written."""
     return {"summary": audit.summary(), "settings": audit.settings, "features_cached": audit.features_cached,
             "seconds": {k: round(v, 3) for k, v in audit.seconds.items()}, "near_duplicates": audit.near_duplicates,
-            "label_issues": audit.label_issues, "outliers": audit.outliers, "files": files or {}}
+            "label_issues": audit.label_issues, "outliers": audit.outliers, "blank_images": audit.blank_images,
+            "files": files or {}}
 
 
 def write_audit(audit: Audit, out_dir: str | os.PathLike) -> dict[str, str]:
-    """Write ``near_duplicates.csv``, ``label_issues.csv``, ``outliers.csv`` and ``audit.html`` into ``out_dir``.
+    """Write ``near_duplicates.csv``, ``blank_images.csv``, ``label_issues.csv``, ``outliers.csv`` and
+    ``audit.html`` into ``out_dir``, as one folder swapped in atomically (as checkpoints are): a crash leaves
+    the previous audit there, or none, never a mix of old and new files or a half-written one.
 
     Returns:
         File name → path written.
+
+    Raises:
+        FinetuneError: ``out_dir`` is a file, or a folder holding anything but an earlier audit's files
+            (replacing it would delete them), or cannot be written.
     """
     from finetune.evaluation.audit_report import render_audit
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_audit_folder(out)
     duplicates = [
         (g["group"], int(g["leak"]), path, split, label, g["similarity"])
         for g in audit.near_duplicates for path, split, label in zip(g["paths"], g["splits"], g["classes"])
     ]
     tables = {
         "near_duplicates.csv": (("group", "leak", "path", "split", "class", "similarity"), duplicates),
+        "blank_images.csv": (("path", "split", "class", "colour"),
+                             [(b["path"], b["split"], b["class"], b["colour"]) for b in audit.blank_images]),
         "label_issues.csv": (("rank", "path", "split", "given", "suggested", "score", "p_given", "p_suggested"),
                              [(n, *r.values()) for n, r in enumerate(audit.label_issues, 1)]),
         "outliers.csv": (("rank", "path", "split", "class", "distance", "nearest_class", "flagged"),
                          [(n, *list(r.values())[:-1], int(r["flagged"])) for n, r in enumerate(audit.outliers, 1)]),
     }
-    written = {}
-    for name, (header, rows) in tables.items():
-        written[name] = str(atomic_write_text(out / name, _csv(header, rows)))
-    written["audit.html"] = str(atomic_write_text(out / "audit.html", render_audit(
-        audit.manifest, audit.near_duplicates, audit.label_issues, audit.outliers, summary=summary_text(audit),
-        settings=audit.settings)))
-    return written
+    html = render_audit(audit.manifest, audit.near_duplicates, audit.label_issues, audit.outliers,
+                        summary=summary_text(audit), settings=audit.settings)
+
+    def write(tmp: Path) -> None:
+        for name, (header, rows) in tables.items():
+            (tmp / name).write_text(_csv(header, rows), encoding="utf-8")
+        (tmp / "audit.html").write_text(html, encoding="utf-8")
+
+    write_dir_atomic(out, write)
+    return {name: str(out / name) for name in FILES}
+
+
+def check_audit_folder(out: Path, data_root: str | os.PathLike | None = None) -> None:
+    """Refuse an audit ``--out`` that is a file, holds anything but an earlier audit's `FILES` (the audit
+    replaces the whole folder), or is (or is inside) the data root, as ``finetune train`` refuses a run
+    folder there: the next scan would take the audit's files for data."""
+    if data_root is not None:
+        root, resolved = Path(data_root).resolve(), out.resolve()
+        if resolved == root or root in resolved.parents:
+            raise FinetuneError(f"--out {out} is inside the data root {data_root}: choose a folder outside it")
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"--out {out} is a file; give a folder for the audit")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in FILES)
+        if others:
+            raise FinetuneError(f"--out {out} holds files that are not an audit's ({', '.join(others[:3])}"
+                                f"{', …' if len(others) > 3 else ''}); the audit replaces the whole folder: give a "
+                                "new folder or an earlier audit's")
 
 
 def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

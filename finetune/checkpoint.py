@@ -16,18 +16,17 @@ either the old checkpoint or the new one. A crash between the two renames leaves
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
-from finetune._io import atomic_write_text, ensure_folder, fsync_dir, make_temp_dir, output_error
+from finetune._io import atomic_write_text, read_text_file, recover_dir, write_dir_atomic  # noqa: F401 (recover_dir: re-exported)
 from finetune._version import __version__
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, one_line, short_repr
+from finetune.models.factory import check_backbone_kwargs
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -40,71 +39,6 @@ def library_versions() -> dict[str, str]:
     import timm
 
     return {"finetune": __version__, "torch": torch.__version__, "timm": timm.__version__}
-
-
-def write_dir_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Create folder ``path`` by calling ``write(tmp_dir)`` on a temporary sibling, then swapping it in.
-
-    The swap is two renames (``path`` → ``path.old``, temporary → ``path``); if the second fails, the
-    old folder is put back. A process killed between them leaves ``path.old``, which :func:`recover_dir`
-    restores. Folders honour the umask.
-
-    Raises:
-        FinetuneError: the folder cannot be written (a read-only or full filesystem...), naming ``path``
-            and the reason; the previous folder is left as it was.
-    """
-    path = Path(path)
-    ensure_folder(path.parent, for_path=path)
-    tmp = None
-    old = path.with_name(path.name + ".old")
-    try:
-        recover_dir(path)
-        tmp = make_temp_dir(path.parent, prefix=f".{path.name}.tmp-")
-        write(tmp)
-        _fsync_dir_files(tmp)
-        if path.exists():
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old.exists() and not path.exists():
-                os.replace(old, path)
-            raise
-        fsync_dir(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException as e:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise output_error(path, e) from e
-        raise
-    return path
-
-
-def recover_dir(path: str | Path) -> Path:
-    """Repair what a crash inside :func:`write_dir_atomic` left next to ``path``.
-
-    ``path.old`` without ``path`` (killed between the two renames) is renamed back to ``path``;
-    ``path.old`` beside ``path`` (killed before deleting it) is deleted, and so are interrupted
-    temporary folders ``.NAME.tmp-*``. Only one process may write a given ``path`` (rank 0).
-    """
-    path = Path(path)
-    old = path.with_name(path.name + ".old")
-    if old.is_dir():
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(old, path)
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def _fsync_dir_files(folder: Path) -> None:
-    for f in folder.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
@@ -276,7 +210,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     folder = resolve_checkpoint(path)
     file = folder / META_FILE
     try:
-        meta = json.loads(file.read_text())
+        meta = json.loads(read_text_file(file, "checkpoint description"))
     except json.JSONDecodeError as e:
         raise FinetuneError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(meta, dict):
@@ -291,13 +225,23 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         if key not in meta:
             raise FinetuneError(f"checkpoint {folder} lacks '{key}' in {META_FILE}")
     classes = meta["classes"]
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise FinetuneError(f"{file}: classes must be a list of names, got {str(classes)[:60]!r}")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise FinetuneError(f"{file}: classes must be a list of names, got {short_repr(classes)}")
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise FinetuneError(f"{file}: classes names {', '.join(map(repr, repeated[:5]))} more than once: two "
+                            "outputs would print as the same class")
     num_classes = meta.setdefault("num_classes", len(classes))
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise FinetuneError(f"{file}: num_classes must be a whole number of outputs, got {short_repr(num_classes)}")
     if num_classes != len(classes):
         raise FinetuneError(f"{file} lists {len(classes)} classes for a model with {num_classes} outputs (num_classes)")
-    if not isinstance(meta.setdefault("backbone_kwargs", {}), dict):
-        raise FinetuneError(f"{file}: backbone_kwargs must be a mapping, got {meta['backbone_kwargs']!r}")
+    if not isinstance(meta["backbone"], str) or not meta["backbone"]:
+        raise FinetuneError(f"{file}: backbone must be a timm model name, got {short_repr(meta['backbone'])}")
+    try:  # the rule a recipe's model.backbone_kwargs is validated with
+        check_backbone_kwargs(meta.setdefault("backbone_kwargs", {}))
+    except ValueError as e:
+        raise FinetuneError(f"{file}: backbone_kwargs: {e}") from None
     return meta
 
 
@@ -321,6 +265,11 @@ def load_weights(folder: str | Path, model: torch.nn.Module, description: str,
     if wrong:
         k = wrong[0]
         detail = f"{k} is {list(state[k].shape)} in the file, {list(expected[k].shape)} in the model"
+    elif missing and not unexpected and not (Path(folder) / FROZEN_FILE).exists():
+        # a checkpoint that split its weights: the missing ones were in the other file
+        raise FinetuneError(f"{Path(folder) / FROZEN_FILE} is missing: {len(missing)} weights of the model "
+                            f"({description}), e.g. {missing[0]}, are not in {WEIGHTS_FILE} (a checkpoint "
+                            f"folder that split its weights needs both files)")
     elif missing or unexpected:
         detail = f"missing {missing[:3]}, unexpected {unexpected[:3]}"
     else:
@@ -348,10 +297,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
         model = create_model(meta["backbone"], meta["num_classes"], head=meta["head"], pretrained=False, **kwargs)
     except FinetuneError as e:
         raise FinetuneError(f"{folder / META_FILE}: {e}") from None
-    except TypeError as e:
-        raise FinetuneError(
-            f"{folder / META_FILE}: backbone_kwargs {kwargs} do not fit {meta['backbone']}: {e}"
-        ) from None
+    except (TypeError, ValueError, KeyError, AttributeError, AssertionError, RuntimeError) as e:
+        # timm's model constructors check their arguments in many ways, none of them a FinetuneError
+        raise FinetuneError(one_line(
+            f"{folder / META_FILE}: backbone_kwargs {short_repr(kwargs)} do not fit {meta['backbone']}: "
+            f"{type(e).__name__}: {e}"
+        )) from None
     description = describe_model(meta["backbone"], meta["head"], meta["num_classes"], kwargs)
     load_weights(folder, model, description, map_location)
     return model.to(map_location).eval(), meta

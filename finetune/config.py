@@ -21,6 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       model_validator)
 
 from finetune.errors import FinetuneError, one_line, short_repr
+from finetune.models.factory import check_backbone_kwargs
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Metric = Literal["accuracy", "macro_f1", "balanced_accuracy", "loss"]
@@ -148,12 +149,7 @@ class ModelConfig(_Section):
     @field_validator("backbone_kwargs")
     @classmethod
     def _drop_rates(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
-        # timm keeps drop rates as given and first uses them in a training forward pass: check them here
-        for key, value in kwargs.items():
-            if re.fullmatch(r"\w*drop\w*_rate", key) and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
-            ):
-                raise ValueError(f"{key} must be a number from 0 to 1 (got {short_repr(value)})")
+        check_backbone_kwargs(kwargs)  # the rule checkpoints are loaded with too
         return kwargs
 
 
@@ -584,8 +580,9 @@ def check_against_model(recipe: Recipe, source: str = "recipe") -> None:
             model = create_model(backbone, 2, head=head, pretrained=False, **recipe.model.backbone_kwargs)
     except FinetuneError as e:
         raise FinetuneError(f"{source}: model: {e}") from None
-    except TypeError as e:
-        raise FinetuneError(f"{source}: model.backbone_kwargs: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, AssertionError, RuntimeError) as e:
+        # timm's model constructors check their arguments in many ways, none of them a FinetuneError
+        raise FinetuneError(one_line(f"{source}: model.backbone_kwargs: {type(e).__name__}: {e}")) from None
     input_size = recipe.data.input_size or model.data_config()["input_size"][-2:]
     try:
         check_forward(model, (3, *((input_size,) * 2 if isinstance(input_size, int) else input_size)))

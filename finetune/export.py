@@ -1,7 +1,8 @@
 """Export a checkpoint's model as ONNX, TorchScript or plain safetensors, with its labels beside it.
 
-Every export writes two files: the model (``NAME.onnx``, ``NAME.pt`` or ``NAME.safetensors``) and
-``NAME.json`` holding the class names, the preprocessing and the input/output names and shapes. The model
+Every export writes two files: the model (``NAME.onnx``, ``NAME.pt`` or ``NAME.safetensors``) and its own
+metadata file, the model's file name plus ``.json`` (``NAME.onnx.json``, ``NAME.pt.json``, ...: exports of
+several formats to one stem never share, and so never overwrite, each other's metadata), holding the class names, the preprocessing and the input/output names and shapes. The model
 takes a float32 ``N×3×H×W`` batch (RGB, resized, centre-cropped and normalised as the JSON says; any ``N``)
 named ``input`` and returns ``N×C`` logits named ``logits``. A calibrated checkpoint's temperature
 (:mod:`finetune.calibration`) is divided out inside the ONNX and TorchScript graphs, so their softmax is what
@@ -33,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from finetune._io import atomic_write, atomic_write_text, check_output
+from finetune._io import atomic_write, atomic_write_text, check_output, read_text_file
 from finetune.calibration import TemperatureScaled, meta_temperature
 from finetune.errors import FinetuneError
 
@@ -58,8 +59,8 @@ def export_model(
         checkpoint: the checkpoint or run folder.
         format: ``onnx``, ``torchscript`` or ``safetensors``.
         out: the model file to write; by default next to the checkpoint folder, named after it
-            (``checkpoints/best`` → ``checkpoints/best.onnx``, ``best.int8.onnx`` quantised). The JSON goes to the same path with the
-            suffix ``.json``.
+            (``checkpoints/best`` → ``checkpoints/best.onnx``, ``best.int8.onnx`` quantised). The JSON goes to
+            `metadata_path` of it (``best.onnx.json``).
         quantize: ``"int8"`` (ONNX only): onnxruntime's quantisation, static when ``calibration_images``
             are given, else dynamic.
         calibration_images: images (typically a sample of the training split) whose activation ranges
@@ -91,7 +92,7 @@ def export_model(
     out = Path(out) if out is not None else folder.with_name(folder.name.removesuffix(".onnx") + suffix)
     if out.suffix == ".json":
         raise FinetuneError(f"{out}: the model file cannot end in .json (the labels file is written beside it)")
-    sidecar = out.with_suffix(".json")
+    sidecar = metadata_path(out)
     check_output(out)
     check_output(sidecar)
 
@@ -127,6 +128,13 @@ def export_model(
     atomic_write(out, lambda tmp: writer(model, example, info, tmp))
     atomic_write_text(sidecar, json.dumps(info, indent=2) + "\n")
     return out
+
+
+def metadata_path(model_file: str | os.PathLike) -> Path:
+    """The metadata JSON of an exported model file: its name plus ``.json`` (``m.onnx`` → ``m.onnx.json``), so
+    the exports of each format (and the int8 one) keep their own."""
+    model_file = Path(model_file)
+    return model_file.with_name(model_file.name + ".json")
 
 
 def export_info(meta: dict[str, Any], *, format: str, filename: str, source: str | os.PathLike) -> dict[str, Any]:
@@ -283,9 +291,13 @@ def read_onnx_info(path: str | os.PathLike) -> dict[str, Any]:
     for prop in proto.metadata_props:
         if prop.key == ONNX_METADATA_KEY:
             return json.loads(prop.value)
-    sidecar = path.with_suffix(".json")
-    if sidecar.is_file():
-        return json.loads(sidecar.read_text())
+    sidecar = metadata_path(path)
+    for candidate in (sidecar, path.with_suffix(".json")):  # NAME.json: what finetune 0.x wrote
+        if candidate.is_file():
+            try:
+                return json.loads(read_text_file(candidate, "export metadata"))
+            except json.JSONDecodeError as e:
+                raise FinetuneError(f"{candidate} is not valid JSON: {e}") from None
     raise FinetuneError(f"{path} holds no class names or preprocessing (not exported by finetune, and no "
                         f"{sidecar.name} beside it)")
 

@@ -156,7 +156,7 @@ def test_cli_audits_a_pre_split_folder_with_json_and_a_self_contained_escaped_re
     assert report["summary"]["leaking_groups"] == 1 and report["summary"]["leaked_images"] == 1
     (group,) = [g for g in report["near_duplicates"] if g["leak"]]
     assert sorted(group["paths"]) == ["test/circle/copy.png", "train/circle/003.png"]
-    assert set(report["files"]) == {"near_duplicates.csv", "label_issues.csv", "outliers.csv", "audit.html"}
+    assert set(report["files"]) == {"near_duplicates.csv", "blank_images.csv", "label_issues.csv", "outliers.csv", "audit.html"}
     rows = list(csv.DictReader(open(out / "near_duplicates.csv", encoding="utf-8")))
     assert {(r["path"], r["leak"]) for r in rows} >= {("test/circle/copy.png", "1"), ("train/circle/003.png", "1")}
     assert (out / "label_issues.csv").read_text().startswith("rank,path,split,given,suggested,score")

@@ -25,15 +25,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, one_line(f"{self.prog}: error: {message} (see {self.prog} --help)") + "\n")
 
 
-def positive_int(text: str) -> int:
-    """An argparse ``type``: a whole number of 1 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more (got {value})")
-    return value
+def whole_number(least: int):
+    """An argparse ``type``: a whole number of ``least`` or more."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be {least} or more (got {value})")
+        return value
+
+    parse.__name__ = f"whole number >= {least}"
+    return parse
+
+
+positive_int = whole_number(1)
+"""An argparse ``type``: a whole number of 1 or more."""
 
 
 def build_parser() -> argparse.ArgumentParser:

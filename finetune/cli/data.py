@@ -199,9 +199,12 @@ def _split(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from finetune.audit import audit_dataset, summary_text, to_json, write_audit
+    from finetune.audit import audit_dataset, check_audit_folder, summary_text, to_json, write_audit
 
     _log_to_stderr()  # progress and warnings; stdout stays the summary or pure JSON
+    out = args.out or Path(f"audit-{args.root.resolve().stem}")
+    data_root = args.data_root or (args.root.parent if args.root.is_file() else args.root)
+    check_audit_folder(out, data_root)  # before the audit, which may take long
     pretrained = {"none": False, "false": False, "true": True}.get(args.pretrained.lower(), args.pretrained)
     audit = audit_dataset(
         args.root, root=args.data_root, backbone=args.backbone, pretrained=pretrained, input_size=args.input_size, card=args.card,
@@ -209,7 +212,6 @@ def _audit(args: argparse.Namespace) -> int:
         num_workers=args.num_workers, cache_dir=args.cache_dir, duplicate_cosine=args.duplicate_cosine,
         folds=args.folds,
     )
-    out = args.out or Path(f"audit-{args.root.resolve().stem}")
     files = write_audit(audit, out)
     print(json.dumps(to_json(audit, files), indent=2, ensure_ascii=False) if args.json else summary_text(audit, out))
     return 0

@@ -9,8 +9,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "export", help="export a checkpoint as ONNX, TorchScript or safetensors (with a JSON of labels)",
         description="Export a checkpoint's model. The model takes a float32 N×3×H×W batch named 'input' "
-                    "(any N) and returns N×C logits named 'logits'; NAME.json beside it holds the class "
-                    "names and the preprocessing.",
+                    "(any N) and returns N×C logits named 'logits'; its own MODEL_FILE.json beside it "
+                    "(m.onnx.json, m.pt.json...) holds the class names and the preprocessing.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT|MODEL.onnx",
                    help="checkpoint folder (or a run folder: its best checkpoint); with --quantize also an fp32 "
@@ -34,14 +34,14 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from finetune.errors import FinetuneError
-    from finetune.export import export_model
+    from finetune.export import export_model, metadata_path
 
     if (args.calibration or args.data) and not args.quantize:
         raise FinetuneError("--calibration and --data choose the images of static int8 quantisation: add --quantize int8")
     images = calibration_images(args.checkpoint, args.calibration, args.data) if args.calibration else ()
     path = export_model(args.checkpoint, format=args.format, out=args.out, quantize=args.quantize,
                         calibration_images=images)
-    print(f"wrote {path} and {path.with_suffix('.json')}"
+    print(f"wrote {path} and {metadata_path(path)}"
           + (f" (int8, {'static: ' + str(len(images)) + ' calibration images' if images else 'dynamic'})"
              if args.quantize else ""))
     return 0

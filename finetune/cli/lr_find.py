@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.cli import positive_int
+from finetune.cli import whole_number
 
 
 def add_parser(subparsers) -> None:
@@ -20,7 +20,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, as for finetune train (repeatable)")
     p.add_argument("--out", metavar="DIR", help="output folder (default: lr-find-RECIPE_NAME-stageN)")
-    p.add_argument("--updates", type=positive_int, default=100, help="updates in the sweep (default 100)")
+    p.add_argument("--updates", type=whole_number(2), default=100,
+                   help="updates in the sweep, 2 or more (default 100)")
     p.add_argument("--start-lr", type=float, default=1e-7, help="the first learning rate (default 1e-7)")
     p.add_argument("--end-lr", type=float, default=10.0, help="the last learning rate (default 10)")
     p.set_defaults(func=run)

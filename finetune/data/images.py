@@ -347,10 +347,39 @@ def _unit(grey: np.ndarray) -> np.ndarray:
 def view_similarity(a: np.ndarray, b: np.ndarray) -> float:
     """Crop-aware correlation of two images' `thumbnail_views`: 1.0 for copies, lower for different images.
 
-    A flat image (no contrast) correlates 0 with any other image, and 1.0 with another flat one."""
-    if not a[0].any() and not b[0].any():
-        return 1.0
+    An image without contrast (blank, single-colour) correlates 0 with any image, another flat one included:
+    its thumbnail says nothing about its content, so any two would score 1.0 (a 1×1 red and a 40×40 green
+    image). Whether two such images are copies is `flat_signature`'s to say."""
+    if not a[0].any() or not b[0].any():
+        return 0.0
     return float(max((a @ b[0]).max(), (b @ a[0]).max()))
+
+
+FLAT_LEVELS = 2
+"""Most a channel of a blank or single-colour image varies (in 0..255 levels, at thumbnail scale)."""
+
+
+def flat_signature(image: np.ndarray) -> tuple[int, int, int, int, int] | None:
+    """``(height, width, r, g, b)`` of a blank or single-colour image (every channel within `FLAT_LEVELS`
+    at thumbnail scale), else None. Two such images are copies only when their signatures agree (the same
+    size, each channel's mean within `FLAT_LEVELS`): `flat_copies`."""
+    rgb = image if image.ndim == 3 else image[:, :, None].repeat(3, axis=2)
+    small = cv2.resize(rgb, (THUMBNAIL, THUMBNAIL), interpolation=cv2.INTER_AREA).reshape(-1, 3)
+    if (small.max(axis=0).astype(int) - small.min(axis=0)).max() > FLAT_LEVELS:
+        return None
+    r, g, b = (int(round(v)) for v in rgb.reshape(-1, 3).mean(axis=0))
+    return rgb.shape[0], rgb.shape[1], r, g, b
+
+
+def flat_copies(a: tuple | None, b: tuple | None) -> bool:
+    """Whether two `flat_signature` values are one blank image: both flat, the same size and colour."""
+    return (a is not None and b is not None and a[:2] == b[:2]
+            and max(abs(x - y) for x, y in zip(a[2:], b[2:])) <= FLAT_LEVELS)
+
+
+def colour_name(signature: tuple) -> str:
+    """A `flat_signature`'s colour as ``#rrggbb``."""
+    return "#" + "".join(f"{v:02x}" for v in signature[2:])
 
 
 COPY_SIMILARITY = 0.999
@@ -370,7 +399,9 @@ def hash_leaks(
 ) -> list[list[str]]:
     """Groups of images in more than one split with the same perceptual hash, confirmed as copies by
     `view_similarity` (``finetune train``'s quick leakage check: no backbone, no decoding beyond the
-    images whose hash collides across splits, at most ``max_groups`` hash groups).
+    images whose hash collides across splits, at most ``max_groups`` hash groups). Blank or single-colour
+    images all look alike to the hash and the thumbnails: they leak only when `flat_copies` says two are
+    one image (same size and colour).
 
     Args:
         paths: The images (as ``load`` takes them).
@@ -389,10 +420,13 @@ def hash_leaks(
     groups = [g for g in by_hash.values() if len({splits[i] for i in g}) > 1][:max_groups]
     leaked = []
     for group in groups:
-        views = {i: thumbnail_views(load(paths[i])) for i in group}
+        images = {i: load(paths[i]) for i in group}
+        views = {i: thumbnail_views(image) for i, image in images.items()}
+        flat = {i: flat_signature(image) for i, image in images.items()}
         members = {
             k for a in group for b in group
-            if splits[a] != splits[b] and a < b and view_similarity(views[a], views[b]) >= threshold
+            if splits[a] != splits[b] and a < b
+            and (flat_copies(flat[a], flat[b]) or view_similarity(views[a], views[b]) >= threshold)
             for k in (a, b)
         }
         if members:

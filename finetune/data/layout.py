@@ -12,8 +12,11 @@ Two layouts are recognised:
 
 A class folder's images are all files with an image suffix (`IMAGE_EXTENSIONS`, any case) anywhere below
 it, nested folders included. Hidden files and folders (name starting with ``.``) and other files are
-ignored; a class folder holding no image is ignored. Symlinked folders and files are followed, but a link
-back to a folder already walked or to one of its ancestors (a cycle) is not.
+ignored; a class folder holding no image is ignored. A folder named like an image (``shots.png/``) is listed
+as a file, so the scan reports it as a bad file ("not a regular file (a folder)"); its contents are not
+walked. Symlinked folders and files are followed, but a link back to a folder already walked or to one of
+its ancestors (a cycle) is not. A folder that cannot be listed (permissions, I/O errors) is an error naming
+it: skipping it would silently drop a class or part of one.
 
 Seeded, stratified splitting of one folder of class sub-folders into train/val/test.
 
@@ -163,10 +166,15 @@ def find_images(folder: Path, root: Path) -> list[str]:
     top = os.path.realpath(folder)
     walked = {top}
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=_unlistable, followlinks=True):
         keep = []
+        rel = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if rel == "." else rel + "/"  # string joins: a pathlib join per file costs more than the walk
         for name in sorted(dirnames):  # sorted: when two links reach one folder, the first name wins
             if name.startswith("."):
+                continue
+            if is_image_file(name):  # a folder named like an image: listed, so the scan reports it as bad
+                found.append(prefix + name)
                 continue
             real = os.path.realpath(os.path.join(dirpath, name))
             if real in walked or os.path.commonpath([real, top]) == real:
@@ -174,14 +182,37 @@ def find_images(folder: Path, root: Path) -> list[str]:
             walked.add(real)
             keep.append(name)
         dirnames[:] = keep
-        rel = Path(dirpath).relative_to(root).as_posix()
-        prefix = "" if rel == "." else rel + "/"  # string joins: a pathlib join per file costs more than the walk
         found.extend(prefix + name for name in filenames if is_image_file(name))
     return sorted(found)
 
 
+def _unlistable(error: OSError) -> None:
+    """``os.walk``'s error hook: a folder that cannot be listed (permissions, I/O) is an error naming it.
+
+    ``os.walk`` skips such a folder silently by default, which drops a whole class without a word."""
+    raise FinetuneError(f"cannot list folder {error.filename}: {error.strerror or error}"
+                        " (its images would be left out; fix its permissions or move it out of the dataset)")
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    """The entries of ``folder``, or `FinetuneError` naming it when it cannot be listed."""
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except OSError as e:
+        e.filename = e.filename or str(folder)
+        _unlistable(e)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a link that cannot be followed (ELOOP, EACCES): not a folder we can use
+        return False
+
+
 def _subdirs(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and e.is_dir())
+    return sorted(e.name for e in _entries(folder) if not e.name.startswith(".") and _is_dir(e))
 
 
 def _class_images(root: Path, split_dir: Path) -> dict[str, list[str]]:
@@ -195,7 +226,7 @@ def _class_images(root: Path, split_dir: Path) -> dict[str, list[str]]:
         images = find_images(split_dir / name, root)
         if images:
             classes[name] = images
-    loose = sum(1 for e in os.scandir(split_dir) if e.is_file() and is_image_file(e.name))
+    loose = sum(1 for e in _entries(split_dir) if is_image_file(e.name) and not _is_dir(e))
     if loose:
         logger.warning("ignoring %d image(s) directly in %s: images must be inside a class folder", loose, split_dir)
     return classes

@@ -52,7 +52,7 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import NamedTuple
 
-from finetune._io import atomic_write_text
+from finetune._io import atomic_write_text, read_text_file
 from finetune.data._scan_cache import default_scan_cache
 from finetune.data.cards import load_card
 from finetune.data.images import (
@@ -191,10 +191,7 @@ class Manifest:
                 root, a path listed twice, or no row at all.
         """
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except OSError as e:
-            raise FinetuneError(f"cannot read manifest {path}: {e.strerror or e}") from e
+        text = read_text_file(path, "manifest")
         reader = csv.reader(io.StringIO(text, newline=""))
         header = next(reader, None)
         if header is None or tuple(header) != HEADER:
@@ -255,6 +252,7 @@ def prepare_manifest(
     report_path: str | os.PathLike | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     scan_cache: bool | str | os.PathLike = True,
+    report_shown_as: str | os.PathLike | None = None,
 ) -> tuple[Manifest, list[BadFile]]:
     """Find, split and check a dataset: the one entry point of a training run.
 
@@ -290,6 +288,8 @@ def prepare_manifest(
         max_pixels: Largest width × height accepted by the scan.
         scan_cache: Reuse and record what the scan learns about unchanged files: True for the shared cache
             (`default_scan_cache`), a path for another database, False to decode every image.
+        report_shown_as: The path the warning about bad files names (default ``report_path``): where the
+            report will be once the caller publishes it (a run writes it into a staging folder first).
 
     Returns:
         The manifest of usable images (split names ``train``/``val``/``test``) and the bad files excluded.
@@ -339,7 +339,8 @@ def prepare_manifest(
 
     # Scan before splitting: the split sizes count usable images only, so a class with a bad file still gets
     # train_per_class training images, and a bad file is split exactly as if it were absent.
-    results = _scan(data_root, paths, report_path, max_pixels, scan_cache) if scan else []
+    results = (_scan(data_root, paths, report_path, max_pixels, scan_cache, report_shown_as or report_path)
+               if scan else [])
     bad = bad_files(results)
     dropped = {b.path for b in bad}
     if unsplit is not None:
@@ -414,14 +415,14 @@ def _check_class_count(card: Mapping | None, classes: list[str], source: str) ->
 
 
 def _scan(root: Path, paths: list[str], report_path: str | os.PathLike | None, max_pixels: int,
-          scan_cache: bool | str | os.PathLike) -> list[ScanResult]:
-    """Scan the images, write the bad-file report and warn about the bad files."""
+          scan_cache: bool | str | os.PathLike, shown_as: str | os.PathLike | None) -> list[ScanResult]:
+    """Scan the images, write the bad-file report and warn about the bad files (naming the report as ``shown_as``)."""
     results = scan_images(root, paths, max_pixels=max_pixels, cache=_cache_path(scan_cache))
     bad = bad_files(results)
     if report_path is not None:
         write_report(report_path, bad)
     if bad:
-        where = f"; listed in {report_path}" if report_path is not None else ""
+        where = f"; listed in {shown_as}" if shown_as is not None else ""
         logger.warning("excluded %d unusable image(s)%s, e.g. %s: %s", len(bad), where, bad[0].path, bad[0].reason)
     return results
 

@@ -3,7 +3,6 @@ validation split, and store it in its ``checkpoint.json``. The end of training a
 both run :func:`calibrate_checkpoint`."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,7 +11,7 @@ import numpy as np
 import torch
 
 from finetune.calibration import fit_temperature, softmax
-from finetune.checkpoint import META_FILE, load_checkpoint, resolve_checkpoint, write_json_atomic
+from finetune.checkpoint import META_FILE, load_checkpoint, read_meta, resolve_checkpoint, write_json_atomic
 from finetune.errors import FinetuneError
 from finetune.evaluation.metrics import expected_calibration_error, negative_log_likelihood
 from finetune.inference import eval_transform, predict_probabilities
@@ -70,6 +69,6 @@ def calibrate_checkpoint(
 def set_temperature(checkpoint: str | os.PathLike, temperature: float) -> None:
     """Store ``temperature`` in a checkpoint's ``checkpoint.json`` (rewritten atomically)."""
     file = Path(resolve_checkpoint(checkpoint)) / META_FILE
-    meta = json.loads(file.read_text())
+    meta = read_meta(file.parent)  # checked as every load checks it
     meta["temperature"] = float(temperature)
     write_json_atomic(file, meta)

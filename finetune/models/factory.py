@@ -1,6 +1,7 @@
 """``create_model``: a timm backbone with its classifier replaced by a finetune head."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
@@ -10,7 +11,7 @@ from timm.layers import to_2tuple
 from timm.models import group_parameters
 from torch import nn
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, short_repr
 from finetune.models.heads import create_head
 from finetune.models.weights import (
     SOURCES_HINT,
@@ -182,6 +183,27 @@ def parse_head(head: HeadSpec) -> dict[str, Any]:
     if isinstance(head, Mapping) and isinstance(head.get("name"), str):
         return dict(head)
     raise FinetuneError(f"head must be a name or a mapping with a 'name' key, got {head!r}")
+
+
+def check_backbone_kwargs(kwargs: Any) -> None:
+    """Refuse ``backbone_kwargs`` that timm would take and fail on only later, deep inside a forward pass.
+
+    The one rule for a recipe's ``model.backbone_kwargs`` and a checkpoint's ``backbone_kwargs``: a mapping
+    of names to values, and every ``*drop*_rate`` a number from 0 to 1 (timm keeps drop rates as given and
+    first uses them in a training forward pass).
+
+    Raises:
+        ValueError: naming the key and the value.
+    """
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"must be a mapping of timm.create_model arguments (got {short_repr(kwargs)})")
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValueError(f"{short_repr(key)} is not an argument name")
+        if re.fullmatch(r"\w*drop\w*_rate", key) and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
+        ):
+            raise ValueError(f"{key} must be a number from 0 to 1 (got {short_repr(value)})")
 
 
 def create_model(

@@ -81,19 +81,25 @@ def run_manifest(path: Path, data, *, is_main: bool, dist: ddp.DistInfo, run_dir
             from finetune.data import write_digits
 
             write_digits(data.root)
-        manifest, bad = prepare_manifest(
+        manifest, _ = prepare_manifest(
             data.root, manifest=data.manifest, card=data.card, val=data.val, test=data.test,
             train_per_class=data.train_per_class, exclude=tuple(data.exclude), seed=data.seed,
-            report_path=path.parent / "bad_files.csv",
+            report_path=path.parent / "bad_files.csv", report_shown_as=run_dir / "bad_files.csv",
         )
-        if bad:
-            log.warning("excluded %d unreadable image(s); see %s", len(bad), run_dir / "bad_files.csv")
         manifest.write_csv(path)
     ddp.barrier(dist)
     manifest = Manifest.read_csv(path, root=manifest_root(data.root, data.manifest))
     if "train" not in manifest.splits() or "val" not in manifest.splits():
+        found = ", ".join(manifest.splits())
+        if data.val and "val" not in manifest.splits():  # data.val was given: too few images to take any
+            largest = max(manifest.counts()[manifest.splits()[0]].values(), default=0)
+            raise FinetuneError(
+                f"the data needs train and val splits, found {found}: data.val is {data.val}, but no class "
+                f"has enough usable images to give one to val (at most {largest} per class in "
+                f"{manifest.splits()[0]}; a class needs 2 or more); add images, or give a validation folder"
+            )
         raise FinetuneError(
-            f"the data needs train and val splits, found {', '.join(manifest.splits())} "
+            f"the data needs train and val splits, found {found} "
             "(give data.val, or a validation folder named val/valid/validation)"
         )
     if len(manifest.classes) < 2:

@@ -18,8 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
-from finetune._io import atomic_write_text, ensure_folder
-from finetune.checkpoint import recover_dir
+from finetune._io import atomic_write_text, ensure_folder, recover_dir
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")

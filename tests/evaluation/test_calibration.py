@@ -79,7 +79,7 @@ def test_evaluate_shows_ece_before_and_after_and_keeps_accuracy(colour_net, imag
 def test_onnx_export_divides_the_logits_by_the_temperature(checkpoint, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from finetune.checkpoint import load_checkpoint
-    from finetune.export import export_model
+    from finetune.export import export_model, metadata_path
 
     ckpt = shutil.copytree(checkpoint, tmp_path / "ckpt")
     set_temperature(ckpt, 2.5)
@@ -91,7 +91,7 @@ def test_onnx_export_divides_the_logits_by_the_temperature(checkpoint, tmp_path)
     with torch.no_grad():
         expected = model(batch) / 2.5
     torch.testing.assert_close(torch.from_numpy(got), expected, rtol=1e-4, atol=1e-5)
-    assert json.loads(path.with_suffix(".json").read_text())["temperature"] == 2.5
+    assert json.loads(metadata_path(path).read_text())["temperature"] == 2.5
 
 
 def test_calibrate_command_stores_the_temperature(checkpoint, image_folder, tmp_path, capsys):

@@ -8,7 +8,7 @@ import torch
 from finetune.checkpoint import load_checkpoint
 from finetune.cli import main
 from finetune.errors import FinetuneError
-from finetune.export import export_model
+from finetune.export import export_model, metadata_path
 from finetune.models import create_model
 
 CLASSES = ["cat", "dog", "fox", "owl"]
@@ -61,7 +61,7 @@ def test_safetensors_export_rebuilds_the_model_from_its_json(checkpoint, tmp_pat
     from safetensors.torch import load_file
 
     path = export_model(checkpoint, format="safetensors", out=tmp_path / "weights.safetensors")
-    info = json.loads(path.with_suffix(".json").read_text())
+    info = json.loads(metadata_path(path).read_text())
     model = create_model(info["backbone"], info["num_classes"], head=info["head"], **info["backbone_kwargs"])
     model.load_state_dict(load_file(str(path)))
     batch = torch.randn(2, 3, 32, 32)
@@ -76,13 +76,13 @@ def test_safetensors_export_rebuilds_the_model_from_its_json(checkpoint, tmp_pat
 def test_export_writes_classes_and_preprocessing_beside_the_model(checkpoint, tmp_path, preprocessing):
     path = export_model(checkpoint, format="safetensors", out=tmp_path / "deploy" / "birds.safetensors")
 
-    info = json.loads((tmp_path / "deploy" / "birds.json").read_text())
+    info = json.loads((tmp_path / "deploy" / "birds.safetensors.json").read_text())
     assert path == tmp_path / "deploy" / "birds.safetensors"
     assert info["classes"] == ["cat", "dog", "fox"] and info["num_classes"] == 3
     assert info["preprocessing"] == preprocessing
     assert info["input"]["shape"] == ["batch", 3, 32, 32] and info["output"]["shape"] == ["batch", 3]
     assert info["model_file"] == "birds.safetensors" and info["format"] == "safetensors"
-    assert sorted(p.name for p in (tmp_path / "deploy").iterdir()) == ["birds.json", "birds.safetensors"]  # no temp files
+    assert sorted(p.name for p in (tmp_path / "deploy").iterdir()) == ["birds.safetensors", "birds.safetensors.json"]  # no temp files
 
 
 def test_export_command_writes_next_to_the_checkpoint_by_default(checkpoint, tmp_path, capsys):
@@ -91,8 +91,8 @@ def test_export_command_writes_next_to_the_checkpoint_by_default(checkpoint, tmp
     status = main(["export", str(tmp_path / "run"), "--format", "safetensors"])
 
     expected = tmp_path / "run" / "checkpoints" / "best.safetensors"
-    assert status == 0 and expected.is_file() and expected.with_suffix(".json").is_file()
-    assert json.loads(expected.with_suffix(".json").read_text())["source_checkpoint"] == str(folder)
+    assert status == 0 and expected.is_file() and metadata_path(expected).is_file()
+    assert json.loads(metadata_path(expected).read_text())["source_checkpoint"] == str(folder)
     assert f"wrote {expected}" in capsys.readouterr().out
 
 
@@ -109,3 +109,30 @@ def test_onnx_export_without_onnxscript_says_what_to_install(checkpoint, tmp_pat
     with pytest.raises(FinetuneError, match=r"pip install 'finetune\[export\]'"):
         export_model(checkpoint, format="onnx", out=tmp_path / "model.onnx")
     assert not list(tmp_path.iterdir())
+
+
+def test_exports_of_each_format_to_one_stem_keep_their_own_metadata(checkpoint, tmp_path):
+    """Regression: m.pt, m.safetensors and m.onnx all wrote m.json, the last export's silently winning."""
+    pytest.importorskip("onnxruntime")
+    paths = {fmt: export_model(checkpoint, format=fmt, out=tmp_path / f"m{suffix}")
+             for fmt, suffix in (("torchscript", ".pt"), ("safetensors", ".safetensors"), ("onnx", ".onnx"))}
+
+    for fmt, path in paths.items():
+        info = json.loads(metadata_path(path).read_text())
+        assert info["format"] == fmt and info["model_file"] == path.name
+    assert not (tmp_path / "m.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.json", "m.pt", "m.pt.json",
+                                                          "m.safetensors", "m.safetensors.json"]
+
+
+def test_an_onnx_export_of_an_older_finetune_is_read_from_its_stem_json(checkpoint, tmp_path):
+    from finetune.export import read_onnx_info
+
+    onnx = pytest.importorskip("onnx")
+    path = export_model(checkpoint, format="onnx", out=tmp_path / "old.onnx")
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(path))
+    metadata_path(path).rename(tmp_path / "old.json")  # the name finetune used to write
+
+    assert read_onnx_info(path)["classes"] == ["cat", "dog", "fox"]

@@ -8,7 +8,7 @@ import torch
 
 from finetune.cli import main
 from finetune.errors import FinetuneError
-from finetune.export import OnnxModel, export_model, read_onnx_info
+from finetune.export import OnnxModel, export_model, metadata_path, read_onnx_info
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -55,7 +55,7 @@ def test_int8_export_is_smaller_int8_and_predicts_like_fp32(exported, images, pr
     assert info["classes"] == ["cat", "dog", "fox"] and info["preprocessing"]["input_size"] == [3, 32, 32]
     assert info["quantization"]["method"] == kind
     assert info["quantization"]["calibration_images"] == (12 if kind == "static" else 0)
-    assert json.loads(int8.with_suffix(".json").read_text()) == info
+    assert json.loads(metadata_path(int8).read_text()) == info
 
     transform = eval_transform(preprocessing)
     from finetune.data import load_image
