@@ -110,6 +110,30 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
     return t.tolist()
 
 
+@torch.no_grad()
+def average_buffers(module: torch.nn.Module) -> None:
+    """Under DDP, replace every floating-point buffer of ``module`` (BatchNorm's running statistics) by its
+    mean over the ranks, in one all-reduce.
+
+    DDP all-reduces gradients only: each rank's BatchNorm layers update their running statistics from
+    their own share of the batch, so the ranks' buffers, and an EMA averaging them, drift apart (DDP then
+    broadcasts rank 0's at the next forward, dropping the other ranks' batches). Their mean is what one
+    process would compute from the whole global batch (exactly for the running mean). A no-op outside
+    a process group."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.reshape(-1).to(torch.float64) for b in buffers])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset:offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

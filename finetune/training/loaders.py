@@ -126,11 +126,13 @@ def split_items(items: list[tuple[Path, int]], *, resize: Optional[int], cache_d
 
 
 def make_loader(dataset: Dataset, *, sampler, batch_size: int, num_workers, device: torch.device,
-                world_size: int = 1, train: bool = False) -> DataLoader:
-    """A DataLoader batching with ``collate_skip``, with :func:`auto_workers` workers shared between ranks."""
+                local_processes: int = 1, train: bool = False) -> DataLoader:
+    """A DataLoader batching with ``collate_skip``, with :func:`auto_workers` workers: this machine's CPUs
+    shared between the ``local_processes`` ranks on it (torchrun's ``LOCAL_WORLD_SIZE``; the global world
+    size would leave most cores idle on a cluster of many machines)."""
     from finetune.data import collate_skip
 
-    workers = auto_workers(num_workers, world_size)
+    workers = auto_workers(num_workers, local_processes)
     prefetch = PREFETCH_FACTOR
     if workers:
         workers, prefetch = shm_budget(workers, _batch_bytes(dataset, batch_size), prefetch=prefetch)
@@ -207,7 +209,7 @@ def image_loader(items: list[tuple[Path, int]], transform: Callable, *, train: b
     else:
         sampler = ShardSampler(len(dataset), dist.rank, dist.world_size)
     return make_loader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers, device=device,
-                       world_size=dist.world_size, train=train)
+                       local_processes=dist.local_world_size, train=train)
 
 
 def feature_loaders(train: Dataset, val: Dataset, *, batch_size: int, eval_batch_size: int, seed: int,

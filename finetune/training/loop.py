@@ -95,17 +95,33 @@ def train_one_epoch(
     pending = False  # gradients accumulated since the last update
     window_loss = torch.zeros((), device=device)  # summed micro-batch losses of the pending update
     window_batches = 0
+    distributed = hasattr(model, "no_sync")  # DDP: every rank must run every forward/backward (collectives)
+    last_good = None  # DDP: the last batch this rank could read, for a batch it could not
     for step, (inputs, labels, batch_skipped) in enumerate(loader):
         boundary = (step + 1) % accumulation == 0 or step + 1 == n_batches
         if labels.numel() == 1 and batch_skipped:
             # unreadable files left one sample, which BatchNorm cannot train on: skip it too
             labels, batch_skipped = labels[:0], batch_skipped + 1
         skipped += batch_skipped
-        if labels.numel():
+        if distributed and not labels.numel():
+            # This rank lost its whole batch to unreadable files while the others did not: skipping the step
+            # would leave them waiting in the gradient all-reduce forever. Take part with a zero-weighted
+            # pass over the last readable batch (its gradient is zero, so the update is the others').
+            if last_good is None:
+                raise FinetuneError(f"{where}: every image of this process's first batch is unreadable (step "
+                                    f"{step}); under torchrun each process needs a readable batch to take part")
+            with contextlib.nullcontext() if boundary else model.no_sync():
+                with autocast(device, amp_dtype):
+                    zero = model(last_good).float().sum() * 0.0
+                scaler.scale(zero).backward()
+            pending = True
+        elif labels.numel():
             inputs = inputs.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             if channels_last and inputs.ndim == 4:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
+            if distributed:
+                last_good = inputs
             targets = labels
             if mix is not None:
                 inputs, targets = mix(inputs, labels)
@@ -138,7 +154,9 @@ def train_one_epoch(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             updates += 1
-            if on_update is not None:
+            if distributed:  # the ranks' BatchNorm statistics agree again before the EMA reads them
+                ddp.average_buffers(model.module)
+            if on_update is not None and window_batches:
                 on_update(window_loss / window_batches, max(g["lr"] for g in optimizer.param_groups))
                 window_loss, window_batches = torch.zeros((), device=device), 0
             if scheduler is not None:
