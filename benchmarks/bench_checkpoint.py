@@ -55,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     import torch
 
-    from finetune.checkpoint import WeightsWriter, save_checkpoint
+    from finetune.models.checkpoint import WeightsWriter, save_checkpoint
     from finetune.models import create_model
     from finetune.training.loop import train_one_epoch
     from finetune.training.state import RunState, serialize, state_dict

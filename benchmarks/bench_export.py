@@ -8,7 +8,7 @@ The run's best checkpoint is exported as fp32 ONNX, then quantised to int8 by on
 (``finetune export --quantize int8``) and statically (``--calibration 256``: 256 training images, class by
 class). Every model classifies the run's test split (same images, same preprocessing): test accuracy, its
 delta against the PyTorch checkpoint and the share of top-1 predictions that agree with it. Then
-``finetune.benchmark`` times PyTorch eager, PyTorch compiled, ONNX Runtime fp32 and both int8 models on the
+``finetune.deploy.benchmark`` times PyTorch eager, PyTorch compiled, ONNX Runtime fp32 and both int8 models on the
 same random batches, the backends taking turns call by call (median and 90th-percentile latency).
 """
 from __future__ import annotations
@@ -37,11 +37,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     import torch
 
-    from finetune.benchmark import benchmark
-    from finetune.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
+    from finetune.deploy.benchmark import benchmark
+    from finetune.models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
     from finetune.cli.eval import load_manifest
-    from finetune.export import OnnxModel, calibration_subset, export_model
-    from finetune.inference import eval_transform, predict_probabilities
+    from finetune.deploy.export import export_model
+    from finetune.deploy.onnx import OnnxModel, calibration_subset
+    from finetune.inference.predictor import eval_transform, predict_probabilities
 
     torch.set_num_threads(args.threads)
     wall = time.perf_counter()

@@ -84,8 +84,9 @@ def child(variant: str, spec: dict[str, Any]) -> None:
 
     from finetune.data import ImageDataset, preprocessing_transform, resolve_preprocessing
     from finetune.models import create_model
-    from finetune.training import feature_cache as fc
-    from finetune.training.distributed import DistInfo
+    from finetune.features import cache as fc
+    from finetune.features import extract as fx
+    from finetune._distributed import DistInfo
 
     torch.set_num_threads(1)
     cache = Path(spec["cache"])
@@ -109,10 +110,10 @@ def child(variant: str, spec: dict[str, Any]) -> None:
             return entry
         entry = cache / "in-ram"
         entry.mkdir(parents=True)
-        views = [fc.extract_features(backbone, ImageDataset(items["train"], train_tf), **run)[0] for _ in range(2)]
+        views = [fx.extract_features(backbone, ImageDataset(items["train"], train_tf), **run)[0] for _ in range(2)]
         np.save(entry / "train.npy", np.stack(views).astype(np.float16))
         del views
-        feats = fc.extract_features(backbone, ImageDataset(items["val"], eval_tf), **run)[0]
+        feats = fx.extract_features(backbone, ImageDataset(items["val"], eval_tf), **run)[0]
         np.save(entry / "val.npy", feats[None].astype(np.float16))
         return entry
 

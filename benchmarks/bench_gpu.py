@@ -193,7 +193,7 @@ def measure_extraction(args, device: torch.device, amp_dtype, work: Path) -> dic
     from finetune._workers import auto_workers
     from finetune.data import ImageDataset, build_transform
     from finetune.models import create_model
-    from finetune.training.feature_cache import extract_features
+    from finetune.features.extract import extract_features
 
     start = time.perf_counter()
     doc = make_dataset.generate(work / "photos", seed=0, classes=args.extract_classes, per_class=args.extract_per_class,
@@ -330,7 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         args.size, args.batch, args.steps, args.rounds = 32, 4, 2, 2
         args.models, args.extract_model = ["test_resnet"], "test_resnet"
         args.extract_classes, args.extract_per_class, args.extract_batch, args.extract_rounds = 2, 3, 4, 1
-    from finetune.training.cuda import configure_cuda
+    from finetune._device import configure_cuda
     from finetune._device import resolve_device, resolve_precision
 
     wall = time.perf_counter()

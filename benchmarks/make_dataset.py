@@ -30,7 +30,6 @@ import hashlib
 import io
 import json
 import multiprocessing
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor

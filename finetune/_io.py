@@ -4,12 +4,15 @@ UTF-8 or refused in one line, and where caches live (:func:`cache_root`)."""
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import glob
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from finetune.errors import FinetuneError
 
@@ -253,3 +256,13 @@ def _fsync_dir_files(folder: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """CSV text (``\n`` line ends, standard quoting) of ``header`` and ``rows``: the one CSV writer of finetune's
+    output files, written with :func:`atomic_write_text`."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return text.getvalue()

@@ -27,3 +27,9 @@ def short_repr(value: object) -> str:
     """``repr(value)`` cut to a few dozen characters without building the full repr (values from a
     hostile recipe can be huge or shared many times over)."""
     return _short.repr(value)
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), at most ``limit``
+    characters: what a one-line error quotes of a library's multi-line exception."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]

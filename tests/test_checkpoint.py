@@ -4,8 +4,8 @@ import stat
 
 import pytest
 
-import finetune.checkpoint as checkpoint
-from finetune.checkpoint import recover_dir, write_dir_atomic
+import finetune.models.checkpoint as checkpoint
+from finetune.models.checkpoint import recover_dir, write_dir_atomic
 from finetune.errors import FinetuneError
 
 
@@ -93,7 +93,7 @@ def test_checkpoint_folders_honour_the_umask(tmp_path, umask_022):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A 3-class test_resnet + linear head checkpoint (written once; tests edit copies)."""
-    from finetune.checkpoint import save_checkpoint
+    from finetune.models.checkpoint import save_checkpoint
     from finetune.models import create_model
 
     model = create_model("test_resnet", 3, head="linear")
@@ -133,7 +133,7 @@ def edited(saved, tmp_path, weights=None, **meta_changes):
 ])
 def test_a_checkpoint_that_disagrees_with_its_model_is_refused_in_one_line_naming_the_file(
         saved, tmp_path, weights, meta, expected):
-    from finetune.checkpoint import load_checkpoint
+    from finetune.models.checkpoint import load_checkpoint
     from finetune.errors import FinetuneError
 
     folder = edited(saved, tmp_path, weights, **meta)
@@ -143,7 +143,7 @@ def test_a_checkpoint_that_disagrees_with_its_model_is_refused_in_one_line_namin
 
 
 def test_an_intact_checkpoint_still_loads(saved):
-    from finetune.checkpoint import load_checkpoint
+    from finetune.models.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(saved)
     assert meta["classes"] == ["a", "b", "c"] and model.head[1].out_features == 3
@@ -154,7 +154,7 @@ def test_a_frozen_backbone_is_written_once_and_each_checkpoint_stays_self_contai
 
     import torch
 
-    from finetune.checkpoint import FROZEN_FILE, WEIGHTS_FILE, WeightsWriter, load_checkpoint, save_checkpoint
+    from finetune.models.checkpoint import FROZEN_FILE, WEIGHTS_FILE, WeightsWriter, load_checkpoint, save_checkpoint
     from finetune.models import create_model
 
     torch.manual_seed(0)
@@ -204,7 +204,7 @@ def test_a_frozen_backbone_is_written_once_and_each_checkpoint_stays_self_contai
 def test_a_stage_that_trains_everything_writes_one_weights_file(tmp_path):
     import torch
 
-    from finetune.checkpoint import FROZEN_FILE, WeightsWriter, save_checkpoint
+    from finetune.models.checkpoint import FROZEN_FILE, WeightsWriter, save_checkpoint
     from finetune.models import create_model
 
     model = create_model("test_resnet", 3, head="linear", pretrained=False)

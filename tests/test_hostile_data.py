@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.checkpoint import load_checkpoint, save_checkpoint
+from finetune.models.checkpoint import load_checkpoint, save_checkpoint
 from finetune.config import parse_recipe
 from finetune.errors import FinetuneError
 from finetune.models import create_model
@@ -198,7 +198,7 @@ def failing(monkeypatch, module, name: str, code: int):
 
 @pytest.mark.parametrize("fmt", ["safetensors", "torchscript"])
 def test_a_full_disk_during_export_is_one_line_and_leaves_the_previous_export(workspace, tmp_path, monkeypatch, fmt):
-    from finetune.export import export_model
+    from finetune.deploy.export import export_model
 
     out = tmp_path / f"model.{fmt}"
     export_model(workspace / "ckpt", format=fmt, out=out)

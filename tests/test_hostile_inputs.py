@@ -27,7 +27,7 @@ from finetune.errors import MAX_MESSAGE
 
 def tiny_checkpoint(root: Path) -> None:
     """A random-init test_resnet checkpoint at ``root/ckpt`` (classes a, b; 32 px)."""
-    from finetune.checkpoint import save_checkpoint
+    from finetune.models.checkpoint import save_checkpoint
     from finetune.models import create_model
 
     preprocessing = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3,

@@ -1,22 +1,41 @@
-"""Layering: data flows one way. A module imports only from its own layer or lower ones (the private base
-modules ``_io``, ``_device``, ``_workers``, ``errors`` < data, models < checkpoint, inference < evaluation <
-training < the modules that compose them: audit, export; cli on top), and no module imports, directly or
-through others, a module that imports it."""
+"""The house by verb (docs/ARCHITECTURE.md): one package per thing a user does, data flowing one way.
+
+A module imports only from its own package and the floors below it (`ALLOWED`), directly, inside
+functions or for typing; no module imports, directly or through others, a module that imports it; the top
+level holds only packages and the private helpers; no module is over `MAX_LINES` lines; the names that moved
+still import from their old place, with a DeprecationWarning.
+"""
 from __future__ import annotations
 
 import ast
+import importlib
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "finetune"
-ABOVE = {
-    "data": {"models", "training", "evaluation", "inference", "export", "audit", "checkpoint", "cli", "config"},
-    "models": {"data", "training", "evaluation", "inference", "export", "audit", "checkpoint", "cli", "config"},
-    "evaluation": {"training", "audit", "export", "cli"},
-    "training": {"audit", "export", "cli"},
+PRIVATE = {"errors", "_version", "_io", "_device", "_workers", "_distributed", "_moved"}
+"""The private helpers at the bottom (and ``errors``, the one exception type)."""
+BELOW_PRIVATE = {"errors": set(), "_version": set(), "_moved": set(), "_workers": set(), "_io": {"errors"},
+                 "_device": {"errors"}, "_distributed": {"_device", "errors"}}
+FLOORS = ["data", "models", "config", "features", "inference", "evaluation", "training", "audit", "deploy", "cli"]
+ALLOWED = {
+    "data": set(),
+    "models": set(),
+    "config": {"models"},
+    "features": {"data", "models"},
+    "inference": {"data", "models"},
+    "evaluation": {"data", "models", "inference"},
+    "training": {"data", "models", "config", "features", "inference", "evaluation"},
+    "audit": {"data", "models", "features", "inference", "evaluation"},
+    "deploy": {"data", "models", "inference"},
+    "cli": set(FLOORS),
 }
-BASE = ("_io.py", "_device.py", "_workers.py", "_version.py", "errors.py")
+"""Package → the packages below it that it may import (besides itself and the private helpers)."""
+MAX_LINES = 450
+TOP_LEVEL = {"__init__.py", "__main__.py", *(f"{name}.py" for name in PRIVATE), *FLOORS}
 
 
 def _imports(path: Path) -> list[str]:
@@ -87,15 +106,76 @@ def test_the_cycle_check_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-@pytest.mark.parametrize("layer", sorted(ABOVE))
-def test_a_layer_imports_nothing_from_a_higher_one(layer):
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+@pytest.mark.parametrize("package", FLOORS)
+def test_a_package_imports_only_from_the_floors_below_it(package):
+    allowed = {package, *ALLOWED[package], *PRIVATE}
     wrong = {f"{path.relative_to(PACKAGE.parent)} imports {name}"
-             for path in sorted((PACKAGE / layer).rglob("*.py")) for name in _imports(path)
-             if (name.split(".") + [""])[1] in ABOVE[layer]}
+             for path in sorted((PACKAGE / package).rglob("*.py")) for name in _imports(path)
+             if _package(name) not in allowed}
     assert not wrong, sorted(wrong)
 
 
-def test_the_base_modules_import_only_each_other():
-    base = {f"finetune.{name[:-3]}" for name in BASE}
-    wrong = {f"{name} imports {m}" for name in BASE for m in _imports(PACKAGE / name) if m not in base}
+def test_the_floor_check_sees_an_import_from_above(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from finetune.training.runner import Runner\n")
+    assert _package(_imports(module)[0]) == "training" and "training" not in ALLOWED["models"]
+
+
+def test_the_private_helpers_import_nothing_above_them():
+    wrong = {f"{name} imports {m}" for name, below in BELOW_PRIVATE.items()
+             for m in _imports(PACKAGE / f"{name}.py") if _package(m) not in below}
     assert not wrong, sorted(wrong)
+
+
+def test_the_top_level_holds_only_packages_and_the_private_helpers():
+    found = {p.name for p in PACKAGE.iterdir() if p.name != "__pycache__" and (p.suffix == ".py" or p.is_dir())}
+    assert found - {"cards"} == TOP_LEVEL - {"cards"}
+
+
+def test_no_module_is_over_the_line_limit():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, long
+
+
+MOVED_NAMES = [
+    ("finetune.checkpoint", "load_checkpoint", "finetune.models.checkpoint"),
+    ("finetune.calibration", "fit_temperature", "finetune.inference.temperature"),
+    ("finetune.tta", "TtaModel", "finetune.inference.tta"),
+    ("finetune.export", "export_model", "finetune.deploy.export"),
+    ("finetune.export", "read_onnx_info", "finetune.deploy.onnx"),
+    ("finetune.benchmark", "benchmark", "finetune.deploy.benchmark"),
+    ("finetune.training.feature_cache", "stage_features", "finetune.features.cache"),
+    ("finetune.training.feature_cache", "extract_features", "finetune.features.extract"),
+    ("finetune.training.feature_cache", "is_head_only", "finetune.models.params"),
+    ("finetune.training.freeze", "select_trainable", "finetune.models.params"),
+    ("finetune.training.selection", "record", "finetune.training.best_epoch"),
+    ("finetune.training.distributed", "DistInfo", "finetune._distributed"),
+    ("finetune.training.cuda", "configure_cuda", "finetune._device"),
+    ("finetune.evaluation.audit_report", "render_audit", "finetune.audit.report"),
+    ("finetune.data.images", "load_image", "finetune.data.decode"),
+    ("finetune.data.images", "hash_leaks", "finetune.data.similarity"),
+    ("finetune.data.images", "scan_images", "finetune.data.scan"),
+    ("finetune.data.images", "resize_cache", "finetune.data.store"),
+    ("finetune.data.manifest", "prepare_manifest", "finetune.data.prepare"),
+    ("finetune.data.layout", "split_classes", "finetune.data.split"),
+]
+
+
+@pytest.mark.parametrize("old, name, new", MOVED_NAMES, ids=[f"{o}.{n}" for o, n, _ in MOVED_NAMES])
+def test_a_moved_name_still_imports_from_its_old_place_with_a_deprecation_warning(old, name, new):
+    from finetune import _moved
+
+    if old in _moved.MOVED:
+        sys.modules.pop(old, None)  # an alias module holds nothing: import it afresh so it warns again
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = getattr(importlib.import_module(old), name)
+    assert found is getattr(importlib.import_module(new), name)
+    messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
+    assert any(old in m and new.rsplit(".", 1)[0] in m for m in messages), messages

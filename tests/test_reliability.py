@@ -6,7 +6,6 @@ non-UTF-8 manifest, a tampered checkpoint through every command) are in tests/te
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -118,7 +117,7 @@ def test_the_audit_lists_blank_images_on_their_own_and_groups_only_equal_ones(tm
 # --------------------------------------------------------------------------------------- checkpoints
 
 def test_a_checkpoint_with_duplicate_class_names_is_refused(tmp_path):
-    from finetune.checkpoint import load_checkpoint
+    from finetune.models.checkpoint import load_checkpoint
     from finetune.errors import FinetuneError
 
     tiny_checkpoint(tmp_path, {"classes": ["a", "a"]})
@@ -128,7 +127,7 @@ def test_a_checkpoint_with_duplicate_class_names_is_refused(tmp_path):
 
 
 def test_a_missing_frozen_weights_file_is_named_not_the_model_file(tmp_path):
-    from finetune.checkpoint import FROZEN_FILE, WeightsWriter, load_checkpoint, save_checkpoint
+    from finetune.models.checkpoint import FROZEN_FILE, WeightsWriter, load_checkpoint, save_checkpoint
     from finetune.errors import FinetuneError
     from finetune.models import create_model
 

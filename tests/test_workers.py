@@ -42,7 +42,7 @@ def test_auto_workers_follow_the_quota(six_cpus, tmp_path, monkeypatch):
 
 
 def test_scan_pool_is_sized_by_usable_cpus(monkeypatch, tiny_folder):
-    import finetune.data.images as images
+    import finetune.data.scan as images
 
     sizes = []
     real = images.ThreadPoolExecutor

@@ -61,7 +61,7 @@ def argv_with(argv: tuple[str, ...], data: str) -> tuple[str, ...]:
 def tiny_checkpoint(folder: Path, changes: dict | None = None) -> None:
     """A random-init test_resnet checkpoint at ``folder/ckpt`` (classes a, b; 32 px), its checkpoint.json
     then updated with ``changes``."""
-    from finetune.checkpoint import META_FILE, save_checkpoint
+    from finetune.models.checkpoint import META_FILE, save_checkpoint
     from finetune.models import create_model
 
     preprocessing = {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.25] * 3,

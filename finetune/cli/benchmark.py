@@ -43,7 +43,7 @@ def run(args) -> int:
     import json
 
     from finetune._io import atomic_write_text, check_output
-    from finetune.benchmark import benchmark, format_table
+    from finetune.deploy.benchmark import benchmark, format_table
 
     if args.json:
         check_output(args.json)

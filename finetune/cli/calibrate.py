@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from finetune._device import resolve_device
-    from finetune.checkpoint import read_meta, resolve_checkpoint
+    from finetune.models.checkpoint import read_meta, resolve_checkpoint
     from finetune.cli.eval import load_manifest, run_folder
     from finetune.evaluation import align_classes
     from finetune.evaluation.calibrate import calibrate_checkpoint

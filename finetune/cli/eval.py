@@ -47,8 +47,8 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from finetune._io import check_output
-    from finetune.checkpoint import load_checkpoint, resolve_checkpoint
-    from finetune.calibration import meta_temperature
+    from finetune.models.checkpoint import load_checkpoint, resolve_checkpoint
+    from finetune.inference.temperature import meta_temperature
     from finetune.evaluation import align_classes, evaluate
     from finetune._device import resolve_device
 
@@ -100,11 +100,11 @@ def run_onnx(args) -> int:
     import numpy as np
 
     from finetune._io import check_output
-    from finetune.checkpoint import load_checkpoint, read_meta, resolve_checkpoint, write_json_atomic
+    from finetune.models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint, write_json_atomic
     from finetune.errors import FinetuneError
     from finetune.evaluation import align_classes, classification_metrics, evaluate
-    from finetune.export import OnnxModel, read_onnx_info
-    from finetune.inference import eval_transform, predict_probabilities, resolve_device
+    from finetune.deploy.onnx import OnnxModel, read_onnx_info
+    from finetune.inference.predictor import eval_transform, predict_probabilities, resolve_device
 
     path = Path(args.checkpoint)
     info = read_onnx_info(path)

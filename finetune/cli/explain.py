@@ -33,7 +33,7 @@ def run(args) -> int:
         raise FinetuneError(f"no such file or folder: {', '.join(missing)}")
     if not sources:
         raise FinetuneError(f"no image files found in {', '.join(args.paths)}")
-    from finetune.checkpoint import load_checkpoint  # imports torch: after the arguments are checked
+    from finetune.models.checkpoint import load_checkpoint  # imports torch: after the arguments are checked
     from finetune.evaluation.explain import write_explanations
     from finetune._device import resolve_device
 

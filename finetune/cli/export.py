@@ -34,7 +34,8 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from finetune.errors import FinetuneError
-    from finetune.export import export_model, metadata_path
+    from finetune.deploy.export import export_model
+    from finetune.deploy.onnx import metadata_path
 
     if (args.calibration or args.data) and not args.quantize:
         raise FinetuneError("--calibration and --data choose the images of static int8 quantisation: add --quantize int8")
@@ -51,13 +52,13 @@ def calibration_images(checkpoint: str, n: int, data: str | None) -> list:
     """``n`` training images of the checkpoint's run (or of ``data``), spread over the classes."""
     from pathlib import Path
 
-    from finetune.checkpoint import read_meta, resolve_checkpoint
+    from finetune.models.checkpoint import read_meta, resolve_checkpoint
     from finetune.cli.eval import load_manifest, run_folder
     from finetune.errors import FinetuneError
-    from finetune.export import calibration_subset
+    from finetune.deploy.onnx import calibration_subset
 
     if Path(checkpoint).suffix == ".onnx":  # an fp32 export: the checkpoint it came from knows the data
-        from finetune.export import read_onnx_info
+        from finetune.deploy.onnx import read_onnx_info
 
         checkpoint = read_onnx_info(checkpoint)["source_checkpoint"]
         if not data and not Path(checkpoint).exists():

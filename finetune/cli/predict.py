@@ -1,12 +1,11 @@
 """`finetune predict CHECKPOINT PATH...`: top-k classes of images and folders, as CSV or JSON."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import sys
 from pathlib import Path
 
+from finetune._io import csv_text
 from finetune._workers import workers_arg
 from finetune.cli import positive_int
 
@@ -47,7 +46,7 @@ def run(args) -> int:
             ([f"no image files found in {', '.join(empty)}"] if empty else [])
             + ([f"no such file or folder: {', '.join(missing)}"] if missing else [])
         ))
-    from finetune.inference import load  # imports torch: after the arguments are checked
+    from finetune.inference.predictor import load  # imports torch: after the arguments are checked
 
     predictor = load(args.checkpoint, device=args.device)
     predictions = predictor.predict(sources, topk=args.topk, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -97,12 +96,10 @@ def _csv(records, k: int) -> str:
     header = ["path", "label", "probability"]
     for rank in range(2, k + 1):
         header += [f"label_{rank}", f"probability_{rank}"]
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow([*header, "error"])
+    rows = []
     for path, labels, probs, error in records:
         cells = []
         for rank in range(k):
             cells += [labels[rank], f"{probs[rank]:.6f}"] if rank < len(labels) else ["", ""]
-        writer.writerow([path, *cells, error or ""])
-    return text.getvalue()
+        rows.append([path, *cells, error or ""])
+    return csv_text([*header, "error"], rows)

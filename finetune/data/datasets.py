@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, Sampler
 
-from finetune.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from finetune.data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from finetune.errors import FinetuneError
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Calibrate a checkpoint: fit its temperature (:mod:`finetune.calibration`) on labelled images, usually the
+"""Calibrate a checkpoint: fit its temperature (:mod:`finetune.inference.temperature`) on labelled images, usually the
 validation split, and store it in its ``checkpoint.json``. The end of training and ``finetune calibrate``
 both run :func:`calibrate_checkpoint`."""
 from __future__ import annotations
@@ -10,11 +10,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from finetune.calibration import fit_temperature, softmax
-from finetune.checkpoint import META_FILE, load_checkpoint, read_meta, resolve_checkpoint, write_json_atomic
+from finetune.inference.temperature import fit_temperature, softmax
+from finetune.models.checkpoint import META_FILE, load_checkpoint, read_meta, resolve_checkpoint, write_json_atomic
 from finetune.errors import FinetuneError
 from finetune.evaluation.metrics import expected_calibration_error, negative_log_likelihood
-from finetune.inference import eval_transform, predict_probabilities
+from finetune.inference.predictor import eval_transform, predict_probabilities
 
 
 def calibrate_checkpoint(

@@ -14,11 +14,11 @@ complete):
   the worst mistakes and of the most confident correct prediction of each class carry a Grad-CAM heat-map
   of the predicted class (:mod:`finetune.evaluation.explain`).
 * ``reliability.png``: the reliability diagram (accuracy against confidence), before and after the
-  checkpoint's temperature (:mod:`finetune.calibration`) when it has one.
+  checkpoint's temperature (:mod:`finetune.inference.temperature`) when it has one.
 * ``metrics.json``: the headline numbers of :func:`~finetune.evaluation.classification_metrics` (with the
   temperature applied), plus the unreadable images left out; ``calibration`` (``temperature``,
   ``ece_before``, ``ece_after``, ``loss_before``, ``loss_after``) for a calibrated model, and ``tta`` (the
-  same headline numbers with test-time augmentation, :mod:`finetune.tta`) when asked for.
+  same headline numbers with test-time augmentation, :mod:`finetune.inference.tta`) when asked for.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from finetune._io import atomic_write_bytes, check_output, ensure_folder
-from finetune.calibration import scaled, softmax
+from finetune._io import atomic_write_bytes, check_output, csv_text, ensure_folder
+from finetune.inference.temperature import scaled, softmax
 from finetune.errors import FinetuneError
 from finetune.evaluation.metrics import classification_metrics, most_confused_pairs, per_class_rows
 from finetune.evaluation.plots import (
@@ -102,7 +102,7 @@ def evaluate(
             thumbnail; only for a model with a timm backbone and a head).
         temperature: the calibration temperature the logits are divided by (the checkpoint's); metrics
             are reported with it, and ``calibration`` compares them with the raw logits' when it is not 1.
-        tta: also evaluate with this test-time augmentation (:data:`finetune.tta.TTA_MODES`); its
+        tta: also evaluate with this test-time augmentation (:data:`finetune.inference.tta.TTA_MODES`); its
             metrics go under ``tta``.
 
     Returns:
@@ -112,8 +112,8 @@ def evaluate(
         FinetuneError: no items, a label outside ``class_names``, no readable image, a model whose
             outputs do not match ``class_names``, or an ``out_dir`` that cannot be written.
     """
-    from finetune.inference import eval_transform, predict_probabilities
-    from finetune.tta import VIEWS, TtaModel, TtaTransform, check_mode
+    from finetune.inference.predictor import eval_transform, predict_probabilities
+    from finetune.inference.tta import VIEWS, TtaModel, TtaTransform, check_mode
 
     if not items:
         raise FinetuneError("nothing to evaluate: no images")
@@ -316,7 +316,7 @@ def _add_heatmaps(
     """Set each item's ``heatmap`` (a JPEG of its image with the Grad-CAM of its predicted class); return the
     note the report shows about them."""
     from finetune.evaluation.explain import encode, explain_images, supports_cam
-    from finetune.inference import eval_transform
+    from finetune.inference.predictor import eval_transform
 
     if not supports_cam(model):
         return f"No heat-maps: the model ({type(model).__name__}) is not a timm backbone plus a head."
@@ -385,8 +385,4 @@ def thumbnail(path: str) -> bytes | None:
 
 
 def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return text.getvalue().encode("utf-8")
+    return csv_text(header, rows).encode("utf-8")

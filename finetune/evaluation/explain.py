@@ -121,7 +121,7 @@ def explain_images(
     Args:
         model: as for :func:`grad_cam`; moved to ``device`` and put in eval mode.
         sources: image paths or H×W×3 uint8 arrays.
-        transform: the eval pipeline (:func:`finetune.inference.eval_transform`), ending in
+        transform: the eval pipeline (:func:`finetune.inference.predictor.eval_transform`), ending in
             ``Normalize(mean, std)``.
         mean, std: that normalisation, to show the image the model saw.
         targets: the class to explain per source; default the predicted one.
@@ -245,7 +245,7 @@ def write_explanations(
     """
     from finetune._io import atomic_write_bytes, ensure_folder
     from finetune.evaluation.report import data_uri, escape, html_page
-    from finetune.inference import eval_transform
+    from finetune.inference.predictor import eval_transform
 
     if target is not None and target not in classes:
         shown = ", ".join(repr(c) for c in list(classes)[:10]) + (" ..." if len(classes) > 10 else "")

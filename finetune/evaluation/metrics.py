@@ -12,7 +12,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
 from finetune.errors import FinetuneError
-from finetune.inference import topk_indices
+from finetune.inference.predictor import topk_indices
 
 ECE_BINS = 15
 

@@ -11,7 +11,7 @@ from timm.layers import to_2tuple
 from timm.models import group_parameters
 from torch import nn
 
-from finetune.errors import FinetuneError, short_repr
+from finetune.errors import FinetuneError, MAX_MESSAGE, first_line, short_repr
 from finetune.models.heads import create_head
 from finetune.models.weights import (
     SOURCES_HINT,
@@ -119,7 +119,7 @@ def check_forward(model: FinetuneModel, input_size: Sequence[int]) -> None:
                 if _meta_unsupported(e):
                     return
                 raise FinetuneError(
-                    f"{name} cannot take {size} images: {_first_line(e)} (set data.input_size to the size it "
+                    f"{name} cannot take {size} images: {first_line(e, limit=MAX_MESSAGE)} (set data.input_size to the size it "
                     "takes, or build it for this size with model.backbone_kwargs.img_size)"
                 ) from None
             if features.ndim != 2:
@@ -138,7 +138,7 @@ def check_forward(model: FinetuneModel, input_size: Sequence[int]) -> None:
                 if not _meta_unsupported(e):
                     raise FinetuneError(
                         f"the {model.head_config['name']} head does not fit the {features.shape[1]} features of "
-                        f"{name}: {_first_line(e)}"
+                        f"{name}: {first_line(e, limit=MAX_MESSAGE)}"
                     ) from None
     finally:
         model.train(was_training)
@@ -149,8 +149,6 @@ def _meta_unsupported(e: Exception) -> bool:
     return isinstance(e, NotImplementedError) or "meta" in str(e).lower()
 
 
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def backbone_stages(backbone: nn.Module, prefix: str = "") -> list[list[str]]:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from finetune._io import cache_root
 from finetune._workers import auto_workers
 from finetune.errors import FinetuneError
-from finetune.training import distributed as ddp
+from finetune import _distributed as ddp
 
 log = logging.getLogger("finetune")
 
@@ -244,7 +244,7 @@ def stage_inputs(model, eval_model: nn.Module, *, stage, head_only: bool, items:
         preprocessing, transforms: the run's preprocessing and its (train, eval) pipelines.
         num_classes: the run's classes (Mixup's soft targets).
     """
-    from finetune.training.feature_cache import stage_features
+    from finetune.features.cache import stage_features
     from finetune.training.mixing import stage_mixer
 
     eval_batch = cfg.eval_batch_size or cfg.batch_size * 2

@@ -17,7 +17,7 @@ from torch import nn
 
 from finetune._device import autocast, forward_batches
 from finetune.errors import FinetuneError
-from finetune.training import distributed as ddp
+from finetune import _distributed as ddp
 
 log = logging.getLogger("finetune")
 

@@ -28,8 +28,8 @@ from finetune._device import autocast
 from finetune._io import atomic_write_bytes, check_output, ensure_folder
 from finetune.config import Recipe
 from finetune.errors import FinetuneError
-from finetune.training.feature_cache import is_head_only
-from finetune.training.freeze import freeze_stage, set_train_mode
+from finetune.models.params import is_head_only
+from finetune.models.params import freeze_stage, set_train_mode
 from finetune.training.loaders import image_loader, stage_inputs
 from finetune.training.loop import make_grad_scaler
 from finetune.training.optim import make_optimizer

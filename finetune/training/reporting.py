@@ -147,8 +147,8 @@ def evaluate_test(run_dir: Path, items: list[tuple[Path, int]], *, device, batch
                   amp_dtype, tta: str | None = None) -> dict[str, Any]:
     """Evaluate ``checkpoints/best`` (with its temperature) on the test ``items`` into ``run_dir/eval``, also
     with test-time augmentation ``tta`` when given; the summary's ``test``."""
-    from finetune.calibration import meta_temperature
-    from finetune.checkpoint import load_checkpoint
+    from finetune.inference.temperature import meta_temperature
+    from finetune.models.checkpoint import load_checkpoint
     from finetune.evaluation import evaluate
 
     model, meta = load_checkpoint(run_dir / "checkpoints" / "best", map_location=device)

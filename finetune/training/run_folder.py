@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from finetune._io import atomic_write_text, ensure_folder, recover_dir
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, first_line
 
 log = logging.getLogger("finetune")
 
@@ -38,7 +38,7 @@ STATE_KEYS = ("stage_index", "epoch_in_stage", "updates_in_stage", "stale_epochs
 
 
 def recover(run_dir: Path) -> None:
-    """Undo interrupted checkpoint swaps in ``run_dir/checkpoints`` (see :func:`~finetune.checkpoint.recover_dir`)."""
+    """Undo interrupted checkpoint swaps in ``run_dir/checkpoints`` (see :func:`~finetune.models.checkpoint.recover_dir`)."""
     for name in ("last", "best"):
         recover_dir(run_dir / "checkpoints" / name)
 
@@ -71,12 +71,12 @@ def prepare(run_dir: Path, *, resume: bool, data_root: Optional[str], dist) -> O
     a resumable one) after :func:`recover`, and start a fresh run's setup (on rank 0).
 
     Args:
-        dist: the process group (a :class:`~finetune.training.distributed.DistInfo`); rank 0 changes files.
+        dist: the process group (a :class:`~finetune._distributed.DistInfo`); rank 0 changes files.
 
     Returns:
         The folders a fresh run's setup created (for :func:`discard_setup`), else None.
     """
-    from finetune.training import distributed as ddp
+    from finetune import _distributed as ddp
 
     if not resume:
         check_outside_data(run_dir, data_root)
@@ -136,7 +136,7 @@ def read_state(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError (not a zip), EOFError, ...
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = first_line(e, limit=160)
         raise FinetuneError(f"{path} is not a training state finetune wrote ({reason})") from None
     missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else ["all"]
     if missing:
@@ -147,7 +147,7 @@ def read_state(path: Path) -> dict[str, Any]:
 def read_last(folder: Path, run_dir: Path, current: dict[str, Any]) -> dict[str, Any]:
     """The training state of ``checkpoints/last`` (:func:`read_state`), once the recipe ``current`` (resolved)
     passes :func:`check_resume_recipe` against the one the checkpoint recorded; the allowed changes are logged."""
-    from finetune.checkpoint import META_FILE, read_meta
+    from finetune.models.checkpoint import META_FILE, read_meta
     from finetune.config import resolve_raw
 
     meta = read_meta(folder)

@@ -1,5 +1,5 @@
 """The recipe runner: recipe → builders (``run_folder``, ``loaders``, ``optim``, ``feature_cache``) → stages
-(``loop``, ``selection``) → checkpoints (``state``) → report (``reporting``, ``loggers``). A run folder holds
+(``loop``, ``best_epoch``) → checkpoints (``state``) → report (``reporting``, ``loggers``). A run folder holds
 ``recipe.yaml`` (resolved), ``manifest.csv``, ``bad_files.csv``, ``metrics.csv``, ``per_class_recall.csv``,
 ``training_curves.png``, ``checkpoints/{last,best}``, ``summary.json`` and ``eval/`` (the best checkpoint on
 the test split). Only rank 0 writes."""
@@ -16,15 +16,15 @@ import yaml
 from torch import nn
 
 from finetune._device import resolve_precision
-from finetune.checkpoint import WeightsWriter, describe_model, load_weights, save_checkpoint, write_json_atomic
+from finetune.models.checkpoint import WeightsWriter, describe_model, load_weights, save_checkpoint, write_json_atomic
 from finetune.config import Recipe, StageConfig, resolved_dict
 from finetune.data import preprocessing_transform, resolve_preprocessing
 from finetune.models import FinetuneModel, create_model
-from finetune.training import distributed as ddp
-from finetune.training import run_folder, selection
+from finetune import _distributed as ddp
+from finetune.training import best_epoch, run_folder
 from finetune.training.ema import Ema, stage_state_names
-from finetune.training.feature_cache import is_head_only
-from finetune.training.freeze import freeze_stage, set_train_mode
+from finetune.models.params import is_head_only
+from finetune.models.params import freeze_stage, set_train_mode
 from finetune.training.loggers import RunLogger, create_run_logger
 from finetune.training.loaders import StageInputs, image_loader, run_manifest, split_items, stage_inputs, train_pipeline
 from finetune.training.loop import evaluate, make_grad_scaler, reduce_epoch, train_one_epoch, updates_per_epoch
@@ -134,7 +134,7 @@ class Runner:
             if index != s.stage_index:  # entering a new stage: fresh optimizer, warmup, patience
                 s.enter_stage(index)
                 self.resume_optimizer = None  # a resumed optimizer state belongs to the stage it came from only
-            if s.epoch_in_stage < stage.epochs and not selection.early_stopped(s, self.cfg.early_stopping):
+            if s.epoch_in_stage < stage.epochs and not best_epoch.early_stopped(s, self.cfg.early_stopping):
                 self._run_stage(index, stage)
         self.progress.close()
         return self._finish()
@@ -177,7 +177,7 @@ class Runner:
                             totals=totals, seconds=stats.seconds, val=val, updates=stats.updates)
             s.history.append(row)
             s.recall_history.append({"epoch": epoch + 1, **val["per_class_recall"]})
-            improved = selection.record(s, val, cfg.select, epoch=epoch + 1, stage=index)
+            improved = best_epoch.record(s, val, cfg.select, epoch=epoch + 1, stage=index)
             log_epoch(where, row, improved)
             if self.is_main:
                 if improved:
@@ -187,7 +187,7 @@ class Runner:
                 self.loggers.log_epoch(row, val["per_class_recall"])
                 self.save_checkpoint(optimizer)
             ddp.barrier(self.dist)
-            if selection.early_stopped(s, cfg.early_stopping):
+            if best_epoch.early_stopped(s, cfg.early_stopping):
                 log.info("%s: no improvement in %d epochs, stage stops early", where, s.stale_epochs)
                 break
 

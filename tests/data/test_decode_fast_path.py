@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-import finetune.data.images as decode
+import finetune.data.decode as decode
 from finetune.data import ImageDecodeError, load_image
 
 

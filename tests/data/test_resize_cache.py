@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from finetune.data import ImageDataset, load_image, resize_cache
-from finetune.data import images as _resize_cache
+from finetune.data import store as _resize_cache
 from finetune.errors import FinetuneError
 
 
@@ -119,7 +119,7 @@ def test_unreadable_files_keep_their_path_with_one_warning(tmp_path, make_image,
     missing = tmp_path / "missing.jpg"
     items = [(truncated, 0), (good, 1), (empty, 2), (missing, 3)]
 
-    with caplog.at_level(logging.WARNING, logger="finetune.data.images"):
+    with caplog.at_level(logging.WARNING, logger="finetune.data.store"):
         cached = resize_cache(items, size=8, cache_dir=tmp_path / "cache")
 
     assert [item for i, item in enumerate(cached) if i != 1] == [(truncated, 0), (empty, 2), (missing, 3)]

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import finetune.data._scan_cache as scan_cache
-import finetune.data.images as images
+import finetune.data.scan as images
 from finetune.data import default_scan_cache, inspect_dataset, prepare_manifest, scan_images
 
 PAST = 1_600_000_000  # a file settled long ago: its stamp can be trusted

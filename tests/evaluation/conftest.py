@@ -14,7 +14,7 @@ from PIL import Image
 
 from torch import nn
 
-from finetune.checkpoint import save_checkpoint
+from finetune.models.checkpoint import save_checkpoint
 from finetune.models import create_model
 
 COLOURS = {"cat": (220, 40, 40), "dog": (40, 200, 40), "fox": (40, 40, 220)}

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from finetune.calibration import fit_temperature, meta_temperature, softmax
+from finetune.inference.temperature import fit_temperature, meta_temperature, softmax
 from finetune.cli import main
 from finetune.data import load_image
 from finetune.errors import FinetuneError
 from finetune.evaluation import evaluate, expected_calibration_error
 from finetune.evaluation.calibrate import calibrate_checkpoint, set_temperature
-from finetune.inference import eval_transform, load
+from finetune.inference.predictor import eval_transform, load
 
 
 def _overconfident(scale=5.0, n=3000, classes=5, seed=0):
@@ -78,8 +78,9 @@ def test_evaluate_shows_ece_before_and_after_and_keeps_accuracy(colour_net, imag
 
 def test_onnx_export_divides_the_logits_by_the_temperature(checkpoint, tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    from finetune.checkpoint import load_checkpoint
-    from finetune.export import export_model, metadata_path
+    from finetune.models.checkpoint import load_checkpoint
+    from finetune.deploy.export import export_model
+    from finetune.deploy.onnx import metadata_path
 
     ckpt = shutil.copytree(checkpoint, tmp_path / "ckpt")
     set_temperature(ckpt, 2.5)

@@ -7,7 +7,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from finetune.cli import main
 from finetune.data import Manifest, ManifestRow, prepare_manifest
-from finetune.inference import load
+from finetune.inference.predictor import load
 
 EVAL_FILES = {"metrics.json", "per_class.csv", "confusion_matrix.csv", "confusion_matrix.png",
               "confusion_matrix_normalized.png", "most_confused.csv", "misclassified.csv", "report.html"}

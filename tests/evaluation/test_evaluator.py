@@ -12,7 +12,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, l
 from finetune.data import load_image
 from finetune.errors import FinetuneError
 from finetune.evaluation import align_classes, evaluate
-from finetune.inference import eval_transform
+from finetune.inference.predictor import eval_transform
 
 RED, GREEN, BLUE = (220, 40, 40), (40, 200, 40), (40, 40, 220)
 CLASSES = ["cat", "dog", "fox"]  # ColourNet: red → cat, green → dog, blue → fox

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.checkpoint import load_checkpoint
+from finetune.models.checkpoint import load_checkpoint
 from finetune.evaluation import evaluate
 from finetune.evaluation.explain import encode, explain_images, grad_cam, overlay
 from finetune.evaluation.report import render_report
-from finetune.inference import eval_transform
+from finetune.inference.predictor import eval_transform
 from finetune.models import create_model
 
 FAMILIES = {

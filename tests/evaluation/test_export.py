@@ -5,10 +5,11 @@ import sys
 import pytest
 import torch
 
-from finetune.checkpoint import load_checkpoint
+from finetune.models.checkpoint import load_checkpoint
 from finetune.cli import main
 from finetune.errors import FinetuneError
-from finetune.export import export_model, metadata_path
+from finetune.deploy.export import export_model
+from finetune.deploy.onnx import metadata_path
 from finetune.models import create_model
 
 CLASSES = ["cat", "dog", "fox", "owl"]
@@ -126,7 +127,7 @@ def test_exports_of_each_format_to_one_stem_keep_their_own_metadata(checkpoint, 
 
 
 def test_an_onnx_export_of_an_older_finetune_is_read_from_its_stem_json(checkpoint, tmp_path):
-    from finetune.export import read_onnx_info
+    from finetune.deploy.onnx import read_onnx_info
 
     onnx = pytest.importorskip("onnx")
     path = export_model(checkpoint, format="onnx", out=tmp_path / "old.onnx")

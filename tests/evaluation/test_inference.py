@@ -13,7 +13,7 @@ import finetune.inference
 from finetune.cli import main
 from finetune.data import load_image
 from finetune.errors import FinetuneError
-from finetune.inference import Prediction, Predictor, eval_transform, load
+from finetune.inference.predictor import Prediction, Predictor, eval_transform, load
 
 
 def test_predict_gives_the_models_softmax_through_the_checkpoints_preprocessing(checkpoint, image_folder):
@@ -168,7 +168,7 @@ def test_predict_command_refuses_an_unknown_output_format(checkpoint, image_fold
 
 
 def test_load_and_export_refuse_a_checkpoint_listing_more_classes_than_its_model_has_outputs(checkpoint, tmp_path):
-    from finetune.export import export_model
+    from finetune.deploy.export import export_model
 
     bad = shutil.copytree(checkpoint, tmp_path / "bad")
     meta = json.loads((bad / "checkpoint.json").read_text())

@@ -13,7 +13,7 @@ from finetune.evaluation import (
     per_class_rows,
     topk_accuracy,
 )
-from finetune.inference import topk_indices
+from finetune.inference.predictor import topk_indices
 
 CLASSES = ["A", "B", "C", "D"]
 # Six samples, four classes; D never occurs but is predicted once. Confusion (rows true, columns predicted):

@@ -8,7 +8,8 @@ import torch
 
 from finetune.cli import main
 from finetune.errors import FinetuneError
-from finetune.export import OnnxModel, export_model, metadata_path, read_onnx_info
+from finetune.deploy.export import export_model
+from finetune.deploy.onnx import OnnxModel, metadata_path, read_onnx_info
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -43,7 +44,7 @@ def int8_weights(path) -> int:
 
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 def test_int8_export_is_smaller_int8_and_predicts_like_fp32(exported, images, preprocessing, kind):
-    from finetune.inference import eval_transform
+    from finetune.inference.predictor import eval_transform
 
     fp32, int8 = exported["fp32"], exported[kind]
     # dynamic: the head's linear layers in int8; static: the convolutions too
@@ -69,7 +70,7 @@ def test_int8_export_is_smaller_int8_and_predicts_like_fp32(exported, images, pr
 
 def test_eval_of_an_onnx_model_reports_its_own_accuracy_and_the_delta_to_fp32(exported, images, checkpoint, tmp_path,
                                                                             capsys):
-    from finetune.inference import load
+    from finetune.inference.predictor import load
 
     out = tmp_path / "eval"
     assert main(["eval", str(exported["static"]), "--data", str(images), "--split", "all", "--num-workers", "0",
@@ -79,7 +80,7 @@ def test_eval_of_an_onnx_model_reports_its_own_accuracy_and_the_delta_to_fp32(ex
     truth = np.array([["cat", "dog", "fox"].index(p.parent.name) for p in paths])
 
     from finetune.data import load_image
-    from finetune.inference import eval_transform
+    from finetune.inference.predictor import eval_transform
 
     transform = eval_transform(read_onnx_info(exported["static"])["preprocessing"])
     batch = np.stack([transform(image=load_image(p))["image"].numpy() for p in paths])

@@ -13,8 +13,8 @@ from finetune.config import parse_recipe
 from finetune.data import load_image
 from finetune.errors import FinetuneError
 from finetune.evaluation import classification_metrics, evaluate
-from finetune.inference import eval_transform, load
-from finetune.tta import views
+from finetune.inference.predictor import eval_transform, load
+from finetune.inference.tta import views
 
 
 class LeftNet(nn.Module):

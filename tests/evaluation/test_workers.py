@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-import finetune.inference as inference
+import finetune.inference.predictor as inference
 from finetune.cli import main
 from finetune.config import parse_recipe
 from finetune.training.runner import run_training

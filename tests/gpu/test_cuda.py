@@ -80,7 +80,7 @@ def backbone_changed(run_dir: Path, init: Path) -> float:
     """The largest absolute change of a backbone weight between the init file and ``checkpoints/last``."""
     from safetensors.torch import load_file
 
-    from finetune.checkpoint import read_weights
+    from finetune.models.checkpoint import read_weights
 
     before = load_file(str(init))
     after = read_weights(run_dir / "checkpoints" / "last")
@@ -255,7 +255,7 @@ def test_eval_predict_and_export_of_a_gpu_run(gpu_recipe, tmp_path, capsys):
 
     import finetune
     from finetune.cli import main as finetune_main
-    from finetune.export import export_model
+    from finetune.deploy.export import export_model
 
     gpu_recipe["training"]["precision"] = "auto"
     gpu_recipe["output"] = {"evaluate_test": True}  # the test split evaluated on the GPU after training

@@ -13,15 +13,16 @@ import yaml
 from PIL import Image
 
 import finetune
-from finetune.checkpoint import load_checkpoint, save_checkpoint
+from finetune.models.checkpoint import load_checkpoint, save_checkpoint
 from finetune.data import ImageDataset
 from finetune.errors import FinetuneError
-from finetune.export import export_model
-from finetune.inference import eval_transform
+from finetune.deploy.export import export_model
+from finetune.inference.predictor import eval_transform
 from finetune.models import create_model
 from finetune.models.factory import check_forward
-from finetune.training.feature_cache import extract_features, is_head_only
-from finetune.training.freeze import apply_trainable, frozen_batchnorms, select_trainable, set_train_mode
+from finetune.features.extract import extract_features
+from finetune.models.params import is_head_only
+from finetune.models.params import apply_trainable, frozen_batchnorms, select_trainable, set_train_mode
 
 FAMILIES = {
     "resnet": ("test_resnet", {}),

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from finetune.training.cuda import configure_cuda
+from finetune._device import configure_cuda
 
 
 def flags():

@@ -71,7 +71,7 @@ def batches(rank: int, world: int, lost: tuple[int, ...] = ()):
 def train(rank: int, world: int, *, bn_trains: bool, lost: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
     """A few steps of finetune's own loop (``train_one_epoch``) with its EMA, on this rank's share; the EMA."""
     from finetune.models import create_model
-    from finetune.training import distributed as ddp
+    from finetune import _distributed as ddp
     from finetune.training.ema import Ema
     from finetune.training.loop import make_grad_scaler, train_one_epoch
 
@@ -144,8 +144,7 @@ def _ema_rank_lost(rank, world, port, out):
 def _workers_rank(rank, world, port, out, local_world):
     import torch.distributed as dist
 
-    from finetune.data import ImageDataset
-    from finetune.training import distributed as ddp
+    from finetune import _distributed as ddp
     from finetune.training import loaders
 
     join_group(rank, world, port)

@@ -6,7 +6,7 @@ import torch
 
 from finetune.config import parse_recipe
 from finetune.errors import FinetuneError
-from finetune.training import distributed as ddp
+from finetune import _distributed as ddp
 from finetune.training.runner import run_training
 
 RANK1_OF_2 = ddp.DistInfo(rank=1, local_rank=1, world_size=2, local_world_size=2)

@@ -3,7 +3,7 @@ without test-time augmentation."""
 import json
 
 from finetune.config import parse_recipe
-from finetune.inference import load
+from finetune.inference.predictor import load
 from finetune.training.runner import run_training
 
 

@@ -13,9 +13,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-import finetune.training.feature_cache as fc
+import finetune.features.cache as fc
+import finetune.features.extract as fx
 from finetune.config import parse_recipe
-from finetune.training.feature_cache import evict, write_meta
+from finetune.features.cache import evict, write_meta
 from finetune.training.runner import run_training
 
 
@@ -41,7 +42,7 @@ def val_accuracy(run_dir):
 
 
 def test_head_stage_uses_the_cache_and_reuses_it_across_runs(tiny_recipe, tmp_path, monkeypatch):
-    import finetune.training.feature_cache as fc
+    import finetune.features.cache as fc
 
     calls = []
     real = fc.extract_into
@@ -133,7 +134,7 @@ def test_cached_head_stage_matches_the_uncached_accuracy_on_digits(tmp_path):
 
 
 def test_a_cache_finished_first_by_another_run_is_kept(tmp_path):
-    from finetune.training.feature_cache import _write_folder
+    from finetune.features.cache import _write_folder
 
     folder = tmp_path / "key"
     _write_folder(folder, lambda tmp: write_meta(tmp, "first"))
@@ -257,7 +258,7 @@ def _wide_backbone():
 
 def _stage_features(backbone, items, cache, **over):
     from finetune.data import build_transform
-    from finetune.training.distributed import DistInfo
+    from finetune._distributed import DistInfo
 
     kw = dict(train_transform=build_transform(True, input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3),
               eval_transform=build_transform(False, input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3),
@@ -299,11 +300,11 @@ def test_extraction_streams_into_float16_files_equal_to_extracting_in_ram(tmp_pa
     for view in range(2):
         dataset = ImageDataset(items["train"], kw["train_transform"], seed=3)
         dataset.set_epoch(view)
-        feats, labels = fc.extract_features(backbone, dataset, device=torch.device("cpu"), amp_dtype=None,
+        feats, labels = fx.extract_features(backbone, dataset, device=torch.device("cpu"), amp_dtype=None,
                                             batch_size=8, num_workers=0)
         np.testing.assert_array_equal(train.features[view], feats.astype(np.float16))
         np.testing.assert_array_equal(train.labels, labels)
-    feats, labels = fc.extract_features(backbone, ImageDataset(items["val"], kw["eval_transform"], seed=3),
+    feats, labels = fx.extract_features(backbone, ImageDataset(items["val"], kw["eval_transform"], seed=3),
                                         device=torch.device("cpu"), amp_dtype=None, batch_size=8, num_workers=0)
     np.testing.assert_array_equal(val.features[0], feats.astype(np.float16))
     np.testing.assert_array_equal(val.labels, labels)
@@ -312,7 +313,7 @@ def test_extraction_streams_into_float16_files_equal_to_extracting_in_ram(tmp_pa
 def _extract_on_rank(rank, world, port, items, cache):
     import torch.distributed as torch_dist
 
-    from finetune.training.distributed import DistInfo
+    from finetune._distributed import DistInfo
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch_dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -376,7 +377,7 @@ def test_extraction_hands_written_cache_pages_back_so_rss_does_not_grow_with_the
         def __getitem__(self, i):
             return torch.full((width,), float(i % 1000)), i
 
-    written = fc.extract_into(rows[0], torch.nn.Identity(), Rows(), device=torch.device("cpu"), amp_dtype=None,
+    written = fx.extract_into(rows[0], torch.nn.Identity(), Rows(), device=torch.device("cpu"), amp_dtype=None,
                               batch_size=128, num_workers=0, release_bytes=1 << 20)
     # without the release every page written stays resident: 16 MiB
     assert _mapped_rss_kb(tmp_path / "train.npy") < 3 * 1024
@@ -386,7 +387,7 @@ def test_extraction_hands_written_cache_pages_back_so_rss_does_not_grow_with_the
     np.testing.assert_array_equal(saved, np.repeat((np.arange(n) % 1000)[:, None], width, axis=1).astype(np.float16))
 
 
-@pytest.mark.skipif(not getattr(fc._LIBC, "malloc_trim", None) or not os.path.exists("/proc/self/statm"),
+@pytest.mark.skipif(not getattr(fx._LIBC, "malloc_trim", None) or not os.path.exists("/proc/self/statm"),
                     reason="glibc's malloc_trim and Linux's /proc/self/statm")
 def test_trim_heap_hands_back_memory_that_threads_freed_between_live_blocks():
     """Threads (the fingerprinting pool) allocate in malloc arenas of their own; what they free between
@@ -405,6 +406,6 @@ def test_trim_heap_hands_back_memory_that_threads_freed_between_live_blocks():
     with ThreadPoolExecutor(4) as pool:
         kept = list(pool.map(churn, range(4)))
     before = rss_mb()
-    fc.trim_heap()
+    fx.trim_heap()
     assert before - rss_mb() > 10  # of the ~45 MB freed
     assert len(kept) == 4

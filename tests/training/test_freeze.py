@@ -3,7 +3,7 @@ import torch
 
 from finetune.errors import FinetuneError
 from finetune.models import create_model
-from finetune.training.freeze import apply_trainable, frozen_batchnorms, select_trainable, set_train_mode
+from finetune.models.params import apply_trainable, frozen_batchnorms, select_trainable, set_train_mode
 from finetune.training.optim import make_optimizer
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from finetune.checkpoint import read_weights
+from finetune.models.checkpoint import read_weights
 from finetune.config import parse_recipe
 from finetune.models import create_model
-from finetune.training.freeze import apply_trainable, frozen_batchnorms, select_trainable, set_train_mode
+from finetune.models.params import apply_trainable, frozen_batchnorms, select_trainable, set_train_mode
 from finetune.training.loop import make_grad_scaler, train_one_epoch
 from finetune.training.runner import Runner, run_training
 

@@ -149,8 +149,8 @@ def test_training_accuracy_on_mixed_batches_counts_the_dominant_class():
 def test_feature_cache_key_holds_the_augmentation_preset(tiny_recipe, monkeypatch):
     """Cached augmented views (feature_cache_views) depend on data.augment: it is part of the cache key."""
     from finetune.models import create_model
-    from finetune.training import distributed as ddp
-    from finetune.training import feature_cache
+    from finetune import _distributed as ddp
+    from finetune.features import cache as feature_cache
     from finetune.training.loaders import stage_inputs
 
     keys = []

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from finetune.checkpoint import FROZEN_FILE, read_weights
+from finetune.models.checkpoint import FROZEN_FILE, read_weights
 
 
 FINETUNE = [sys.executable, "-m", "finetune"]
@@ -148,7 +148,7 @@ def test_ddp_on_two_cpu_processes_trains_and_reports_metrics_over_the_whole_vali
     assert (run / "eval" / "metrics.json").is_file()
     assert len(list((tmp_path / "cache" / "images").rglob("*.png"))) == len(splits)
 
-    from finetune.checkpoint import load_checkpoint
+    from finetune.models.checkpoint import load_checkpoint
     from finetune.data import Manifest, build_transform
     import numpy as np
     from PIL import Image

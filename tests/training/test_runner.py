@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from finetune.checkpoint import load_checkpoint, read_weights
+from finetune.models.checkpoint import load_checkpoint, read_weights
 from finetune.config import parse_recipe
 from finetune.errors import FinetuneError
 from finetune.training.runner import run_training

@@ -9,8 +9,8 @@ files, PIL images or RGB arrays into top-k labels with probabilities::
     pred.labels, pred.probabilities   # the top 3
     predictor.predict("robin.jpg", tta="hflip")   # averaged over the image and its mirror image
 
-A calibrated checkpoint's temperature (:mod:`finetune.calibration`) divides the logits before the softmax;
-test-time augmentation (:mod:`finetune.tta`) averages the probabilities over views of each image.
+A calibrated checkpoint's temperature (:mod:`finetune.inference.temperature`) divides the logits before the softmax;
+test-time augmentation (:mod:`finetune.inference.tta`) averages the probabilities over views of each image.
 
 Loading reads ``checkpoint.json`` and the weights (``model.safetensors``, and ``frozen.safetensors`` where split) only: no recipe, no training data, no network
 and no pickled code. :func:`predict_probabilities` (shared with evaluation) batches images with the one
@@ -32,9 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune._device import forward_batches, resolve_device
 from finetune._workers import inference_workers
-from finetune.calibration import scaled
+from finetune.inference.temperature import scaled
 from finetune.errors import FinetuneError
-from finetune.tta import VIEWS, TtaModel, TtaTransform
+from finetune.inference.tta import VIEWS, TtaModel, TtaTransform
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -75,7 +75,7 @@ class Predictor:
         preprocessing: the checkpoint's preprocessing (``input_size``, ``mean``, ``std``,
             ``interpolation``, ``crop_pct``, optional ``eval_transforms``).
         device: where the model runs.
-        temperature: the checkpoint's calibration temperature (:mod:`finetune.calibration`): logits are
+        temperature: the checkpoint's calibration temperature (:mod:`finetune.inference.temperature`): logits are
             divided by it before the softmax.
 
     Attributes:
@@ -106,8 +106,8 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Predictor:
         """Load a checkpoint folder (or a run folder, whose best checkpoint is used)."""
-        from finetune.calibration import meta_temperature
-        from finetune.checkpoint import load_checkpoint
+        from finetune.inference.temperature import meta_temperature
+        from finetune.models.checkpoint import load_checkpoint
 
         device = resolve_device(device)
         model, meta = load_checkpoint(path, map_location=device)
@@ -132,7 +132,7 @@ class Predictor:
             batch_size: images per forward pass.
             num_workers: DataLoader workers decoding files in parallel, or ``"auto"`` (the CPU cores, at
                 most 8; what ``finetune predict`` uses).
-            tta: a test-time augmentation mode of :data:`finetune.tta.TTA_MODES`: the probabilities are
+            tta: a test-time augmentation mode of :data:`finetune.inference.tta.TTA_MODES`: the probabilities are
                 the mean over its views (a forward pass then holds the views of ``batch_size // views``
                 images).
 

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from finetune._device import resolve_device
 from finetune.errors import FinetuneError
-from finetune.training.cuda import configure_cuda
+from finetune._device import configure_cuda
 
 
 @dataclass(frozen=True)

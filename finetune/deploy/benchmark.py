@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from finetune.errors import FinetuneError
+from finetune.errors import FinetuneError, first_line
 
 BACKENDS = ("pytorch eager", "pytorch compiled", "onnxruntime fp32", "onnxruntime int8")
 """The rows of every benchmark; a statically quantised .onnx given adds ``onnxruntime int8 static``."""
@@ -53,8 +53,9 @@ def benchmark(
         ``latency_ms`` (``median``, ``p90``) and ``images_per_s``; ``int8_speedup`` maps
         ``"DEVICE/BATCH"`` to ONNX Runtime fp32's median latency over int8's (dynamic, else static).
     """
-    from finetune.checkpoint import load_checkpoint, resolve_checkpoint
-    from finetune.export import OnnxModel, export_model, read_onnx_info
+    from finetune.models.checkpoint import load_checkpoint, resolve_checkpoint
+    from finetune.deploy.export import export_model
+    from finetune.deploy.onnx import OnnxModel, read_onnx_info
 
     if not batches or min(batches) < 1 or iterations < 1:
         raise FinetuneError("benchmark needs batch sizes of 1 or more and at least one iteration")
@@ -155,7 +156,7 @@ def _runners(model, onnx_files: dict[str, Path], device: str, threads: Optional[
         try:
             compiled = torch.compile(eager)
         except Exception as e:  # torch.compile refuses some platforms up front
-            runners["pytorch compiled"] = f"unavailable: {type(e).__name__}: {_first_line(e)}"
+            runners["pytorch compiled"] = f"unavailable: {type(e).__name__}: {first_line(e)}"
         else:
             runners["pytorch compiled"] = lambda x: run_eager(x, compiled)
     for name in ("onnxruntime fp32", "onnxruntime int8", "onnxruntime int8 static"):
@@ -189,7 +190,7 @@ def _time_backends(runners: dict[str, Any], device: str, batch: int, input_size:
             for _ in range(max(warmup, 1)):
                 runners[name](x)
         except Exception as e:  # e.g. torch.compile without a working C++ compiler
-            status[name] = f"unavailable: {type(e).__name__}: {_first_line(e)}"
+            status[name] = f"unavailable: {type(e).__name__}: {first_line(e)}"
             live.remove(name)
     for name in live:
         times[name] = []
@@ -215,8 +216,3 @@ def _row(rows: list[dict[str, Any]], backend: str, device: str, batch: int) -> O
         if (row["backend"], row["device"], row["batch"]) == (backend, device, batch) and row["status"] == "ok":
             return row
     return None
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:200]
-

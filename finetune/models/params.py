@@ -92,3 +92,9 @@ def set_train_mode(model: nn.Module, frozen_bn: list[nn.Module]) -> None:
     model.train()
     for module in frozen_bn:
         module.eval()
+
+
+def is_head_only(trainable: set[str]) -> bool:
+    """Whether a stage's trainable parameters (:func:`select_trainable`) are all the head's: the stage that
+    may train on cached backbone features."""
+    return bool(trainable) and all(name.startswith("head.") for name in trainable)

@@ -27,11 +27,9 @@ the delete.
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
-import mmap
 import os
 import re
 import secrets
@@ -43,28 +41,19 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from finetune._device import forward_batches
 from finetune._io import cache_root, make_temp_dir
 from finetune._version import __version__
 from finetune.errors import FinetuneError
-from finetune.training import distributed as ddp
+from finetune import _distributed as ddp
+from finetune.features.extract import FeatureDataset, extract_into
 
 log = logging.getLogger("finetune")
-try:
-    _LIBC = ctypes.CDLL(None)  # the C library the process runs on
-except OSError:  # pragma: no cover - no dynamic C library to look into
-    _LIBC = None
 
 
 def features_folder(cache_dir: str | os.PathLike | None) -> Path:
     """Where feature cache entries live: ``cache_dir`` itself, else ``features/`` under the default root."""
     return cache_root(cache_dir) if cache_dir else cache_root() / "features"
-
-
-def is_head_only(trainable: set[str]) -> bool:
-    return bool(trainable) and all(name.startswith("head.") for name in trainable)
 
 
 def cache_key(backbone: torch.nn.Module, settings: dict[str, Any], items: dict[str, list[tuple[Path, int]]]) -> str:
@@ -124,7 +113,7 @@ def code_fingerprint() -> dict[str, str]:
     package = Path(__file__).resolve().parents[1]
     source = hashlib.sha256()
     for file in [*sorted((package / "data").rglob("*.py")), *sorted((package / "models").rglob("*.py")),
-                 Path(__file__).resolve()]:
+                 *sorted((package / "features").rglob("*.py"))]:
         source.update(file.relative_to(package).as_posix().encode() + b"\0" + file.read_bytes())
     return {
         "finetune": __version__, "finetune_source": source.hexdigest()[:16], "torch": torch.__version__,
@@ -148,114 +137,6 @@ def is_complete(folder: Path) -> bool:
         return all((folder / name).stat().st_size == size for name, size in files.items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-
-
-class FeatureDataset(Dataset):
-    """Rows of a ``(views, N, F)`` feature array; ``set_epoch`` picks view ``epoch % views``.
-
-    ``__getitems__`` serves a whole batch with one fancy index into the memory map, so the DataLoader
-    makes one copy per batch instead of one tensor per sample."""
-
-    def __init__(self, features: np.ndarray, labels: np.ndarray):
-        self.features, self.labels = features, labels
-        self.view = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.view = epoch % self.features.shape[0]
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-    def __getitem__(self, i: int):
-        return self.__getitems__([i])
-
-    def __getitems__(self, indices: list[int]):
-        rows = np.asarray(indices)
-        features = torch.from_numpy(np.asarray(self.features[self.view, rows], dtype=np.float32))
-        return features, torch.from_numpy(self.labels[rows])
-
-
-def extract_features(backbone, dataset, *, device, amp_dtype, batch_size: int, num_workers: int,
-                     channels_last: bool = False, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
-    """Pooled backbone features for every readable sample of ``dataset`` (BatchNorm in eval mode), in RAM;
-    the cache streams them into its file with :func:`extract_into` instead."""
-    from finetune.data import collate_skip
-
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_skip, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(0))  # leave the global RNG alone
-    labels, feats, _ = forward_batches(backbone, loader, device=device, amp_dtype=amp_dtype,
-                                       channels_last=channels_last, softmax=False)
-    if not len(labels):
-        raise FinetuneError(f"no readable image left to extract {desc} from ({len(dataset)} skipped)")
-    return feats, labels
-
-
-class _Indexed(Dataset):
-    """Samples ``indices`` of ``dataset``, each labelled with its index: a batch says which rows it fills."""
-
-    def __init__(self, dataset: Dataset, indices: range):
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        sample = self.dataset[self.indices[i]]
-        return None if sample is None else (sample[0], self.indices[i])
-
-
-def release_pages(rows: np.ndarray) -> None:
-    """Drop the pages of the memory map under ``rows`` from this process's resident set. Their data stays
-    in the file's page cache (dirty pages of a shared mapping are written back by the kernel, and a later
-    read maps them again), which the kernel can write out and reclaim; RSS no longer grows with the map.
-    The C heap's free memory goes back to the system too (:func:`trim_heap`)."""
-    mapped = getattr(rows, "_mmap", None)  # np.memmap and its views keep the mmap they were made from
-    if isinstance(mapped, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-        mapped.madvise(mmap.MADV_DONTNEED)
-    trim_heap()
-
-
-def trim_heap() -> None:
-    """Return the free memory of the C heap to the system (glibc's ``malloc_trim``; nothing elsewhere).
-    Decoding photos of many sizes, and the threads that fingerprint the files (each with its own malloc
-    arena), leave freed memory resident that glibc keeps for reuse: measured on 4,000 photos, 27 MB of
-    the 33 MB extraction held beyond its memory map's pages."""
-    trim = getattr(_LIBC, "malloc_trim", None) if _LIBC is not None else None
-    if trim is not None:
-        trim(0)
-
-
-def extract_into(rows: np.ndarray, backbone, dataset, *, indices: Optional[range] = None, device, amp_dtype,
-                 batch_size: int, num_workers: int, channels_last: bool = False,
-                 release_bytes: int = 8 << 20) -> np.ndarray:
-    """Write the pooled backbone features of samples ``indices`` of ``dataset`` (default: all) into
-    ``rows[i]`` batch by batch: into a float16 memory map, only one batch is ever held in RAM, and every
-    ``release_bytes`` written the map's pages leave the resident set (:func:`release_pages`).
-
-    Returns:
-        The indices written, ascending; an unreadable sample's row is left as it was.
-    """
-    from finetune.data import collate_skip
-
-    written, pending = [], [0]
-
-    def sink(features: np.ndarray, index: np.ndarray) -> None:
-        rows[index] = features  # cast to the file's dtype in place, no float32 copy of the split
-        written.append(index)
-        pending[0] += len(index) * rows[0].nbytes
-        if pending[0] >= release_bytes:
-            release_pages(rows)
-            pending[0] = 0
-
-    indices = range(len(dataset)) if indices is None else indices
-    loader = DataLoader(_Indexed(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_skip, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(0))  # leave the global RNG alone
-    forward_batches(backbone, loader, device=device, amp_dtype=amp_dtype, channels_last=channels_last,
-                    softmax=False, sink=sink)
-    release_pages(rows)
-    return np.concatenate(written) if written else np.zeros(0, dtype=np.int64)
 
 
 def cached_features(backbone, items: list[tuple[Path, int]], transform, *, settings: dict[str, Any],

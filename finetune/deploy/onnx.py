@@ -1,0 +1,203 @@
+"""ONNX: the fp32 export (``torch.onnx.export``, dynamic batch), its int8 quantisation with onnxruntime
+(dynamic, or static on a quantisation sample of training images), reading an export's metadata back, and
+`OnnxModel`, which runs an export behind the ``nn.Module`` interface for evaluation and benchmarks."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from finetune._io import read_text_file
+from finetune.data.decode import ImageDecodeError, load_image
+from finetune.data.transforms import preprocessing_transform
+from finetune.errors import FinetuneError, first_line
+
+ONNX_METADATA_KEY = "finetune"
+"""The ONNX ``metadata_props`` key holding the export JSON."""
+
+
+def metadata_path(model_file: str | os.PathLike) -> Path:
+    """The metadata JSON of an exported model file: its name plus ``.json`` (``m.onnx`` → ``m.onnx.json``), so
+    the exports of each format (and the int8 one) keep their own."""
+    model_file = Path(model_file)
+    return model_file.with_name(model_file.name + ".json")
+
+
+def _write_onnx(model: torch.nn.Module, example: torch.Tensor, info: dict[str, Any], path: Path) -> None:
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export needs both)
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise FinetuneError(f"ONNX export needs the onnx and onnxscript packages ({e}): "
+                            "pip install 'finetune[export]'") from None
+    try:
+        program = torch.onnx.export(
+            model, (example,), input_names=["input"], output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
+        )
+    except Exception as e:  # torch.export raises many types for unsupported models
+        raise FinetuneError(f"ONNX export of {info['backbone']} failed: {type(e).__name__}: {first_line(e)}") from e
+    program.model.metadata_props[ONNX_METADATA_KEY] = json.dumps(info)
+    program.save(str(path))
+
+
+def _write_int8_onnx(model: torch.nn.Module | Path, example: torch.Tensor | None, info: dict[str, Any], path: Path,
+                     calibration_images: Sequence[str | os.PathLike], preprocessing: dict[str, Any]) -> None:
+    """The fp32 ONNX export (of ``model``, or the file ``model``), pre-processed (shape inference, graph
+    optimisation) and quantised to int8."""
+    try:
+        import onnx
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quant_pre_process,
+            quantize_dynamic,
+            quantize_static,
+        )
+    except ImportError as e:
+        raise FinetuneError(f"int8 export needs onnxruntime ({e}): pip install 'finetune[export]'") from None
+    with tempfile.TemporaryDirectory(prefix="finetune-int8-") as tmp:
+        fp32, prepared, quantized = Path(tmp, "fp32.onnx"), Path(tmp, "prepared.onnx"), Path(tmp, "int8.onnx")
+        if isinstance(model, Path):
+            fp32 = model
+        else:
+            _write_onnx(model, example, info, fp32)
+        try:
+            quant_pre_process(str(fp32), str(prepared))
+            if calibration_images:
+                reader = _CalibrationReader(calibration_images, preprocessing)
+                # percentile calibration: on the quickstart it lost 4.8 points of test accuracy, min-max 6.3
+                quantize_static(str(prepared), str(quantized), reader, quant_format=QuantFormat.QDQ,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                                calibrate_method=CalibrationMethod.Percentile)
+            else:
+                # the linear layers only (the head; a ViT's blocks): onnxruntime's dynamic ConvInteger ran the
+                # quickstart's CNN 8-14x slower than fp32 convolutions and lost 7 points of accuracy
+                quantize_dynamic(str(prepared), str(quantized), weight_type=QuantType.QInt8,
+                                 op_types_to_quantize=["MatMul", "Gemm"])
+        except FinetuneError:
+            raise
+        except Exception as e:  # onnxruntime raises many types for graphs it cannot quantise
+            raise FinetuneError(f"int8 quantisation of {info['backbone']} failed: {type(e).__name__}: "
+                                f"{first_line(e)}") from e
+        proto = onnx.load(str(quantized))
+        del proto.metadata_props[:]
+        proto.metadata_props.add(key=ONNX_METADATA_KEY, value=json.dumps(info))
+        path.write_bytes(proto.SerializeToString())  # by Python: a full disk raises OSError
+
+
+class _CalibrationReader:
+    """onnxruntime's ``CalibrationDataReader``: the calibration images, preprocessed as for evaluation, in
+    batches of 16 (unreadable ones left out)."""
+
+    def __init__(self, images: Sequence[str | os.PathLike], preprocessing: dict[str, Any]):
+        transform = preprocessing_transform(preprocessing)
+        arrays = []
+        for image in images:
+            try:
+                arrays.append(transform(image=load_image(image))["image"].numpy())
+            except ImageDecodeError:
+                continue
+        if not arrays:
+            raise FinetuneError(f"none of the {len(images)} calibration images could be read")
+        self.batches = iter([{"input": np.stack(arrays[i:i + 16])} for i in range(0, len(arrays), 16)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def calibration_subset(items: Sequence[tuple[str | os.PathLike, int]], n: int, seed: int = 0) -> list[str]:
+    """``n`` image paths of ``(path, class)`` items, drawn per class in turn (a seeded shuffle within
+    each class), so every class shapes the activation ranges."""
+    by_class: dict[int, list[str]] = {}
+    for path, label in items:
+        by_class.setdefault(int(label), []).append(str(path))
+    rng = random.Random(seed)
+    queues = [rng.sample(paths, len(paths)) for _, paths in sorted(by_class.items())]
+    chosen: list[str] = []
+    while len(chosen) < n and any(queues):
+        for queue in queues:
+            if queue and len(chosen) < n:
+                chosen.append(queue.pop())
+    return chosen
+
+
+def _onnxruntime_version() -> str:
+    try:
+        import onnxruntime
+    except ImportError:
+        return "(not installed)"
+    return onnxruntime.__version__
+
+
+def read_onnx_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The export JSON of an ``.onnx`` file: from its metadata, else from ``NAME.json`` beside it.
+
+    Raises:
+        FinetuneError: the file is missing or not ONNX, or neither place holds the JSON.
+    """
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise FinetuneError(f"no such ONNX model: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise FinetuneError(f"{path} is not an ONNX model: {type(e).__name__}: {first_line(e)}") from None
+    for prop in proto.metadata_props:
+        if prop.key == ONNX_METADATA_KEY:
+            return json.loads(prop.value)
+    sidecar = metadata_path(path)
+    for candidate in (sidecar, path.with_suffix(".json")):  # NAME.json: what finetune 0.x wrote
+        if candidate.is_file():
+            try:
+                return json.loads(read_text_file(candidate, "export metadata"))
+            except json.JSONDecodeError as e:
+                raise FinetuneError(f"{candidate} is not valid JSON: {e}") from None
+    raise FinetuneError(f"{path} holds no class names or preprocessing (not exported by finetune, and no "
+                        f"{sidecar.name} beside it)")
+
+
+class OnnxModel(torch.nn.Module):
+    """An exported ``.onnx`` model run by onnxruntime behind the ``nn.Module`` interface (images in, logits
+    out), so evaluation and prediction code takes it as it takes a checkpoint's model. Runs on the CPU
+    (``device="cuda"``: onnxruntime's CUDA provider when installed).
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: onnxruntime's intra-op threads (None: its default, the physical cores).
+        device: ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, device: str = "cpu"):
+        super().__init__()
+        import onnxruntime
+
+        self.path = Path(path)
+        self.info = read_onnx_info(path)
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        except Exception as e:
+            raise FinetuneError(f"onnxruntime cannot load {path}: {type(e).__name__}: {first_line(e)}") from None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        array = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        (logits,) = self.session.run(["logits"], {"input": array})
+        return torch.from_numpy(logits).to(images.device)
+
+
