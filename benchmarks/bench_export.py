@@ -41,7 +41,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from finetune.models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
     from finetune.cli.eval import load_manifest
     from finetune.deploy.export import export_model
-    from finetune.deploy.onnx import OnnxModel, calibration_subset
+    from finetune.deploy.onnx import OnnxModel, quantization_sample
     from finetune.inference.predictor import eval_transform, predict_probabilities
 
     torch.set_num_threads(args.threads)
@@ -56,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         for name, source, kwargs in (
             ("onnxruntime fp32", checkpoint, {}),
             ("onnxruntime int8", None, {"quantize": "int8"}),
-            ("onnxruntime int8 static", None, {"quantize": "int8", "calibration_images": calibration_subset(
+            ("onnxruntime int8 static", None, {"quantize": "int8", "calibration_images": quantization_sample(
                 manifest.items("train"), args.calibration)}),
         ):
             start = time.perf_counter()

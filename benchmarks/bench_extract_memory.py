@@ -106,7 +106,7 @@ def child(variant: str, spec: dict[str, Any]) -> None:
             fc.stage_features(backbone, items, train_transform=train_tf, eval_transform=eval_tf, views=2,
                               key_parts={}, cache_dir=cache, max_bytes=2**40, num_features=width, dist=DistInfo(),
                               seed=0, **run)
-            [entry] = [p for p in cache.iterdir() if not p.name.startswith(".")]
+            [entry] = [p for p in (cache / "features").iterdir() if not p.name.startswith(".")]
             return entry
         entry = cache / "in-ram"
         entry.mkdir(parents=True)

@@ -11,15 +11,15 @@ __all__ = ["__version__", "FinetuneError", "create_model", "load", "train"]
 def __getattr__(name):
     # lazy, so `import finetune` (and `finetune --help`) doesn't import torch and timm
     if name == "load":
-        from finetune.inference.predictor import load
+        from finetune.inference.predictor import load  # lazy: see above
 
         return load
     if name == "train":
-        from finetune.training import train
+        from finetune.training import train  # lazy: see above
 
         return train
     if name == "create_model":
-        from finetune.models import create_model
+        from finetune.models import create_model  # lazy: see above
 
         return create_model
     raise AttributeError(f"module 'finetune' has no attribute {name!r}")

@@ -175,6 +175,15 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
 
 
+CACHES = {"features": "features", "images": "images", "scan": "scan-v1.sqlite3"}
+"""Each cache's place under :func:`cache_root`: the feature cache, the resize cache and the scan cache."""
+
+
+def cache_path(kind: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where cache ``kind`` (a key of `CACHES`) lives: the one rule, ``cache_root(cache_dir) / CACHES[kind]``."""
+    return cache_root(cache_dir) / CACHES[kind]
+
+
 def read_text_file(path: str | os.PathLike, what: str) -> str:
     """A UTF-8 text file's content (a leading byte-order mark dropped), or one `FinetuneError` line naming
     ``what`` and ``path``: unreadable, or not UTF-8 (with the byte offset and line of the first bad byte)."""

@@ -1,6 +1,7 @@
 """``finetune data audit``: near-duplicates and leakage, label issues, outliers and blank images. The
 algorithms on features (`findings`), the run over a dataset (`auditor`), and its files (`report`)."""
-from finetune.audit.auditor import DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Audit, audit_dataset, audit_features, embed_manifest
+from finetune.audit.auditor import (DEFAULT_BACKBONE, DEFAULT_PRETRAINED, Audit, audit_dataset, audit_features,
+                                    embed_manifest)
 from finetune.audit.findings import (
     DUPLICATE_COSINE,
     FOLDS,

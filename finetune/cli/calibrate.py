@@ -26,15 +26,17 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from finetune._device import resolve_device
-    from finetune.models.checkpoint import read_meta, resolve_checkpoint
-    from finetune.cli.eval import load_manifest, run_folder
+    from finetune._device import resolve_device  # lazy: `finetune --help` imports no torch
+    from finetune.data.prepare import split_like_run
+    from finetune.models.checkpoint import read_meta, resolve_checkpoint, run_folder_of
     from finetune.evaluation import align_classes
     from finetune.evaluation.calibrate import calibrate_checkpoint
 
     folder = resolve_checkpoint(args.checkpoint)
     meta = read_meta(folder)
-    manifest = load_manifest(args.data, meta, run_folder(folder))
+    run_dir = run_folder_of(folder)
+    recipe_data = (meta.get("recipe") or {}).get("data") or {}
+    manifest = split_like_run(args.data, recipe_data, run_dir and run_dir / "manifest.csv")
     mapping = align_classes(manifest.classes, meta["classes"])
     splits = manifest.splits() if args.split == "all" else [args.split]
     items = [(path, mapping[label]) for split in splits for path, label in manifest.items(split)]

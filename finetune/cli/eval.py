@@ -46,8 +46,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from finetune._io import check_output
-    from finetune.models.checkpoint import load_checkpoint, resolve_checkpoint
+    from finetune._io import check_output  # lazy, as in every command: `finetune --help` imports no torch
+    from finetune.data.prepare import split_like_run
+    from finetune.models.checkpoint import load_checkpoint, resolve_checkpoint, run_folder_of
     from finetune.inference.temperature import meta_temperature
     from finetune.evaluation import align_classes, evaluate
     from finetune._device import resolve_device
@@ -59,14 +60,14 @@ def run(args) -> int:
 
         raise FinetuneError("--reference compares an exported .onnx model with a checkpoint; give the .onnx file")
     folder = resolve_checkpoint(args.checkpoint)
-    run_dir = run_folder(folder)
+    run_dir = run_folder_of(folder)
     out = Path(args.out) if args.out else (
         run_dir / f"eval-{args.split}" if run_dir else folder.with_name(f"{folder.name}-eval-{args.split}")
     )
     check_output(out, folder=True)  # before scanning the data and running the model
     device = resolve_device(args.device)
     model, meta = load_checkpoint(folder, map_location=device)
-    manifest = load_manifest(args.data, meta, run_dir)
+    manifest = split_like_run(args.data, _recipe_data(meta), run_dir and run_dir / "manifest.csv")
     mapping = align_classes(manifest.classes, meta["classes"], allow_subset=args.allow_subset)
     splits = manifest.splits() if args.split == "all" else [args.split]
     items = [(path, mapping[label]) for split in splits for path, label in manifest.items(split) if label in mapping]
@@ -99,8 +100,9 @@ def run_onnx(args) -> int:
     """Evaluate an exported ONNX model (onnxruntime), and state its accuracy against the fp32 checkpoint."""
     import numpy as np
 
-    from finetune._io import check_output
-    from finetune.models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint, write_json_atomic
+    from finetune._io import check_output  # lazy: `finetune --help` imports no torch
+    from finetune.data.prepare import split_like_run
+    from finetune.models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint, run_folder_of, write_json_atomic
     from finetune.errors import FinetuneError
     from finetune.evaluation import align_classes, classification_metrics, evaluate
     from finetune.deploy.onnx import OnnxModel, read_onnx_info
@@ -112,7 +114,7 @@ def run_onnx(args) -> int:
     if reference and not args.reference and not Path(reference).exists():
         reference = None  # exported elsewhere: nothing to compare with unless --reference is given
     folder = resolve_checkpoint(reference) if reference else None
-    run_dir = run_folder(folder) if folder else None
+    run_dir = run_folder_of(folder) if folder else None
     out = Path(args.out) if args.out else path.with_name(f"{path.stem}-eval-{args.split}")
     check_output(out, folder=True)
     device = resolve_device(args.device)
@@ -120,7 +122,7 @@ def run_onnx(args) -> int:
     meta = read_meta(folder) if folder else info
     if folder and list(meta["classes"]) != list(info["classes"]):
         raise FinetuneError(f"{path} and the reference checkpoint {folder} have different classes")
-    manifest = load_manifest(args.data, meta, run_dir)
+    manifest = split_like_run(args.data, _recipe_data(meta), run_dir and run_dir / "manifest.csv")
     mapping = align_classes(manifest.classes, info["classes"], allow_subset=args.allow_subset)
     splits = manifest.splits() if args.split == "all" else [args.split]
     items = [(p, mapping[label]) for split in splits for p, label in manifest.items(split) if label in mapping]
@@ -165,31 +167,5 @@ def run_onnx(args) -> int:
     return 0
 
 
-def run_folder(checkpoint: Path) -> Path | None:
-    """The run folder a checkpoint folder sits in (``RUN_DIR/checkpoints/NAME``), if it is one."""
-    run_dir = checkpoint.parent.parent
-    return run_dir if checkpoint.parent.name == "checkpoints" and (run_dir / "metrics.csv").is_file() else None
-
-
-def load_manifest(data: str, meta: dict, run_dir: Path | None):
-    """The manifest of ``data``, split as the checkpoint's training run split it (see ``--split``)."""
-    from finetune.data import Manifest, prepare_manifest
-    from finetune.errors import FinetuneError
-
-    root = Path(data)
-    if not root.exists():
-        raise FinetuneError(f"no such data folder or manifest: {root}")
-    if root.is_file():
-        return prepare_manifest(root, scan=False)[0]
-    run_manifest = run_dir / "manifest.csv" if run_dir else None
-    if run_manifest is not None and run_manifest.is_file():
-        manifest = Manifest.read_csv(run_manifest, root=root)
-        if all((root / r.path).exists() for r in manifest.rows):
-            return manifest
-    options = (meta.get("recipe") or {}).get("data") or {}
-    manifest, _ = prepare_manifest(
-        root, card=options.get("card"), val=options.get("val"), test=options.get("test"),
-        train_per_class=options.get("train_per_class"), exclude=tuple(options.get("exclude") or ()),
-        seed=options.get("seed", 0),
-    )  # scanned: training split the usable images, so the same split needs the same bad files left out
-    return manifest
+def _recipe_data(meta: dict) -> dict:
+    return (meta.get("recipe") or {}).get("data") or {}

@@ -34,46 +34,15 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from finetune.errors import FinetuneError
-    from finetune.deploy.export import export_model
-    from finetune.deploy.onnx import metadata_path
+    from finetune.deploy.export import export_model  # lazy: `finetune --help` imports no torch
+    from finetune.deploy.onnx import metadata_path, quantization_images
 
     if (args.calibration or args.data) and not args.quantize:
         raise FinetuneError("--calibration and --data choose the images of static int8 quantisation: add --quantize int8")
-    images = calibration_images(args.checkpoint, args.calibration, args.data) if args.calibration else ()
+    images = quantization_images(args.checkpoint, args.calibration, args.data) if args.calibration else ()
     path = export_model(args.checkpoint, format=args.format, out=args.out, quantize=args.quantize,
                         calibration_images=images)
     print(f"wrote {path} and {metadata_path(path)}"
           + (f" (int8, {'static: ' + str(len(images)) + ' calibration images' if images else 'dynamic'})"
              if args.quantize else ""))
     return 0
-
-
-def calibration_images(checkpoint: str, n: int, data: str | None) -> list:
-    """``n`` training images of the checkpoint's run (or of ``data``), spread over the classes."""
-    from pathlib import Path
-
-    from finetune.models.checkpoint import read_meta, resolve_checkpoint
-    from finetune.cli.eval import load_manifest, run_folder
-    from finetune.errors import FinetuneError
-    from finetune.deploy.onnx import calibration_subset
-
-    if Path(checkpoint).suffix == ".onnx":  # an fp32 export: the checkpoint it came from knows the data
-        from finetune.deploy.onnx import read_onnx_info
-
-        checkpoint = read_onnx_info(checkpoint)["source_checkpoint"]
-        if not data and not Path(checkpoint).exists():
-            raise FinetuneError(f"static int8 quantisation needs the training images: the export's checkpoint "
-                                f"{checkpoint} is not here; give --data ROOT|MANIFEST")
-        if not Path(checkpoint).exists():
-            return calibration_subset(load_manifest(data, {}, None).items("train"), n)
-    folder = resolve_checkpoint(checkpoint)
-    meta = read_meta(folder)
-    recipe_data = (meta.get("recipe") or {}).get("data") or {}
-    data = data or recipe_data.get("root") or recipe_data.get("manifest")
-    if not data or not Path(data).exists():
-        raise FinetuneError(f"static int8 quantisation needs the training images: the checkpoint's data "
-                            f"({data or 'none recorded'}) is not here; give --data ROOT|MANIFEST")
-    manifest = load_manifest(data, meta, run_folder(folder))
-    if "train" not in manifest.splits():
-        raise FinetuneError(f"{data} has no train split to calibrate on")
-    return calibration_subset(manifest.items("train"), n)

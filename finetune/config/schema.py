@@ -210,7 +210,7 @@ class StageConfig(_Section):
 
 class TrainingConfig(_Section):
     batch_size: int = Field(32, ge=1)
-    eval_batch_size: Optional[int] = Field(None, ge=1)
+    eval_batch_size: Optional[int] = Field(None, ge=1)  # default: 2 × batch_size (validation, test, features)
     # micro-batches per optimizer update; a last partial window of an epoch also updates (with the mean
     # gradient of its micro-batches). Schedules are sized and stepped in updates.
     accumulation: int = Field(1, ge=1)
@@ -248,6 +248,13 @@ class TrainingConfig(_Section):
     # where metrics also go: csv (the run folder's metrics.csv and plots) is always written; tensorboard
     # (RUN_DIR/tensorboard) and mlflow ($MLFLOW_TRACKING_URI, else RUN_DIR/mlruns) are optional extras
     loggers: list[Logger] = Field(default_factory=lambda: ["csv"])
+
+    @model_validator(mode="after")
+    def _eval_batch_size(self):
+        # resolved once, here: every evaluation of a run (validation, test, feature extraction) takes it
+        if self.eval_batch_size is None:
+            self.eval_batch_size = 2 * self.batch_size
+        return self
 
     @model_validator(mode="after")
     def _ema_warmup_needs_ema(self):

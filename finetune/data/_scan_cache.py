@@ -31,7 +31,7 @@ from pathlib import Path
 import cv2
 import PIL
 
-from finetune._io import cache_root
+from finetune._io import cache_path
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS scans (
 
 def default_scan_cache() -> Path:
     """The scan cache every run and ``finetune data`` command shares: ``cache_root()/scan-v1.sqlite3``."""
-    return cache_root() / f"scan-v{_VERSION}.sqlite3"
+    return cache_path("scan")
 
 
 def file_stamp(st: os.stat_result) -> str:

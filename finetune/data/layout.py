@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,7 +228,6 @@ def __getattr__(name: str):
     """The names that moved to `finetune.data.split`, for one release, with a DeprecationWarning."""
     if name in _MOVED:
         import importlib  # lazy: finetune.data.split imports this module
-        import warnings
 
         warnings.warn(f"{__name__}.{name} moved to finetune.data.split; the old name goes in finetune 0.2",
                       DeprecationWarning, stacklevel=2)

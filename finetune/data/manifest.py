@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import warnings
 from collections import Counter
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import NamedTuple
@@ -186,7 +187,6 @@ def __getattr__(name: str):
     """The names that moved to `finetune.data.prepare`, for one release, with a DeprecationWarning."""
     if name in _MOVED:
         import importlib  # lazy: finetune.data.prepare imports this module
-        import warnings
 
         warnings.warn(f"{__name__}.{name} moved to finetune.data.prepare; the old name goes in finetune 0.2",
                       DeprecationWarning, stacklevel=2)

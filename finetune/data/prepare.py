@@ -31,9 +31,23 @@ from pathlib import Path
 from finetune.data._scan_cache import default_scan_cache
 from finetune.data.cards import load_card
 from finetune.data.decode import DEFAULT_MAX_PIXELS, load_image
-from finetune.data.layout import DatasetFolder, discover, PRE_SPLIT, short_list, SPLITS, UNSPLIT
+from finetune.data.layout import (
+    PRE_SPLIT,
+    SPLITS,
+    UNSPLIT,
+    DatasetFolder,
+    discover,
+    short_list,
+)
 from finetune.data.manifest import Manifest, ManifestRow
-from finetune.data.scan import bad_files, BadFile, duplicate_groups, scan_images, ScanResult, write_report
+from finetune.data.scan import (
+    BadFile,
+    ScanResult,
+    bad_files,
+    duplicate_groups,
+    scan_images,
+    write_report,
+)
 from finetune.data.similarity import hash_leaks
 from finetune.data.split import split_classes, validate_split_options
 from finetune.errors import FinetuneError
@@ -345,3 +359,43 @@ def _size_stats(good) -> dict | None:
         axis: {"min": min(values), "median": statistics.median(values), "max": max(values)}
         for axis, values in (("width", [r.width for r in good]), ("height", [r.height for r in good]))
     }
+
+
+def split_options(options: Mapping) -> dict:
+    """The `prepare_manifest` arguments of a recipe's ``data`` section (a dict, as a run saves it): what
+    decides which image lands in which split. The one reading of those keys, for a run and for every
+    command that splits data the way a run did (`split_like_run`)."""
+    return {"card": options.get("card"), "val": options.get("val"), "test": options.get("test"),
+            "train_per_class": options.get("train_per_class"), "exclude": tuple(options.get("exclude") or ()),
+            "seed": options.get("seed", 0)}
+
+
+def split_like_run(data: str | os.PathLike, recipe_data: Mapping, run_manifest: str | os.PathLike | None = None
+                   ) -> Manifest:
+    """The manifest of ``data`` split as a checkpoint's training run split it.
+
+    In order: a manifest file as it is (no scan); the run's own ``manifest.csv`` when all its files are
+    under ``data``; the recipe's ``data.manifest`` when it is there; else ``data`` split with the recipe's
+    split options (`split_options`), scanned, since training split the usable images only.
+
+    Args:
+        data: An image folder or a manifest CSV.
+        recipe_data: The run's recipe ``data`` section (``{}`` when unknown).
+        run_manifest: The run's ``manifest.csv``, if the checkpoint sits in a run folder.
+
+    Raises:
+        FinetuneError: ``data`` does not exist, and `prepare_manifest`'s errors.
+    """
+    root = Path(data)
+    if not root.exists():
+        raise FinetuneError(f"no such data folder or manifest: {root}")
+    if root.is_file():
+        return prepare_manifest(root, scan=False)[0]
+    if run_manifest is not None and Path(run_manifest).is_file():
+        manifest = Manifest.read_csv(run_manifest, root=root)
+        if all((root / r.path).exists() for r in manifest.rows):
+            return manifest
+    recipe_manifest = recipe_data.get("manifest")
+    if recipe_manifest and Path(recipe_manifest).is_file():
+        return prepare_manifest(root, manifest=recipe_manifest)[0]
+    return prepare_manifest(root, **split_options(recipe_data))[0]

@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 import albumentations as A
 import cv2
 import numpy as np
+from PIL import Image, ImageOps
+from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
 
 from finetune.errors import FinetuneError
 
@@ -151,8 +153,6 @@ def augment_ops(augment: Mapping, *, input_size: Sequence[int], mean: Sequence[f
     image (timm's ``translate_const`` is 45% of the shorter side), uncovered pixels take the mean colour, and
     geometric ops interpolate bilinearly (Pillow's bicubic affine transform costs three times as much).
     """
-    from PIL import Image
-    from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
 
     height, width = _size(input_size)
     # bilinear whatever the run's interpolation: Pillow's bicubic affine costs 3x as much (9 vs 3 ms at 224 px)
@@ -206,7 +206,6 @@ class TimmPolicy(A.ImageOnlyTransform):
         return {"seed": self.py_random.getrandbits(32)}
 
     def apply(self, img: np.ndarray, seed: int = 0, **params) -> np.ndarray:
-        from PIL import Image
 
         python_state, numpy_state = random.getstate(), np.random.get_state()
         random.seed(seed)
@@ -224,7 +223,6 @@ class TimmPolicy(A.ImageOnlyTransform):
 def _posterize(img, bits_to_keep: int, **_):
     """timm's posterize, keeping at least 1 bit: timm's ``Posterize`` asks for 0 bits below magnitude 2.5 (and
     ``PosterizeIncreasing`` above 7.5), which Pillow 13 refuses (older Pillow made the image black)."""
-    from PIL import ImageOps
 
     return img if bits_to_keep >= 8 else ImageOps.posterize(img, max(int(bits_to_keep), 1))
 

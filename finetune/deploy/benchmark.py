@@ -22,7 +22,10 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from finetune.deploy.export import export_model
+from finetune.deploy.onnx import OnnxModel, read_onnx_info
 from finetune.errors import FinetuneError, first_line
+from finetune.models.checkpoint import load_checkpoint, resolve_checkpoint
 
 BACKENDS = ("pytorch eager", "pytorch compiled", "onnxruntime fp32", "onnxruntime int8")
 """The rows of every benchmark; a statically quantised .onnx given adds ``onnxruntime int8 static``."""
@@ -53,9 +56,6 @@ def benchmark(
         ``latency_ms`` (``median``, ``p90``) and ``images_per_s``; ``int8_speedup`` maps
         ``"DEVICE/BATCH"`` to ONNX Runtime fp32's median latency over int8's (dynamic, else static).
     """
-    from finetune.models.checkpoint import load_checkpoint, resolve_checkpoint
-    from finetune.deploy.export import export_model
-    from finetune.deploy.onnx import OnnxModel, read_onnx_info
 
     if not batches or min(batches) < 1 or iterations < 1:
         raise FinetuneError("benchmark needs batch sizes of 1 or more and at least one iteration")
@@ -167,7 +167,7 @@ def _runners(model, onnx_files: dict[str, Path], device: str, threads: Optional[
             runners[name] = why_no_checkpoint
             continue
         if device == "cuda":
-            import onnxruntime
+            import onnxruntime  # lazy: optional (finetune[export])
 
             if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
                 runners[name] = "unavailable: onnxruntime has no CUDA provider here (pip install onnxruntime-gpu)"

@@ -32,12 +32,19 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors.torch import save
 
 from finetune._io import atomic_write, atomic_write_text, check_output
-from finetune.deploy.onnx import (_onnxruntime_version, _write_int8_onnx, _write_onnx, metadata_path,
-                                  read_onnx_info)
-from finetune.inference.temperature import TemperatureScaled, meta_temperature
+from finetune.deploy.onnx import (
+    _onnxruntime_version,
+    _write_int8_onnx,
+    _write_onnx,
+    metadata_path,
+    read_onnx_info,
+)
 from finetune.errors import FinetuneError
+from finetune.inference.temperature import TemperatureScaled, meta_temperature
+from finetune.models.checkpoint import load_checkpoint, resolve_checkpoint
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 """Export format → file suffix."""
@@ -73,7 +80,6 @@ def export_model(
             not reproduce the model's logits, or an output that cannot be written (a previous export at
             ``out`` is then left as it was).
     """
-    from finetune.models.checkpoint import load_checkpoint, resolve_checkpoint
 
     if format not in FORMATS:
         raise FinetuneError(f"unknown export format {format!r} (expected one of: {', '.join(FORMATS)})")
@@ -172,7 +178,6 @@ def _write_torchscript(model: torch.nn.Module, example: torch.Tensor, info: dict
 
 
 def _write_safetensors(model: torch.nn.Module, example: torch.Tensor, info: dict[str, Any], path: Path) -> None:
-    from safetensors.torch import save
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     # written by Python, so a failed write (a full disk) raises OSError, not save_file's SafetensorError

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,8 +16,10 @@ import torch
 
 from finetune._io import read_text_file
 from finetune.data.decode import ImageDecodeError, load_image
+from finetune.data.prepare import split_like_run
 from finetune.data.transforms import preprocessing_transform
 from finetune.errors import FinetuneError, first_line
+from finetune.models.checkpoint import read_meta, resolve_checkpoint, run_folder_of
 
 ONNX_METADATA_KEY = "finetune"
 """The ONNX ``metadata_props`` key holding the export JSON."""
@@ -52,8 +55,8 @@ def _write_int8_onnx(model: torch.nn.Module | Path, example: torch.Tensor | None
     """The fp32 ONNX export (of ``model``, or the file ``model``), pre-processed (shape inference, graph
     optimisation) and quantised to int8."""
     try:
-        import onnx
-        from onnxruntime.quantization import (
+        import onnx  # lazy: optional (finetune[export])
+        from onnxruntime.quantization import (  # lazy: optional (finetune[export])
             CalibrationMethod,
             QuantFormat,
             QuantType,
@@ -72,7 +75,7 @@ def _write_int8_onnx(model: torch.nn.Module | Path, example: torch.Tensor | None
         try:
             quant_pre_process(str(fp32), str(prepared))
             if calibration_images:
-                reader = _CalibrationReader(calibration_images, preprocessing)
+                reader = _QuantizationReader(calibration_images, preprocessing)
                 # percentile calibration: on the quickstart it lost 4.8 points of test accuracy, min-max 6.3
                 quantize_static(str(prepared), str(quantized), reader, quant_format=QuantFormat.QDQ,
                                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
@@ -93,8 +96,8 @@ def _write_int8_onnx(model: torch.nn.Module | Path, example: torch.Tensor | None
         path.write_bytes(proto.SerializeToString())  # by Python: a full disk raises OSError
 
 
-class _CalibrationReader:
-    """onnxruntime's ``CalibrationDataReader``: the calibration images, preprocessed as for evaluation, in
+class _QuantizationReader:
+    """onnxruntime's ``CalibrationDataReader``: the quantisation sample's images, preprocessed as for evaluation, in
     batches of 16 (unreadable ones left out)."""
 
     def __init__(self, images: Sequence[str | os.PathLike], preprocessing: dict[str, Any]):
@@ -113,7 +116,7 @@ class _CalibrationReader:
         return next(self.batches, None)
 
 
-def calibration_subset(items: Sequence[tuple[str | os.PathLike, int]], n: int, seed: int = 0) -> list[str]:
+def quantization_sample(items: Sequence[tuple[str | os.PathLike, int]], n: int, seed: int = 0) -> list[str]:
     """``n`` image paths of ``(path, class)`` items, drawn per class in turn (a seeded shuffle within
     each class), so every class shapes the activation ranges."""
     by_class: dict[int, list[str]] = {}
@@ -131,7 +134,7 @@ def calibration_subset(items: Sequence[tuple[str | os.PathLike, int]], n: int, s
 
 def _onnxruntime_version() -> str:
     try:
-        import onnxruntime
+        import onnxruntime  # lazy: optional (finetune[export])
     except ImportError:
         return "(not installed)"
     return onnxruntime.__version__
@@ -143,7 +146,7 @@ def read_onnx_info(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         FinetuneError: the file is missing or not ONNX, or neither place holds the JSON.
     """
-    import onnx
+    import onnx  # lazy: optional (finetune[export])
 
     path = Path(path)
     if not path.is_file():
@@ -179,7 +182,7 @@ class OnnxModel(torch.nn.Module):
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, device: str = "cpu"):
         super().__init__()
-        import onnxruntime
+        import onnxruntime  # lazy: optional (finetune[export])
 
         self.path = Path(path)
         self.info = read_onnx_info(path)
@@ -201,3 +204,36 @@ class OnnxModel(torch.nn.Module):
         return torch.from_numpy(logits).to(images.device)
 
 
+def quantization_images(checkpoint: str | os.PathLike, n: int, data: str | os.PathLike | None) -> list[str]:
+    """The quantisation sample of static int8: ``n`` training images of the checkpoint's run (or of ``data``),
+    spread over the classes (`quantization_sample`). ``checkpoint`` may be an fp32 ``.onnx`` export, whose
+    source checkpoint knows the data.
+
+    Raises:
+        FinetuneError: the training images are not here (give ``data``), or ``data`` has no train split.
+    """
+    if Path(checkpoint).suffix == ".onnx":
+        checkpoint = read_onnx_info(checkpoint)["source_checkpoint"]
+        if not Path(checkpoint).exists():
+            if not data:
+                raise FinetuneError(f"static int8 quantisation needs the training images: the export's checkpoint "
+                                    f"{checkpoint} is not here; give --data ROOT|MANIFEST")
+            return quantization_sample(split_like_run(data, {}).items("train"), n)
+    folder = resolve_checkpoint(checkpoint)
+    recipe_data = (read_meta(folder).get("recipe") or {}).get("data") or {}
+    data = data or recipe_data.get("root") or recipe_data.get("manifest")
+    if not data or not Path(data).exists():
+        raise FinetuneError(f"static int8 quantisation needs the training images: the checkpoint's data "
+                            f"({data or 'none recorded'}) is not here; give --data ROOT|MANIFEST")
+    run_dir = run_folder_of(folder)
+    manifest = split_like_run(data, recipe_data, run_dir and run_dir / "manifest.csv")
+    if "train" not in manifest.splits():
+        raise FinetuneError(f"{data} has no train split to calibrate on")
+    return quantization_sample(manifest.items("train"), n)
+
+
+def calibration_subset(items: Sequence[tuple[str | os.PathLike, int]], n: int, seed: int = 0) -> list[str]:
+    """`quantization_sample` under its old name, for one release (a DeprecationWarning)."""
+    warnings.warn("finetune.export.calibration_subset is now finetune.deploy.onnx.quantization_sample; the old name "
+                  "goes in finetune 0.2", DeprecationWarning, stacklevel=2)
+    return quantization_sample(items, n, seed)

@@ -33,12 +33,19 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
 from finetune._io import atomic_write_bytes, check_output, csv_text, ensure_folder
-from finetune.inference.temperature import scaled, softmax
+from finetune.data import ImageDecodeError, load_image
 from finetune.errors import FinetuneError
-from finetune.evaluation.metrics import classification_metrics, most_confused_pairs, per_class_rows
+from finetune.evaluation.explain import encode, explain_images, supports_cam
+from finetune.evaluation.metrics import (
+    classification_metrics,
+    most_confused_pairs,
+    per_class_rows,
+)
 from finetune.evaluation.plots import (
     ANNOTATE_MAX_CLASSES,
     cluster_order,
@@ -47,6 +54,9 @@ from finetune.evaluation.plots import (
     reliability_png,
 )
 from finetune.evaluation.report import render_report
+from finetune.inference.predictor import eval_transform, predict_probabilities
+from finetune.inference.temperature import scaled, softmax
+from finetune.inference.tta import VIEWS, TtaModel, TtaTransform, check_mode
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +122,6 @@ def evaluate(
         FinetuneError: no items, a label outside ``class_names``, no readable image, a model whose
             outputs do not match ``class_names``, or an ``out_dir`` that cannot be written.
     """
-    from finetune.inference.predictor import eval_transform, predict_probabilities
-    from finetune.inference.tta import VIEWS, TtaModel, TtaTransform, check_mode
 
     if not items:
         raise FinetuneError("nothing to evaluate: no images")
@@ -128,7 +136,6 @@ def evaluate(
     model = model.to(device).eval()
     wrap = None
     if progress:
-        from tqdm import tqdm
 
         def wrap(loader):
             return tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not sys.stderr.isatty())
@@ -315,8 +322,6 @@ def _add_heatmaps(
 ) -> str:
     """Set each item's ``heatmap`` (a JPEG of its image with the Grad-CAM of its predicted class); return the
     note the report shows about them."""
-    from finetune.evaluation.explain import encode, explain_images, supports_cam
-    from finetune.inference.predictor import eval_transform
 
     if not supports_cam(model):
         return f"No heat-maps: the model ({type(model).__name__}) is not a timm backbone plus a head."
@@ -370,9 +375,7 @@ def _run_history(run_dir: str | os.PathLike | None) -> tuple[bytes | None, list[
 
 def thumbnail(path: str) -> bytes | None:
     """A JPEG thumbnail of an image file, or ``None`` when it cannot be read."""
-    from PIL import Image
 
-    from finetune.data import ImageDecodeError, load_image
 
     try:
         image = Image.fromarray(load_image(path))

@@ -30,9 +30,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
+from finetune._io import atomic_write_bytes, ensure_folder
+from finetune.data import ImageDecodeError, load_image
 from finetune.errors import FinetuneError
+from finetune.evaluation.report import data_uri, escape, html_page
+from finetune.inference.predictor import eval_transform
 
 THUMBNAIL = 128
 """Longest side, in pixels, of the heat-map overlays the report shows."""
@@ -132,7 +137,6 @@ def explain_images(
         ``(explanations, errors)``: one :class:`Explanation` per source (``None`` where it could not be
         read) and position → reason for those.
     """
-    from finetune.data import ImageDecodeError, load_image
 
     device = torch.device(device)
     model = model.to(device).eval()
@@ -168,7 +172,7 @@ def overlay(image: np.ndarray, cam: np.ndarray, strength: float = 0.6) -> np.nda
         cam: H×W in [0, 1].
         strength: the heat-map's opacity where ``cam`` is 1.
     """
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # lazy: matplotlib is slow to import and only figures need it
 
     heat = colormaps["jet"](cam)[..., :3]
     alpha = strength * cam[..., None]
@@ -178,7 +182,6 @@ def overlay(image: np.ndarray, cam: np.ndarray, strength: float = 0.6) -> np.nda
 
 def encode(image: np.ndarray, *, size: int | None = THUMBNAIL, format: str = "JPEG") -> bytes:
     """``image`` (H×W×3 uint8) as JPEG or PNG bytes, shrunk to ``size`` px on its longest side (None: as is)."""
-    from PIL import Image
 
     picture = Image.fromarray(image)
     if size is not None:
@@ -243,9 +246,6 @@ def write_explanations(
     Raises:
         FinetuneError: an unknown ``target``, or no readable image.
     """
-    from finetune._io import atomic_write_bytes, ensure_folder
-    from finetune.evaluation.report import data_uri, escape, html_page
-    from finetune.inference.predictor import eval_transform
 
     if target is not None and target not in classes:
         shown = ", ".join(repr(c) for c in list(classes)[:10]) + (" ..." if len(classes) > 10 else "")

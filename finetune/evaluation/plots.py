@@ -16,6 +16,8 @@ from typing import Sequence
 import numpy as np
 from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
+from scipy.cluster.hierarchy import leaves_list, linkage
+from scipy.spatial.distance import squareform
 
 ANNOTATE_MAX_CLASSES = 30
 """Cell values are printed when the plot has at most this many classes."""
@@ -39,8 +41,6 @@ def cluster_order(confusion: np.ndarray) -> np.ndarray:
     Returns:
         A permutation of ``range(C)``.
     """
-    from scipy.cluster.hierarchy import leaves_list, linkage
-    from scipy.spatial.distance import squareform
 
     num_classes = len(confusion)
     if num_classes < 3:
@@ -127,13 +127,19 @@ def confusion_matrix_png(
         _annotate(ax, values, vmax, normalize, font)
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02, label="fraction of true class" if normalize else "count")
 
+    return figure_png(fig, dpi=_DPI, tight=True)
+
+
+def figure_png(fig, *, dpi: int, tight: bool = False) -> bytes:
+    """A matplotlib ``Figure`` as PNG bytes (cropped to its content with ``tight``): the one figure-to-PNG
+    step of every plot finetune writes (confusion matrices, reliability, training curves, the LR finder)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight", dpi=_DPI)
+    fig.savefig(buffer, format="png", dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
     return buffer.getvalue()
 
 
 def _colormap():
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is slow to import and only figures need it
 
     return matplotlib.colormaps["viridis_r"].with_extremes(bad="white")
 
@@ -165,6 +171,4 @@ def reliability_png(y_true: np.ndarray, curves: Sequence[tuple[str, np.ndarray]]
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI)
-    return buf.getvalue()
+    return figure_png(fig, dpi=_DPI)

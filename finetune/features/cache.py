@@ -39,21 +39,27 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import albumentations
+import cv2
 import numpy as np
+import PIL
+import timm
 import torch
 
-from finetune._io import cache_root, make_temp_dir
-from finetune._version import __version__
-from finetune.errors import FinetuneError
 from finetune import _distributed as ddp
+from finetune._io import cache_path, make_temp_dir
+from finetune._version import __version__
+from finetune.data import ImageDataset
+from finetune.errors import FinetuneError
 from finetune.features.extract import FeatureDataset, extract_into
+from finetune.models.factory import pooled_width
 
 log = logging.getLogger("finetune")
 
 
 def features_folder(cache_dir: str | os.PathLike | None) -> Path:
-    """Where feature cache entries live: ``cache_dir`` itself, else ``features/`` under the default root."""
-    return cache_root(cache_dir) if cache_dir else cache_root() / "features"
+    """Where feature cache entries live: ``features/`` under the cache root (`finetune._io.cache_path`)."""
+    return cache_path("features", cache_dir)
 
 
 def cache_key(backbone: torch.nn.Module, settings: dict[str, Any], items: dict[str, list[tuple[Path, int]]]) -> str:
@@ -75,7 +81,6 @@ def cache_key(backbone: torch.nn.Module, settings: dict[str, Any], items: dict[s
 
 FINGERPRINT_BYTES = 4096
 """How much of each end of an image file :func:`file_fingerprint` hashes."""
-
 
 def file_fingerprint(path: str | os.PathLike) -> str:
     """Size, modification time and a hash of the first and last 4 KiB of a file (all of a small one).
@@ -105,10 +110,6 @@ def code_fingerprint() -> dict[str, str]:
     libraries that decode (OpenCV, Pillow), transform (albumentations, NumPy) and run the backbone (timm,
     torch), and a hash of finetune's own decoding, transform, model and extraction source (its version
     string is not bumped for every change)."""
-    import albumentations
-    import cv2
-    import PIL
-    import timm
 
     package = Path(__file__).resolve().parents[1]
     source = hashlib.sha256()
@@ -152,8 +153,6 @@ def cached_features(backbone, items: list[tuple[Path, int]], transform, *, setti
         ``(features, cached)``: an ``N×F`` float32 array in the order of ``items``, and whether it came
         from the cache.
     """
-    from finetune.data import ImageDataset
-    from finetune.models.factory import pooled_width
 
     settings = {"code": code_fingerprint(), **settings}
     root = features_folder(cache_dir)
@@ -287,7 +286,6 @@ def _extract_share(tmp: Path, backbone, items: dict[str, list[tuple[Path, int]]]
     Returns:
         The rows written per split (of the train split: those every view wrote).
     """
-    from finetune.data import ImageDataset
 
     i, n = share
     written = {}

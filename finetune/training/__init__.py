@@ -25,7 +25,7 @@ def train(
     Returns:
         The run's ``summary.json`` content.
     """
-    from finetune.config import load_recipe
+    from finetune.config import load_recipe  # lazy: the recipe is read before torch is imported
 
     if resume is not None:
         run_dir = Path(resume)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -27,7 +28,6 @@ class Ema:
     """
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
-        from timm.utils import ModelEmaV3
 
         self._ema = ModelEmaV3(model, decay=decay, use_warmup=warmup)
         self.updates = 0

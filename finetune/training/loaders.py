@@ -16,10 +16,22 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from finetune._io import cache_root
-from finetune._workers import auto_workers
-from finetune.errors import FinetuneError
 from finetune import _distributed as ddp
+from finetune._io import cache_path
+from finetune._workers import auto_workers
+from finetune.data import (
+    BalancedSampler,
+    ImageDataset,
+    Manifest,
+    collate_skip,
+    manifest_root,
+    prepare_manifest,
+    preprocessing_transform,
+    resize_cache,
+    write_digits,
+)
+from finetune.data.prepare import split_options
+from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
 
@@ -74,16 +86,13 @@ def run_manifest(path: Path, data, *, is_main: bool, dist: ddp.DistInfo, run_dir
     Raises:
         FinetuneError: no train or val split, or fewer than two classes.
     """
-    from finetune.data import Manifest, manifest_root, prepare_manifest
 
     if is_main and not path.exists():
         if data.sample == "digits" and data.root:
-            from finetune.data import write_digits
 
             write_digits(data.root)
         manifest, _ = prepare_manifest(
-            data.root, manifest=data.manifest, card=data.card, val=data.val, test=data.test,
-            train_per_class=data.train_per_class, exclude=tuple(data.exclude), seed=data.seed,
+            data.root, manifest=data.manifest, **split_options(data.model_dump()),
             report_path=path.parent / "bad_files.csv", report_shown_as=run_dir / "bad_files.csv",
         )
         manifest.write_csv(path)
@@ -115,9 +124,8 @@ def split_items(items: list[tuple[Path, int]], *, resize: Optional[int], cache_d
     epochs and runs. A collective (a barrier) when resizing: call it on every rank."""
     if not resize:
         return items
-    from finetune.data import resize_cache
 
-    folder = cache_root(cache_dir) / "images"
+    folder = cache_path("images", cache_dir)
     local, shards = dist.local_rank, dist.local_world_size
     mine = resize_cache(items[local::shards], size=resize, cache_dir=folder, workers=auto_workers("auto", shards))
     ddp.barrier(dist)
@@ -130,7 +138,6 @@ def make_loader(dataset: Dataset, *, sampler, batch_size: int, num_workers, devi
     """A DataLoader batching with ``collate_skip``, with :func:`auto_workers` workers: this machine's CPUs
     shared between the ``local_processes`` ranks on it (torchrun's ``LOCAL_WORLD_SIZE``; the global world
     size would leave most cores idle on a cluster of many machines)."""
-    from finetune.data import collate_skip
 
     workers = auto_workers(num_workers, local_processes)
     prefetch = PREFETCH_FACTOR
@@ -199,7 +206,6 @@ def image_loader(items: list[tuple[Path, int]], transform: Callable, *, train: b
                  batch_size: int, num_workers, dist: ddp.DistInfo, device: torch.device) -> DataLoader:
     """Images of a split: shuffled per epoch (class-balanced with ``balance``) for training, this rank's
     shard in order for validation."""
-    from finetune.data import BalancedSampler, ImageDataset
 
     dataset = ImageDataset(items, transform, seed=seed)
     if train and balance:
@@ -215,7 +221,6 @@ def image_loader(items: list[tuple[Path, int]], transform: Callable, *, train: b
 def feature_loaders(train: Dataset, val: Dataset, *, batch_size: int, eval_batch_size: int, seed: int,
                     dist: ddp.DistInfo) -> tuple[DataLoader, DataLoader]:
     """Loaders over cached features (in the main process: a batch is one fancy index into a memory map)."""
-    from finetune.data import collate_skip
 
     sampler = DistributedSampler(train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed)
     train_loader = DataLoader(train, batch_size=batch_size, collate_fn=collate_skip, sampler=sampler,
@@ -227,53 +232,41 @@ def feature_loaders(train: Dataset, val: Dataset, *, batch_size: int, eval_batch
     return train_loader, val_loader
 
 
-def stage_inputs(model, eval_model: nn.Module, *, stage, head_only: bool, items: Callable[[str], list],
-                 image_loader: Callable[..., DataLoader], preprocessing: dict, transforms: tuple[Callable, Callable],
-                 data, cfg, dist: ddp.DistInfo, device: torch.device, amp_dtype, num_classes: int) -> StageInputs:
-    """What a stage trains on: images through the whole model (``image_loader(split, train=...)``), or, for a
-    head-only stage whose features fit the cache, cached backbone features through the head.
+def uses_feature_cache(feature_cache: bool | str, head_only: bool, stage_mixup) -> bool:
+    """Whether a stage may train on cached backbone features: a head-only stage whose ``feature_cache`` is not
+    off and that mixes no batches of its own (Mixup/CutMix mixes images, not features)."""
+    return feature_cache is not False and head_only and not stage_mixup
 
-    Mixup/CutMix (the stage's ``mixup``, else ``training.mixup``) mixes image batches only: cached stages
-    don't mix, and a head-only stage with its own ``mixup`` trains on images rather than on the cache.
+
+def feature_key_parts(model, preprocessing: dict, train_transforms, augment) -> dict:
+    """What, besides the backbone's weights and the images, the cached features of a run depend on."""
+    return {"backbone": model.backbone_name, "backbone_kwargs": model.backbone_kwargs,
+            "preprocessing": preprocessing, "train_transforms": train_transforms,
+            **({"augment": augment} if augment else {})}
+
+
+def stage_inputs(model, eval_model: nn.Module, *, cached: Optional[tuple[Dataset, Dataset]],
+                 image_loader: Callable[..., DataLoader], mix, batch_size: int, eval_batch_size: int, seed: int,
+                 dist: ddp.DistInfo) -> StageInputs:
+    """What a stage trains on: the head on ``cached`` backbone features (train, val datasets, from
+    `stage_features`), or, when there are none, images through the whole model (``image_loader(split,
+    train=...)``), mixed by ``mix`` (Mixup/CutMix, or None).
 
     Args:
         model, eval_model: the :class:`~finetune.models.FinetuneModel` and what validates (its EMA, or itself).
-        stage, data, cfg: the recipe's stage, ``data`` and ``training`` sections.
-        head_only: the stage trains nothing but the head.
-        items: ``items(split)`` → ``(path, label)`` pairs.
-        preprocessing, transforms: the run's preprocessing and its (train, eval) pipelines.
-        num_classes: the run's classes (Mixup's soft targets).
     """
-    from finetune.features.cache import stage_features
-    from finetune.training.mixing import stage_mixer
-
-    eval_batch = cfg.eval_batch_size or cfg.batch_size * 2
-    if stage.feature_cache is not False and head_only and not stage.mixup:
-        features = stage_features(
-            model.backbone, {"train": items("train"), "val": items("val")}, train_transform=transforms[0],
-            eval_transform=transforms[1], views=stage.feature_cache_views, key_parts={
-                "backbone": model.backbone_name, "backbone_kwargs": model.backbone_kwargs,
-                "preprocessing": preprocessing, "train_transforms": data.train_transforms,
-                **({"augment": _dump(data.augment)} if data.augment else {})},
-            cache_dir=cfg.cache_dir, max_bytes=int(cfg.cache_max_gb * 1024**3), num_features=model.num_features,
-            dist=dist, device=device, amp_dtype=amp_dtype, seed=cfg.seed, batch_size=eval_batch,
-            num_workers=auto_workers(data.num_workers, dist.local_world_size), channels_last=cfg.channels_last)
-        if features is not None:
-            loaders = feature_loaders(*features, batch_size=cfg.batch_size, eval_batch_size=eval_batch,
-                                      seed=cfg.seed, dist=dist)
-            return StageInputs(model.head, *loaders, eval_module=eval_model.head)
-    mix = stage_mixer(_dump(stage.mixup), _dump(cfg.mixup), input_size=preprocessing["input_size"],
-                      num_classes=num_classes)
+    if cached is not None:
+        loaders = feature_loaders(*cached, batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, dist=dist)
+        return StageInputs(model.head, *loaders, eval_module=eval_model.head)
     return StageInputs(model, image_loader("train", train=True), image_loader("val", train=False), eval_model, mix)
 
 
 def train_pipeline(preprocessing: dict, data) -> Callable:
     """The run's train pipeline: ``data.train_transforms`` (or the default ops), then ``data.augment``."""
-    from finetune.data import preprocessing_transform
 
-    return preprocessing_transform(preprocessing, train=True, ops=data.train_transforms, augment=_dump(data.augment))
+    return preprocessing_transform(preprocessing, train=True, ops=data.train_transforms, augment=as_plain(data.augment))
 
 
-def _dump(section):
+def as_plain(section):
     """A recipe section as plain data (pydantic models to dicts; other values as they are)."""
     return section.model_dump() if hasattr(section, "model_dump") else section

@@ -28,7 +28,14 @@ import re
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
+
 from finetune._io import atomic_write_text
+from finetune.config import resolved_dict
 
 EPOCH_KEYS = ("epoch", "stage", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1",
               "val_balanced_acc", "images_per_s", "seconds")
@@ -127,7 +134,6 @@ class RunLogger:
     def _flush_updates(self) -> None:
         if not self._pending:
             return
-        import torch
 
         steps, losses, lrs = zip(*self._pending)
         losses = torch.stack([torch.as_tensor(x).float().cpu() for x in losses]).tolist()  # one sync
@@ -163,7 +169,6 @@ def create_run_logger(names: list[str] | tuple[str, ...], run_dir: Path, *, enab
             raise
     logger = RunLogger(backends, first_step=first_step, classes=tuple(classes))
     if params is not None:
-        from finetune.config import resolved_dict
 
         logger.log_params(resolved_dict(params))
     return logger
@@ -176,12 +181,10 @@ class TensorBoardBackend:
     its last checkpoint when the run resumes."""
 
     def __init__(self, folder: Path, purge_step: Optional[int] = None):
-        from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(folder), purge_step=purge_step)
 
     def log_params(self, params: dict[str, str]) -> None:
-        from torch.utils.tensorboard.summary import hparams
 
         # written into the run's own event file (SummaryWriter.add_hparams would start another run)
         for summary in hparams(params, {}):
@@ -193,8 +196,6 @@ class TensorBoardBackend:
             self.writer.add_scalar(key, value, step)
 
     def log_image(self, tag: str, png: Path, step: int) -> None:
-        import numpy as np
-        from PIL import Image
 
         with Image.open(png) as image:
             self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
@@ -211,7 +212,7 @@ class MlflowBackend:
 
     def __init__(self, run_dir: Path, *, experiment: str):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 wants an opt-in for file stores
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # lazy: optional (finetune[mlflow])
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri()
         self.client = MlflowClient(tracking_uri=uri)
@@ -227,7 +228,7 @@ class MlflowBackend:
             atomic_write_text(record, json.dumps({"tracking_uri": uri, "run_id": self.run_id}) + "\n")
 
     def log_params(self, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: optional (finetune[mlflow])
 
         existing = self.client.get_run(self.run_id).data.params
         new = [Param(k, v) for k, v in params.items() if k not in existing]  # params cannot change
@@ -235,8 +236,8 @@ class MlflowBackend:
             self.client.log_batch(self.run_id, params=new[start:start + 100], synchronous=True)
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-        from mlflow.utils.time import get_current_time_millis
+        from mlflow.entities import Metric  # lazy: optional (finetune[mlflow])
+        from mlflow.utils.time import get_current_time_millis  # lazy: optional (finetune[mlflow])
 
         now = get_current_time_millis()
         metrics = [Metric(key, value, now, step) for key, value in values.items()]

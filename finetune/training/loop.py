@@ -1,4 +1,5 @@
-"""The training loop: :func:`train_one_epoch` (the updates) and :func:`evaluate` (validation).
+"""The training loop: :func:`train_one_epoch` (the updates) and :func:`validate` (a validation pass;
+`finetune.evaluation.evaluate` is the full evaluation with its report).
 
 One code path for fp32, bf16 and fp16: ``autocast`` is a no-op when ``amp_dtype`` is None, and the
 GradScaler is enabled only for fp16 (bf16 has fp32's range and needs no loss scaling).
@@ -15,9 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from finetune import _distributed as ddp
 from finetune._device import autocast, forward_batches
 from finetune.errors import FinetuneError
-from finetune import _distributed as ddp
+from finetune.evaluation.metrics import classification_metrics
 
 log = logging.getLogger("finetune")
 
@@ -210,14 +212,13 @@ def _check_finite(first_bad: torch.Tensor, where: str) -> None:
         raise FinetuneError(f"non-finite loss at {where}, step {bad + 1}; stopped, the last good checkpoint is kept")
 
 
-def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device, amp_dtype: Optional[torch.dtype],
+def validate(model: nn.Module, loader: Iterable, *, device: torch.device, amp_dtype: Optional[torch.dtype],
              channels_last: bool, class_names: list[str], dist: ddp.DistInfo, where: str) -> dict[str, Any]:
     """Validation metrics of ``model`` over ``loader``, gathered from every rank (each validates its shard).
 
     Raises:
         FinetuneError: no rank read any image (see :func:`require_samples`).
     """
-    from finetune.evaluation.metrics import classification_metrics
 
     labels, probs, skipped = forward_batches(model, loader, device=device, amp_dtype=amp_dtype,
                                              channels_last=channels_last)

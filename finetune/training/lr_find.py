@@ -12,7 +12,6 @@ images. The model is the recipe's initial one (pretrained backbone, new head); n
 """
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
@@ -23,16 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from finetune._device import autocast
 from finetune._io import atomic_write_bytes, check_output, ensure_folder
 from finetune.config import Recipe
 from finetune.errors import FinetuneError
-from finetune.models.params import is_head_only
-from finetune.models.params import freeze_stage, set_train_mode
-from finetune.training.loaders import image_loader, stage_inputs
+from finetune.evaluation.plots import figure_png
+from finetune.models.params import freeze_stage, is_head_only, set_train_mode
+from finetune.training.loaders import image_loader
 from finetune.training.loop import make_grad_scaler
 from finetune.training.optim import make_optimizer
+from finetune.training.runner import Runner
 
 log = logging.getLogger("finetune")
 
@@ -60,7 +61,6 @@ def lr_find(recipe: Recipe, resolved: dict[str, Any], *, stage: int, out_dir: st
     Raises:
         FinetuneError: a stage index out of range, a bad range, or an ``out_dir`` that cannot be written.
     """
-    from finetune.training.runner import Runner
 
     if not 0 <= stage < len(recipe.stages):
         raise FinetuneError(f"--stage must be 0..{len(recipe.stages) - 1} (the recipe has {len(recipe.stages)} "
@@ -95,11 +95,7 @@ def _sweep(runner, stage, start_lr: float, end_lr: float, num_updates: int, smoo
                             batch_size=cfg.batch_size, num_workers=data.num_workers, dist=runner.dist,
                             device=runner.device)
 
-    inputs = stage_inputs(model, model, stage=stage, head_only=is_head_only(trainable), items=runner.items,
-                          image_loader=loader, preprocessing=runner.preprocessing,
-                          transforms=(runner.train_transform, runner.eval_transform), data=data, cfg=cfg,
-                          dist=runner.dist, device=runner.device, amp_dtype=runner.amp_dtype,
-                          num_classes=len(runner.classes))
+    inputs = runner.stage_inputs(stage, is_head_only(trainable), loader, eval_model=model)
     cached = inputs.module is not model
     optimizer = make_optimizer(model, stage.optimizer)
     scaler = make_grad_scaler(runner.device, runner.amp_dtype)
@@ -161,8 +157,6 @@ def suggest(lrs: list[float], smoothed: list[float]) -> tuple[float, float]:
 
 
 def _plot(result: dict[str, Any]) -> bytes:
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     ax.plot(result["lrs"], result["losses"], color="lightgrey", lw=0.8, label="loss")
@@ -175,6 +169,4 @@ def _plot(result: dict[str, Any]) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
+    return figure_png(fig, dpi=100)

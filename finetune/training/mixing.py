@@ -14,6 +14,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from timm.data import Mixup
+
+from finetune.data.transforms import size_defaults
 
 
 class BatchMixer:
@@ -30,7 +33,6 @@ class BatchMixer:
 
     def __init__(self, *, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
                  prob: float = 1.0, switch_prob: float = 0.5, mode: str = "batch"):
-        from timm.data import Mixup
 
         self.num_classes = num_classes
         self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
@@ -56,7 +58,6 @@ def stage_mixer(stage_mixup: Union[dict, bool, None], run_mixup: Union[dict, str
         input_size: The model's input size, for ``auto``.
         num_classes: Classes of the targets.
     """
-    from finetune.data.transforms import size_defaults
 
     cfg = run_mixup if stage_mixup is None else stage_mixup
     if cfg == "auto":

@@ -4,7 +4,12 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
 from torch import nn
+
+from finetune.data import class_counts
+from finetune.data import class_weights as weights_for
 
 
 def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -14,7 +19,6 @@ def make_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
         model: the model; its parameters with ``requires_grad`` are optimized.
         cfg: a stage's ``optimizer`` section (name, lr, weight_decay, momentum, layer_decay).
     """
-    from timm.optim import create_optimizer_v2
 
     return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                momentum=cfg.momentum, layer_decay=cfg.layer_decay)
@@ -29,7 +33,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg, epochs: int, updates_p
         epochs: the stage's epochs.
         updates_per_epoch: optimizer updates per epoch.
     """
-    from timm.scheduler import create_scheduler_v2
 
     name = {"cosine": "cosine", "step": "step", "constant": "step"}[cfg.name]
     scheduler, _ = create_scheduler_v2(
@@ -64,8 +67,6 @@ def make_loss(*, label_smoothing: float, class_weights: Optional[str] = None, la
     weighted by its frequency among the training ``labels`` (see :func:`~finetune.data.class_weights`)."""
     weight = None
     if class_weights is not None:
-        from finetune.data import class_counts
-        from finetune.data import class_weights as weights_for
 
         weight = weights_for(class_counts(labels, num_classes), mode=class_weights).to(device)
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)

@@ -10,8 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finetune._io import atomic_write_bytes, atomic_write_text
+from matplotlib.figure import Figure
+from tqdm import tqdm
 
+from finetune._io import atomic_write_bytes, atomic_write_text
+from finetune.evaluation import evaluate
+from finetune.evaluation.calibrate import calibrate_checkpoint
+from finetune.evaluation.plots import figure_png
+from finetune.inference.temperature import meta_temperature
+from finetune.models.checkpoint import load_checkpoint
 
 METRIC_COLUMNS = [
     "stage", "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1",
@@ -87,13 +94,9 @@ def write_csv_atomic(path: Path, columns: list[str], rows: list[dict[str, Any]])
 
 def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
     """Loss and accuracy per epoch, train and validation, with stage boundaries marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
     ax_acc.plot(epochs, [r["train_acc"] for r in history], "o-", label="train")
@@ -109,10 +112,7 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, figure_png(fig, dpi=100))
 
 
 def run_summary(*, name: str, run_dir: Path, select: str, best: dict[str, Any] | None, train_seconds: float,
@@ -133,7 +133,6 @@ def run_summary(*, name: str, run_dir: Path, select: str, best: dict[str, Any] |
 def calibrate_best(run_dir: Path, items: list[tuple[Path, int]], **run) -> dict[str, Any] | None:
     """Fit the temperature of ``checkpoints/best`` on the validation ``items`` (``run``: device, batch_size,
     num_workers, amp_dtype); the summary's ``calibration`` (None without items)."""
-    from finetune.evaluation.calibrate import calibrate_checkpoint
 
     if not items:
         return None
@@ -147,9 +146,6 @@ def evaluate_test(run_dir: Path, items: list[tuple[Path, int]], *, device, batch
                   amp_dtype, tta: str | None = None) -> dict[str, Any]:
     """Evaluate ``checkpoints/best`` (with its temperature) on the test ``items`` into ``run_dir/eval``, also
     with test-time augmentation ``tta`` when given; the summary's ``test``."""
-    from finetune.inference.temperature import meta_temperature
-    from finetune.models.checkpoint import load_checkpoint
-    from finetune.evaluation import evaluate
 
     model, meta = load_checkpoint(run_dir / "checkpoints" / "best", map_location=device)
     metrics = evaluate(
@@ -182,7 +178,6 @@ class Progress:
         self.enabled = enabled
         self.overall = None
         if enabled:
-            from tqdm import tqdm
 
             self.overall = tqdm(total=total_epochs, initial=done_epochs, desc="epochs", position=0, dynamic_ncols=True)
 
@@ -191,7 +186,6 @@ class Progress:
         if not self.enabled:
             yield None
             return
-        from tqdm import tqdm
 
         bar = tqdm(total=total, desc=desc, leave=False, position=1, dynamic_ncols=True)
         start = time.perf_counter()

@@ -18,8 +18,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
+from finetune import _distributed as ddp
 from finetune._io import atomic_write_text, ensure_folder, recover_dir
+from finetune.config import resolve_raw
 from finetune.errors import FinetuneError, first_line
+from finetune.models.checkpoint import META_FILE, read_meta
 
 log = logging.getLogger("finetune")
 
@@ -76,7 +81,6 @@ def prepare(run_dir: Path, *, resume: bool, data_root: Optional[str], dist) -> O
     Returns:
         The folders a fresh run's setup created (for :func:`discard_setup`), else None.
     """
-    from finetune import _distributed as ddp
 
     if not resume:
         check_outside_data(run_dir, data_root)
@@ -131,7 +135,6 @@ def discard_setup(run_dir: Path, created: list[Path]) -> None:
 def read_state(path: Path) -> dict[str, Any]:
     """``checkpoints/last/training_state.pt``, loaded without running pickled code; anything else (garbage,
     a pickle of other objects, missing keys) is refused in one line."""
-    import torch
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -147,8 +150,6 @@ def read_state(path: Path) -> dict[str, Any]:
 def read_last(folder: Path, run_dir: Path, current: dict[str, Any]) -> dict[str, Any]:
     """The training state of ``checkpoints/last`` (:func:`read_state`), once the recipe ``current`` (resolved)
     passes :func:`check_resume_recipe` against the one the checkpoint recorded; the allowed changes are logged."""
-    from finetune.models.checkpoint import META_FILE, read_meta
-    from finetune.config import resolve_raw
 
     meta = read_meta(folder)
     state = read_state(folder / STATE_FILE)

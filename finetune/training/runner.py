@@ -9,7 +9,7 @@ import logging
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import yaml
@@ -26,8 +26,12 @@ from finetune.training.ema import Ema, stage_state_names
 from finetune.models.params import is_head_only
 from finetune.models.params import freeze_stage, set_train_mode
 from finetune.training.loggers import RunLogger, create_run_logger
-from finetune.training.loaders import StageInputs, image_loader, run_manifest, split_items, stage_inputs, train_pipeline
-from finetune.training.loop import evaluate, make_grad_scaler, reduce_epoch, train_one_epoch, updates_per_epoch
+from finetune._workers import auto_workers
+from finetune.features.cache import stage_features
+from finetune.training.loaders import (StageInputs, as_plain, feature_key_parts, image_loader, run_manifest, split_items,
+                                      stage_inputs, train_pipeline, uses_feature_cache)
+from finetune.training.mixing import stage_mixer
+from finetune.training.loop import make_grad_scaler, reduce_epoch, train_one_epoch, updates_per_epoch, validate
 from finetune.training.optim import make_loss, stage_optimizer
 from finetune.training.reporting import (Progress, calibrate_best, epoch_row, evaluate_test, format_summary,
                                          log_epoch, run_summary, setup_logging, write_logs)
@@ -144,10 +148,7 @@ class Runner:
         trainable, frozen_bn = freeze_stage(self.model, stage.train, stage.batchnorm)
         log.info("stage %d (%s): %d epochs, training %s (%s parameters)", index, label, stage.epochs, stage.train,
                  f"{sum(p.numel() for n, p in self.model.named_parameters() if n in trainable):,}")
-        inputs = stage_inputs(self.model, self._eval_model(), stage=stage, head_only=is_head_only(trainable),
-                              items=self.items, image_loader=self._image_loader, preprocessing=self.preprocessing,
-                              transforms=(self.train_transform, self.eval_transform), data=self.recipe.data, cfg=cfg,
-                              dist=self.dist, device=self.device, amp_dtype=self.amp_dtype, num_classes=len(self.classes))
+        inputs = self.stage_inputs(stage, is_head_only(trainable), self._image_loader)
         if self.ema is not None:  # the EMA averages what this stage changes; frozen weights keep their EMA
             self.ema.track(self.model, stage_state_names(self.model, trainable, frozen_bn, runs=inputs.module))
         module = ddp.wrap(inputs.module, self.dist, self.device)
@@ -191,6 +192,29 @@ class Runner:
                 log.info("%s: no improvement in %d epochs, stage stops early", where, s.stale_epochs)
                 break
 
+    def stage_inputs(self, stage, head_only: bool, loader: Callable[..., Any],
+                     eval_model: Optional[nn.Module] = None) -> StageInputs:
+        """What ``stage`` trains on (:func:`~finetune.training.loaders.stage_inputs`): cached features for a
+        head-only stage whose cache fits, else images from ``loader(split, train=...)``; ``eval_model``
+        validates (default: the EMA, or the model)."""
+        cfg, data = self.cfg, self.recipe.data
+        cached = None
+        if uses_feature_cache(stage.feature_cache, head_only, stage.mixup):
+            cached = stage_features(
+                self.model.backbone, {"train": self.items("train"), "val": self.items("val")},
+                train_transform=self.train_transform, eval_transform=self.eval_transform,
+                views=stage.feature_cache_views,
+                key_parts=feature_key_parts(self.model, self.preprocessing, data.train_transforms, as_plain(data.augment)),
+                cache_dir=cfg.cache_dir, max_bytes=int(cfg.cache_max_gb * 1024**3),
+                num_features=self.model.num_features, dist=self.dist, device=self.device, amp_dtype=self.amp_dtype,
+                seed=cfg.seed, batch_size=cfg.eval_batch_size,
+                num_workers=auto_workers(data.num_workers, self.dist.local_world_size), channels_last=cfg.channels_last)
+        mix = stage_mixer(as_plain(stage.mixup), as_plain(cfg.mixup), input_size=self.preprocessing["input_size"],
+                          num_classes=len(self.classes))
+        return stage_inputs(self.model, eval_model or self._eval_model(), cached=cached, image_loader=loader, mix=mix,
+                            batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                            dist=self.dist)
+
     def _eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
@@ -198,12 +222,12 @@ class Runner:
         cfg = self.cfg
         return image_loader(self.items(split), self.train_transform if train else self.eval_transform, train=train,
                             balance=self.recipe.data.balance == "sampler", seed=cfg.seed,
-                            batch_size=cfg.batch_size if train else (cfg.eval_batch_size or cfg.batch_size * 2),
+                            batch_size=cfg.batch_size if train else cfg.eval_batch_size,
                             num_workers=self.recipe.data.num_workers, dist=self.dist, device=self.device)
 
     def _validate(self, inputs: StageInputs) -> dict[str, Any]:
         where = f"stage {self.state.stage_index}, epoch {self.state.epoch_in_stage + 1}"
-        return evaluate(inputs.eval_module, inputs.val_loader, device=self.device, amp_dtype=self.amp_dtype,
+        return validate(inputs.eval_module, inputs.val_loader, device=self.device, amp_dtype=self.amp_dtype,
                         channels_last=self.cfg.channels_last, class_names=self.classes, dist=self.dist, where=where)
 
     def _meta(self, metrics: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -231,7 +255,7 @@ class Runner:
         best, run_dir, ev = self.state.best, self.run_dir, self.recipe.evaluation
         summary = run_summary(name=self.recipe.name, run_dir=run_dir, select=self.cfg.select, best=best,
                               train_seconds=self.state.train_seconds, epochs_run=len(self.state.history))
-        run = dict(device=self.device, batch_size=self.cfg.eval_batch_size or 64, amp_dtype=self.amp_dtype,
+        run = dict(device=self.device, batch_size=self.cfg.eval_batch_size, amp_dtype=self.amp_dtype,
                    num_workers=self.recipe.data.num_workers)
         if best and self.is_main and ev.calibrate:  # on the val split, before the test evaluation, which uses it
             summary["calibration"] = calibrate_best(run_dir, self.items("val"), **run)

@@ -97,10 +97,10 @@ def test_eval_refuses_a_missing_data_folder(checkpoint, tmp_path, capsys):
 
 
 def test_eval_of_a_folder_with_bad_files_splits_it_as_training_did(image_folder):
-    from finetune.cli.eval import load_manifest
+    from finetune.data.prepare import split_like_run
 
     (image_folder / "cat" / "00.png").write_bytes(b"")
     trained, bad = prepare_manifest(image_folder, seed=0)  # what a run with these data options trains on
     assert [b.path for b in bad] == ["cat/00.png"]
 
-    assert load_manifest(str(image_folder), {"recipe": {"data": {"seed": 0}}}, None).rows == trained.rows
+    assert split_like_run(str(image_folder), {"seed": 0}).rows == trained.rows

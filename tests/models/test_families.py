@@ -203,7 +203,7 @@ def test_pre_logits_backbone_trains_its_head_from_cached_features_end_to_end(tin
 
     summary = finetune.train(recipe, out=tmp_path / "run")
 
-    [entry] = [p for p in (tmp_path / "cache").iterdir() if (p / "meta.json").is_file()]
+    [entry] = [p for p in (tmp_path / "cache" / "features").iterdir() if (p / "meta.json").is_file()]
     assert np.load(entry / "train.npy", mmap_mode="r").shape[-1] == 1024
     model, _ = load_checkpoint(tmp_path / "run" / "checkpoints" / "last")
     assert model.head[-1].in_features == 1024

@@ -33,7 +33,9 @@ def train(raw, run_dir):
 
 
 def entries(cache):
-    return sorted(p.name for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")) if cache.exists() else []
+    """The feature cache entries under ``cache_dir`` (in its ``features/``)."""
+    folder = cache / "features"
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder.exists() else []
 
 
 def val_accuracy(run_dir):
@@ -233,10 +235,10 @@ def test_an_entry_missing_a_file_is_recomputed_not_read(tiny_recipe, tmp_path):
     raw = head_only(tiny_recipe, cache, epochs=1)
     train(raw, tmp_path / "a")
     [key] = entries(cache)
-    (cache / key / "val.npy").unlink()  # what an in-place delete killed half way left behind
-    assert not fc.is_complete(cache / key)
+    (cache / "features" / key / "val.npy").unlink()  # what an in-place delete killed half way left behind
+    assert not fc.is_complete(cache / "features" / key)
     train(raw, tmp_path / "b")
-    assert entries(cache) == [key] and fc.is_complete(cache / key)
+    assert entries(cache) == [key] and fc.is_complete(cache / "features" / key)
 
 
 def test_cache_folders_honour_the_umask(tmp_path):
@@ -341,7 +343,7 @@ def test_ddp_processes_share_the_extraction_and_make_the_single_process_cache(tm
     mp.start_processes(_extract_on_rank, args=(2, port, items, tmp_path / "ddp"), nprocs=2, start_method="fork")
     (train, val), _ = _stage_features(_wide_backbone(), items, tmp_path / "one", views=1)
 
-    [folder] = [p for p in (tmp_path / "ddp").iterdir() if not p.name.startswith(".")]
+    [folder] = [p for p in (tmp_path / "ddp" / "features").iterdir() if not p.name.startswith(".")]
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["extracted_by_rank"] == [8 + 4, 7 + 4]  # train 16 (one unreadable) and val 8 rows, halved
     np.testing.assert_array_equal(np.load(folder / "train.npy"), train.features)

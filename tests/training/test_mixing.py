@@ -148,23 +148,25 @@ def test_training_accuracy_on_mixed_batches_counts_the_dominant_class():
 
 def test_feature_cache_key_holds_the_augmentation_preset(tiny_recipe, monkeypatch):
     """Cached augmented views (feature_cache_views) depend on data.augment: it is part of the cache key."""
-    from finetune.models import create_model
+    from types import SimpleNamespace
+
     from finetune import _distributed as ddp
-    from finetune.features import cache as feature_cache
-    from finetune.training.loaders import stage_inputs
+    from finetune.models import create_model
+    from finetune.training import runner as runner_module
 
     keys = []
-    monkeypatch.setattr(feature_cache, "stage_features", lambda *args, **kwargs: keys.append(kwargs["key_parts"]))
+    monkeypatch.setattr(runner_module, "stage_features", lambda *args, **kwargs: keys.append(kwargs["key_parts"]))
     model = create_model("test_resnet", 3, head="linear")
     for augment in (None, {"preset": "trivialaugment"}, {"preset": "trivialaugment", "magnitude": 3}):
         raw = copy.deepcopy(tiny_recipe)
         raw["data"]["augment"] = augment
         raw["stages"][0].update(feature_cache="auto", feature_cache_views=1)
         recipe = parse_recipe(raw)
-        inputs = stage_inputs(model, model, stage=recipe.stages[0], head_only=True, items=lambda split: [],
-                              image_loader=lambda split, train: [], preprocessing={"input_size": [3, 32, 32]},
-                              transforms=(None, None), data=recipe.data, cfg=recipe.training, dist=ddp.DistInfo(),
-                              device=torch.device("cpu"), amp_dtype=None, num_classes=3)
+        runner = SimpleNamespace(cfg=recipe.training, recipe=recipe, model=model, items=lambda split: [],
+                                 train_transform=None, eval_transform=None, preprocessing={"input_size": [3, 32, 32]},
+                                 dist=ddp.DistInfo(), device=torch.device("cpu"), amp_dtype=None, classes=[0, 1, 2],
+                                 _eval_model=lambda: model)
+        inputs = runner_module.Runner.stage_inputs(runner, recipe.stages[0], True, lambda split, train: [])
         assert inputs.module is model and inputs.mix is None  # the fake cache declined: images, unmixed
     assert "augment" not in keys[0]
     assert keys[1]["augment"]["preset"] == "trivialaugment" and keys[1]["augment"] != keys[2]["augment"]

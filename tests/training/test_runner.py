@@ -134,7 +134,7 @@ def test_train_without_recipe_uses_staged_defaults(tiny_folder, tmp_path):
     assert code == 0
     assert [r["stage"] for r in read_metrics(run)] == ["0", "1"]
     # the head stage cached one view of the train transform (not the eval transform's features)
-    (meta,) = (tmp_path / "cache").glob("*/meta.json")
+    (meta,) = (tmp_path / "cache" / "features").glob("*/meta.json")
     assert json.loads(meta.read_text())["settings"]["views"] == 1
     # 'all' trained the backbone with its BatchNorm statistics frozen (batchnorm: eval)
     torch.manual_seed(0)
