@@ -82,7 +82,8 @@ def child(variant: str, spec: dict[str, Any]) -> None:
     import numpy as np
     import torch
 
-    from finetune.data import ImageDataset, preprocessing_transform, resolve_preprocessing
+    from finetune.data import ImageDataset, preprocessing_transform
+    from finetune.models.factory import resolve_preprocessing
     from finetune.models import create_model
     from finetune.features import cache as fc
     from finetune.features import extract as fx

@@ -106,7 +106,8 @@ def plain_loop(run_dir: Path, *, seed: int, budget_s: float, lr: float, tiny: bo
     import yaml
     from torch import nn
 
-    from finetune.data import ImageDataset, Manifest, preprocessing_transform, resolve_preprocessing
+    from finetune.data import ImageDataset, Manifest, preprocessing_transform
+    from finetune.models.factory import resolve_preprocessing
     from finetune.models import create_model
 
     recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())

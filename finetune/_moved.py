@@ -66,3 +66,16 @@ def install() -> None:
     """Answer for the old names (once per process)."""
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.append(_Finder())
+
+
+def attribute_getter(module: str, names: tuple[str, ...], target: str):
+    """A module-level ``__getattr__`` for ``module``, whose ``names`` moved to module ``target``: each read warns
+    (DeprecationWarning) and returns the name from ``target``, imported then (it imports ``module``)."""
+    def __getattr__(name: str):
+        if name in names:
+            warnings.warn(f"{module}.{name} moved to {target}; the old name goes in finetune {RELEASE}",
+                          DeprecationWarning, stacklevel=2)
+            return getattr(importlib.import_module(target), name)
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__

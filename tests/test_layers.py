@@ -164,6 +164,7 @@ MOVED_NAMES = [
     ("finetune.data.images", "resize_cache", "finetune.data.store"),
     ("finetune.data.manifest", "prepare_manifest", "finetune.data.prepare"),
     ("finetune.data.layout", "split_classes", "finetune.data.split"),
+    ("finetune.data.transforms", "resolve_preprocessing", "finetune.models.factory"),
 ]
 
 

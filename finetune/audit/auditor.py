@@ -22,10 +22,10 @@ from finetune.data.decode import load_image
 from finetune.data.manifest import Manifest
 from finetune.data.prepare import prepare_manifest
 from finetune.data.similarity import COPY_SIMILARITY, colour_name
-from finetune.data.transforms import preprocessing_transform, resolve_preprocessing
+from finetune.data.transforms import preprocessing_transform
 from finetune.errors import FinetuneError
 from finetune.features.cache import cached_features
-from finetune.models.factory import create_model
+from finetune.models.factory import create_model, resolve_preprocessing
 
 logger = logging.getLogger("finetune.audit")
 

@@ -13,15 +13,20 @@ from timm.optim import list_optimizers
 
 from finetune.config.schema import Recipe
 from finetune.errors import FinetuneError, one_line, short_repr
-from finetune.models.factory import check_forward, create_model, parse_head
+from finetune.models.factory import check_forward, create_model, parse_head, resolve_preprocessing
 from finetune.models.heads import head_options
 from finetune.models.params import is_head_only, select_trainable
 
-def check_against_model(recipe: Recipe, source: str = "recipe") -> None:
+def check_against_model(recipe: Recipe, source: str = "recipe") -> dict:
     """Check what the schema alone can't: the backbone exists, head options exist, every stage's optimizer
     exists, the backbone takes the input size and the head fits the features it returns, and every stage's
     ``train`` selection matches parameters of the model. Builds and runs the model on the meta device (no
-    memory, no weights)."""
+    memory, no weights).
+
+    Returns:
+        The run's preprocessing (`resolve_preprocessing` of the backbone's data config with the recipe's
+        ``data`` overrides; the input size as ``[3, H, W]``), resolved here once for everything after.
+    """
     backbone = recipe.model.backbone
     if not timm.is_model(backbone):
         raise FinetuneError(f"{source}: model.backbone: unknown timm backbone '{backbone}'")
@@ -43,9 +48,12 @@ def check_against_model(recipe: Recipe, source: str = "recipe") -> None:
     except (TypeError, ValueError, KeyError, AttributeError, AssertionError, RuntimeError) as e:
         # timm's model constructors check their arguments in many ways, none of them a FinetuneError
         raise FinetuneError(one_line(f"{source}: model.backbone_kwargs: {type(e).__name__}: {e}")) from None
-    input_size = recipe.data.input_size or model.data_config()["input_size"][-2:]
+    data = recipe.data
+    preprocessing = resolve_preprocessing(model.data_config(), input_size=data.input_size, mean=data.mean, std=data.std,
+                                          interpolation=data.interpolation, crop_pct=data.crop_pct,
+                                          eval_transforms=data.eval_transforms)
     try:
-        check_forward(model, (3, *((input_size,) * 2 if isinstance(input_size, int) else input_size)))
+        check_forward(model, tuple(preprocessing["input_size"]))
     except FinetuneError as e:
         raise FinetuneError(f"{source}: model: {e}") from None
     for i, stage in enumerate(recipe.stages):
@@ -59,6 +67,7 @@ def check_against_model(recipe: Recipe, source: str = "recipe") -> None:
         if stage.mixup and stage.feature_cache is True and is_head_only(trainable):
             raise FinetuneError(f"{source}: stages.{i}.mixup: a head-only stage with feature_cache: true trains on "
                                 "cached features, which cannot be mixed; set feature_cache: auto or false")
+    return preprocessing
 
 
 def check_environment(recipe: Recipe, source: str = "recipe") -> None:

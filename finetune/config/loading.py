@@ -182,7 +182,7 @@ def parse_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     except ValidationError as e:
         raise FinetuneError(_format_error(e, source)) from None
     check_environment(recipe, source)
-    check_against_model(recipe, source)
+    recipe._preprocessing = check_against_model(recipe, source)  # derived settings: resolved once, here
     return recipe
 
 

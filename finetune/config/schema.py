@@ -14,7 +14,7 @@ import importlib.util
 import re
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, field_validator, model_validator
 
 from finetune.models.factory import check_backbone_kwargs
 
@@ -309,6 +309,15 @@ class Recipe(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    _preprocessing: Optional[dict] = PrivateAttr(None)
+
+    @property
+    def preprocessing(self) -> dict:
+        """The run's preprocessing (input size ``[3, H, W]``, mean, std, interpolation, crop, eval ops),
+        resolved against the backbone when the recipe is validated (`finetune.config.parse_recipe`)."""
+        if self._preprocessing is None:
+            raise RuntimeError("recipe not validated against its model: use finetune.config.parse_recipe")
+        return self._preprocessing
 
     @field_validator("stages")
     @classmethod

@@ -11,6 +11,7 @@
 * `datasets`: `ImageDataset`, the one collate `collate_skip`, class balance (`BalancedSampler`, weights).
 * `cards`: dataset cards and the embedded digits sample (`write_digits`).
 """
+from finetune import _moved
 from finetune.data.cards import DatasetCard, list_cards, load_card, write_digits
 from finetune.data.datasets import BalancedSampler, ImageDataset, class_counts, class_weights, collate_skip
 from finetune.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, decode_image, load_image
@@ -32,7 +33,7 @@ from finetune.data.layout import DatasetFolder, discover, find_images
 from finetune.data.manifest import Manifest, ManifestRow
 from finetune.data.prepare import inspect_dataset, manifest_root, prepare_manifest
 from finetune.data.split import split_classes
-from finetune.data.transforms import INTERPOLATIONS, build_transform, preprocessing_transform, resolve_preprocessing
+from finetune.data.transforms import INTERPOLATIONS, build_transform, preprocessing_transform
 
 __all__ = [
     "BadFile",
@@ -69,7 +70,6 @@ __all__ = [
     "prepare_manifest",
     "preprocessing_transform",
     "resize_cache",
-    "resolve_preprocessing",
     "scan_images",
     "split_classes",
     "thumbnail_vector",
@@ -78,3 +78,6 @@ __all__ = [
     "write_digits",
     "write_report",
 ]
+
+# moved to finetune.models.factory, for one release
+__getattr__ = _moved.attribute_getter(__name__, ("resolve_preprocessing",), "finetune.models.factory")

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.data.decode import is_image_file
+from finetune import _moved
 from finetune.errors import FinetuneError
 
 logger = logging.getLogger(__name__)
@@ -221,16 +221,5 @@ def short_list(items: Iterable[str], limit: int = 10) -> str:
     return ", ".join(items[:limit]) + more
 
 
-_MOVED = ('split_classes', 'validate_split_options')
-
-
-def __getattr__(name: str):
-    """The names that moved to `finetune.data.split`, for one release, with a DeprecationWarning."""
-    if name in _MOVED:
-        import importlib  # lazy: finetune.data.split imports this module
-
-        warnings.warn(f"{__name__}.{name} moved to finetune.data.split; the old name goes in finetune 0.2",
-                      DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module("finetune.data.split"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+# the names that moved to finetune.data.split, for one release, with a DeprecationWarning
+__getattr__ = _moved.attribute_getter(__name__, ('split_classes', 'validate_split_options'), "finetune.data.split")

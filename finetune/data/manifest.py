@@ -22,13 +22,13 @@ from __future__ import annotations
 import csv
 import io
 import os
-import warnings
 from collections import Counter
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import NamedTuple
 
 from finetune._io import atomic_write_text, csv_text, read_text_file
 from finetune.data.layout import SPLIT_ALIASES, SPLITS
+from finetune import _moved
 from finetune.errors import FinetuneError
 
 HEADER = ("path", "class", "split")
@@ -180,16 +180,7 @@ def _check_relative(rel: str, where: str) -> None:
         raise FinetuneError(f"{where}: path {rel!r} climbs out of the dataset root with '..'")
 
 
-_MOVED = ('prepare_manifest', 'inspect_dataset', 'manifest_root', 'leaks', 'DEFAULT_VAL', 'DEFAULT_TEST')
-
-
-def __getattr__(name: str):
-    """The names that moved to `finetune.data.prepare`, for one release, with a DeprecationWarning."""
-    if name in _MOVED:
-        import importlib  # lazy: finetune.data.prepare imports this module
-
-        warnings.warn(f"{__name__}.{name} moved to finetune.data.prepare; the old name goes in finetune 0.2",
-                      DeprecationWarning, stacklevel=2)
-        return getattr(importlib.import_module("finetune.data.prepare"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+# the names that moved to finetune.data.prepare, for one release, with a DeprecationWarning
+__getattr__ = _moved.attribute_getter(
+    __name__, ("prepare_manifest", "inspect_dataset", "manifest_root", "leaks", "DEFAULT_VAL", "DEFAULT_TEST"),
+    "finetune.data.prepare")

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
 
+from finetune import _moved
 from finetune.errors import FinetuneError
 
 INTERPOLATIONS = {
@@ -245,34 +246,6 @@ class Normalize(A.Normalize):
         return super().apply(img, **params)
 
 
-def resolve_preprocessing(
-    data_config: Mapping,
-    *,
-    input_size: int | Sequence[int] | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    interpolation: str | None = None,
-    crop_pct: float | None = None,
-    eval_transforms: Sequence[Mapping] | None = None,
-) -> dict:
-    """A checkpoint's ``preprocessing``: the backbone's timm data config with the recipe's overrides applied
-    (None keeps the backbone's value)."""
-    size = input_size if input_size is not None else data_config["input_size"]
-    if isinstance(size, int):
-        size = (3, size, size)
-    elif len(size) == 2:
-        size = (3, *size)
-    return {
-        "input_size": list(size),
-        "mean": list(mean or data_config["mean"]),
-        "std": list(std or data_config["std"]),
-        "interpolation": interpolation or data_config.get("interpolation", "bicubic"),
-        "crop_pct": crop_pct or data_config.get("crop_pct", 0.875),
-        "crop_mode": data_config.get("crop_mode", "center"),
-        "eval_transforms": eval_transforms,
-    }
-
-
 def preprocessing_transform(preprocessing: Mapping, *, train: bool = False,
                             ops: Sequence[Mapping] | None = None, augment: Mapping | str | None = None) -> A.Compose:
     """The pipeline ``preprocessing`` (:func:`resolve_preprocessing`) describes: eval with its
@@ -353,3 +326,7 @@ def _one_line(e: Exception) -> str:
     """An exception message on one line, without pydantic's 'For further information' links."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip() and "errors.pydantic.dev" not in line]
     return "; ".join(lines)
+
+
+# moved to finetune.models.factory (a backbone's data config resolved with the recipe's overrides), for one release
+__getattr__ = _moved.attribute_getter(__name__, ("resolve_preprocessing",), "finetune.models.factory")

@@ -204,6 +204,34 @@ def check_backbone_kwargs(kwargs: Any) -> None:
             raise ValueError(f"{key} must be a number from 0 to 1 (got {short_repr(value)})")
 
 
+def resolve_preprocessing(
+    data_config: Mapping,
+    *,
+    input_size: int | Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    interpolation: str | None = None,
+    crop_pct: float | None = None,
+    eval_transforms: Sequence[Mapping] | None = None,
+) -> dict:
+    """A checkpoint's ``preprocessing``: the backbone's timm data config with the recipe's overrides applied
+    (None keeps the backbone's value)."""
+    size = input_size if input_size is not None else data_config["input_size"]
+    if isinstance(size, int):
+        size = (3, size, size)
+    elif len(size) == 2:
+        size = (3, *size)
+    return {
+        "input_size": list(size),
+        "mean": list(mean or data_config["mean"]),
+        "std": list(std or data_config["std"]),
+        "interpolation": interpolation or data_config.get("interpolation", "bicubic"),
+        "crop_pct": crop_pct or data_config.get("crop_pct", 0.875),
+        "crop_mode": data_config.get("crop_mode", "center"),
+        "eval_transforms": eval_transforms,
+    }
+
+
 def create_model(
     backbone: str,
     num_classes: int,

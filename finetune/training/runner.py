@@ -18,7 +18,7 @@ from torch import nn
 from finetune._device import resolve_precision
 from finetune.models.checkpoint import WeightsWriter, describe_model, load_weights, save_checkpoint, write_json_atomic
 from finetune.config import Recipe, StageConfig, resolved_dict
-from finetune.data import preprocessing_transform, resolve_preprocessing
+from finetune.data import preprocessing_transform
 from finetune.models import FinetuneModel, create_model
 from finetune import _distributed as ddp
 from finetune.training import best_epoch, run_folder
@@ -91,9 +91,7 @@ class Runner:
             m.backbone, len(self.classes), head=m.head, pretrained=False if self.resume else m.pretrained,
             **m.backbone_kwargs,
         ).to(self.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
-        self.preprocessing = resolve_preprocessing(
-            self.model.data_config(), input_size=data.input_size, mean=data.mean, std=data.std,
-            interpolation=data.interpolation, crop_pct=data.crop_pct, eval_transforms=data.eval_transforms)
+        self.preprocessing = self.recipe.preprocessing  # resolved once, when the recipe was validated
         self.train_transform = train_pipeline(self.preprocessing, data)
         self.eval_transform = preprocessing_transform(self.preprocessing)
         self.ema = Ema(self.model, cfg.ema, cfg.ema_warmup) if cfg.ema is not None else None
