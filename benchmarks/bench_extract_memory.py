@@ -104,7 +104,8 @@ def child(variant: str, spec: dict[str, Any]) -> None:
 
     def extract(items, cache):
         if variant == "streamed":
-            fc.stage_features(backbone, items, train_transform=train_tf, eval_transform=eval_tf, views=2,
+            datasets = {"train": ImageDataset(items["train"], train_tf), "val": ImageDataset(items["val"], eval_tf)}
+            fc.stage_features(backbone, items, datasets=datasets, views=2,
                               key_parts={}, cache_dir=cache, max_bytes=2**40, num_features=width, dist=DistInfo(),
                               seed=0, **run)
             [entry] = [p for p in (cache / "features").iterdir() if not p.name.startswith(".")]

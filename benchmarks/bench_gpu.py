@@ -18,8 +18,13 @@ run cut short still leaves the parts it finished:
    ``torch.utils.flop_counter``), times images/s, over the card's dense bf16/fp16 tensor peak from the table below.
 3. **Cached-feature extraction**: what a head-only stage waits for before its first epoch. finetune's
    ``extract_features`` (the function the feature cache runs) over JPEG photos made by ``make_dataset.py``
-   (224-500 px), decoded by ``data.num_workers: auto`` workers, vs the backbone's forward alone on batches
-   already on the GPU (the GPU's ceiling): their ratio says whether decoding or the GPU bounds extraction.
+   (224-500 px): decoded by ``data.num_workers: auto`` workers (uint8 to the device), decoded in batches on
+   the device (nvJPEG, the default on CUDA), and read from the pixel store; vs the backbone's forward alone on
+   batches already on the GPU (the GPU's ceiling): their ratio says whether input or the GPU bounds extraction.
+4. **Training from the JPEG folder**: each model trained ``--folder-steps`` steps (batch ``--batch``) on the
+   same photos through finetune's train loader (RandomResizedCrop + flip, uint8 to the device, normalised
+   there), from the files and from the pixel store, against the same steps on synthetic batches already on the
+   device; the GPU's utilisation sampled during each (``torch.cuda.utilization``, where NVML is there).
 
 timm's published training figures (``results/benchmark-train-amp-*.csv`` in timm's repository) exist only for
 an RTX 3090; they are printed beside ours with the MFU they imply on that card, the only like-for-like
@@ -32,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -187,37 +192,50 @@ def measure_training(name: str, args, device: torch.device, amp_dtype, peak: Opt
 
 # ---------------------------------------------------------------------------------- 3. extraction
 
-def measure_extraction(args, device: torch.device, amp_dtype, work: Path) -> dict[str, Any]:
+def make_photos(args, work: Path) -> tuple[list, float, dict]:
+    """The JPEG folder parts 3 and 4 read (make_dataset.py's Bird-225-shaped train split)."""
     import make_dataset
-
-    from finetune._workers import auto_workers
-    from finetune.data import ImageDataset, build_transform
-    from finetune.models import create_model
-    from finetune.features.extract import extract_features
 
     start = time.perf_counter()
     doc = make_dataset.generate(work / "photos", seed=0, classes=args.extract_classes, per_class=args.extract_per_class,
                                 eval_per_class=0, caltech_classes=2, caltech_per_class=1, specials=0, bad_per_kind=0)
-    generated_s = time.perf_counter() - start
     root = work / "photos" / make_dataset.BIRD / "train"
     items = [(p, i) for i, d in enumerate(sorted(root.iterdir())) for p in sorted(d.iterdir())]
+    return items, time.perf_counter() - start, {k: doc[k] for k in ("files", "bytes")}
+
+
+def measure_extraction(args, device: torch.device, amp_dtype, work: Path, photos) -> dict[str, Any]:
+    from finetune._workers import auto_workers
+    from finetune.data import ImageDataset, build_store, build_transform, store_plan
+    from finetune.models import create_model
+    from finetune.features.extract import extract_features
+
+    items, generated_s, dataset_doc = photos
     name = args.extract_model
     torch.manual_seed(0)
     model = create_model(name, 10, head="linear", pretrained=False).to(device).eval()
     model = model.to(memory_format=torch.channels_last)
     cfg = model.data_config()
-    transform = build_transform(False, input_size=args.size, mean=cfg["mean"], std=cfg["std"],
+    transform = build_transform(False, input_size=args.size, mean=cfg["mean"], std=cfg["std"], device_normalize=True,
                                 interpolation=cfg.get("interpolation", "bicubic"), crop_pct=cfg.get("crop_pct", 0.875))
     workers = auto_workers("auto")
     dataset = ImageDataset(items, transform)
+    plan, rest, _ = store_plan(transform, "auto")
+    t = time.perf_counter()
+    store = build_store(items, plan, cache_dir=work / "store", workers=workers)
+    store_s = time.perf_counter() - t
+    stored = ImageDataset(items, rest, store=store)
 
-    def from_files() -> float:
-        sync(device)
-        t = time.perf_counter()
-        feats, _ = extract_features(model.backbone, dataset, device=device, amp_dtype=amp_dtype,
-                                    batch_size=args.extract_batch, num_workers=workers, channels_last=True)
-        sync(device)
-        return len(feats) / (time.perf_counter() - t)
+    def extraction(data, device_decode) -> Callable[[], float]:
+        def run() -> float:
+            sync(device)
+            t = time.perf_counter()
+            feats, _ = extract_features(model.backbone, data, device=device, amp_dtype=amp_dtype,
+                                        batch_size=args.extract_batch, num_workers=workers, channels_last=True,
+                                        device_decode=device_decode)
+            sync(device)
+            return len(feats) / (time.perf_counter() - t)
+        return run
 
     x = torch.randn(args.extract_batch, 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)
     n_batches = max(1, math.ceil(len(items) / args.extract_batch))
@@ -234,17 +252,116 @@ def measure_extraction(args, device: torch.device, amp_dtype, work: Path) -> dic
         return n_batches * args.extract_batch / (time.perf_counter() - t)
 
     print(f"extraction ({name}, {len(items)} photos, {workers} workers):", file=sys.stderr)
-    speeds = _common.interleave({"extract_features from JPEGs": from_files, "backbone forward alone": forward_only},
-                                rounds=args.extract_rounds, warmup=1, unit=" img/s")
-    a, b = speeds["extract_features from JPEGs"], speeds["backbone forward alone"]
+    variants = {"from JPEGs, CPU decode": extraction(dataset, False),
+                "from JPEGs, device decode": extraction(dataset, True),
+                "from the pixel store": extraction(stored, None), "backbone forward alone": forward_only}
+    speeds = _common.interleave(variants, rounds=args.extract_rounds, warmup=1, unit=" img/s")
+    forward = speeds["backbone forward alone"]
     return {
         "model": name, "images": len(items), "workers": workers, "batch": args.extract_batch,
         "photos_generated_s": generated_s, "photo_sizes": "shorter side 224-400 px, longer <= 500 px",
+        "store_build_s": store_s,
         "images_per_s": {k: _common.spread(v) for k, v in speeds.items()},
-        "fraction_of_forward": _common.spread(_common.paired_ratios(a, b)),
+        "fraction_of_forward": {k: _common.spread(_common.paired_ratios(v, forward)) for k, v in speeds.items()
+                                if k != "backbone forward alone"},
         "raw_images_per_s": speeds,
-        "dataset": {k: doc[k] for k in ("files", "bytes")},
+        "dataset": dataset_doc,
     }
+
+
+def measure_folder_training(name: str, args, device: torch.device, amp_dtype, work: Path, photos) -> dict[str, Any]:
+    """Fixed steps of training ``name`` from the JPEG folder (files, store) and on synthetic device batches."""
+    from finetune._device import autocast
+    from finetune._distributed import DistInfo
+    from finetune._workers import auto_workers
+    from finetune.data import build_transform
+    from finetune.models import create_model
+    from finetune.training.loaders import image_loader, split_dataset
+
+    items = photos[0]
+    torch.manual_seed(0)
+    model = create_model(name, 1000, head="linear", pretrained=False).to(device).to(memory_format=torch.channels_last)
+    cfg = model.data_config()
+    pipeline = build_transform(True, input_size=args.size, mean=cfg["mean"], std=cfg["std"], device_normalize=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loss_fn = nn.CrossEntropyLoss()
+    workers = min(16, auto_workers("auto"))
+
+    def step(inputs, labels) -> None:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, amp_dtype):
+            loss = loss_fn(model(inputs), labels.to(device, non_blocking=True))
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def from_loader(store: str) -> Callable[[], float]:
+        dataset = split_dataset(items, pipeline, store=store, budget=None, cache_dir=str(work / "cache"), seed=0,
+                                dist=DistInfo())
+        loader = image_loader(dataset, train=True, balance=False, seed=0, batch_size=args.batch, num_workers=workers,
+                              dist=DistInfo(), device=device)
+        epoch = [0]
+
+        def run() -> float:
+            seen, t, busy = 0, None, []
+            while seen < args.folder_steps * args.batch:
+                loader.sampler.set_epoch(epoch[0])
+                loader.dataset.set_epoch(epoch[0])
+                epoch[0] += 1
+                for inputs, labels, _ in loader:
+                    if t is None:  # the clock starts at the first batch (workers already running)
+                        sync(device)
+                        t = time.perf_counter()
+                    step(inputs, labels)
+                    seen += len(inputs)
+                    busy.append(_utilisation(device))
+                    if seen >= args.folder_steps * args.batch:
+                        break
+            sync(device)
+            utilisation.setdefault(store, []).extend(u for u in busy if u is not None)
+            return seen / (time.perf_counter() - t)
+        return run
+
+    synthetic_x = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8, device=device)
+    synthetic_y = torch.randint(0, 1000, (args.batch,), device=device)
+
+    def synthetic() -> float:
+        sync(device)
+        t = time.perf_counter()
+        busy = []
+        for _ in range(args.folder_steps):
+            step(pipeline.batch_normalize(synthetic_x), synthetic_y)
+            busy.append(_utilisation(device))
+        sync(device)
+        utilisation.setdefault("synthetic", []).extend(u for u in busy if u is not None)
+        return args.folder_steps * args.batch / (time.perf_counter() - t)
+
+    utilisation: dict[str, list] = {}
+    print(f"training {name} from {len(items)} JPEGs ({workers} workers):", file=sys.stderr)
+    variants = {"from JPEG files": from_loader("off"), "from the pixel store": from_loader("auto"),
+                "synthetic batches on the device": synthetic}
+    speeds = _common.interleave(variants, rounds=args.folder_rounds, warmup=1, unit=" img/s")
+    base = speeds["synthetic batches on the device"]
+    names = {"off": "from JPEG files", "auto": "from the pixel store", "synthetic": "synthetic batches on the device"}
+    return {
+        "model": name, "images": len(items), "workers": workers, "batch": args.batch, "steps": args.folder_steps,
+        "images_per_s": {k: _common.spread(v) for k, v in speeds.items()},
+        "fraction_of_synthetic": {k: _common.spread(_common.paired_ratios(v, base)) for k, v in speeds.items()
+                                  if k != "synthetic batches on the device"},
+        "gpu_utilisation_percent": {names[k]: (sum(v) / len(v) if v else None) for k, v in utilisation.items()},
+        "raw_images_per_s": speeds,
+    }
+
+
+def _utilisation(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # no NVML (pynvml) in this environment
+        return None
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -273,14 +390,27 @@ def report(args, argv, device, amp_dtype, peak, results: dict[str, Any], wall_st
                               t["source"]])
     e = results.get("extraction")
     if e:
-        ips = e["images_per_s"]
+        ips, frac = e["images_per_s"], e["fraction_of_forward"]
         summary.append(
-            f"Feature extraction ({e['model']}, {e['images']} JPEG photos, {e['workers']} decoding workers): "
-            f"{ips['extract_features from JPEGs']['median']:.0f} img/s from files = "
-            f"{e['fraction_of_forward']['median']:.2f}x the backbone's forward alone "
+            f"Feature extraction ({e['model']}, {e['images']} JPEG photos, {e['workers']} workers): CPU decode "
+            f"{frac['from JPEGs, CPU decode']['median']:.2f}x, device decode {frac['from JPEGs, device decode']['median']:.2f}x, "
+            f"pixel store {frac['from the pixel store']['median']:.2f}x the backbone's forward alone "
             f"({ips['backbone forward alone']['median']:.0f} img/s on batches already on the device).")
-        extract_rows.append([e["model"], e["images"], e["workers"], ips["extract_features from JPEGs"]["median"],
-                             ips["backbone forward alone"]["median"], e["fraction_of_forward"]["median"]])
+        for variant in ("from JPEGs, CPU decode", "from JPEGs, device decode", "from the pixel store"):
+            extract_rows.append([e["model"], e["images"], e["workers"], variant, ips[variant]["median"],
+                                 ips["backbone forward alone"]["median"], frac[variant]["median"],
+                                 f"{frac[variant]['min']:.2f}-{frac[variant]['max']:.2f}"])
+    folder_rows = []
+    for name, f in results.get("folder", {}).items():
+        ips, frac = f["images_per_s"], f["fraction_of_synthetic"]
+        summary.append(
+            f"{name} trained from {f['images']} JPEGs ({f['workers']} workers, batch {f['batch']}): files "
+            f"{frac['from JPEG files']['median']:.2f}x, pixel store {frac['from the pixel store']['median']:.2f}x the "
+            f"synthetic-batch img/s ({ips['synthetic batches on the device']['median']:.0f}).")
+        for variant in ("from JPEG files", "from the pixel store", "synthetic batches on the device"):
+            util = f["gpu_utilisation_percent"].get(variant)
+            folder_rows.append([name, variant, ips[variant]["median"],
+                                frac.get(variant, {}).get("median", 1.0), "n/a" if util is None else f"{util:.0f}%"])
     tables = []
     if rows:
         tables.append(_common.table(
@@ -297,8 +427,14 @@ def report(args, argv, device, amp_dtype, peak, results: dict[str, Any], wall_st
              "source (timm repository)"], timm_rows))
     if extract_rows:
         tables.append(_common.table(
-            "Cached-feature extraction: finetune's extract_features over JPEG photos vs the backbone's forward alone.",
-            ["model", "images", "workers", "from JPEGs img/s", "forward alone img/s", "ratio"], extract_rows))
+            "Cached-feature extraction, side by side in one run: finetune's extract_features over JPEG photos vs the "
+            "backbone's forward alone (ratio: median of per-round ratios, with their range).",
+            ["model", "images", "workers", "input", "img/s", "forward alone img/s", "ratio", "range"], extract_rows))
+    if folder_rows:
+        tables.append(_common.table(
+            f"Training from the JPEG folder, side by side in one run ({args.folder_steps} steps of batch {args.batch} per "
+            "round): img/s, the fraction of the synthetic-batch img/s, mean GPU utilisation.",
+            ["model", "input", "img/s", "fraction of synthetic", "GPU utilisation"], folder_rows))
     if not tables:
         return
     _common.write_result(
@@ -324,12 +460,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--extract-per-class", type=int, default=50, help="photos per class for the extraction part")
     p.add_argument("--extract-batch", type=int, default=256)
     p.add_argument("--extract-rounds", type=int, default=2)
+    p.add_argument("--folder-steps", type=int, default=30, help="training steps from the JPEG folder per round")
+    p.add_argument("--folder-rounds", type=int, default=2)
     p.add_argument("--budget", type=float, default=300, help="seconds; a part that would start after it is skipped")
     args = p.parse_args(argv)
     if args.tiny:
         args.size, args.batch, args.steps, args.rounds = 32, 4, 2, 2
         args.models, args.extract_model = ["test_resnet"], "test_resnet"
         args.extract_classes, args.extract_per_class, args.extract_batch, args.extract_rounds = 2, 3, 4, 1
+        args.folder_steps, args.folder_rounds = 2, 1
     from finetune._device import configure_cuda
     from finetune._device import resolve_device, resolve_precision
 
@@ -349,18 +488,26 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     ]
     if peak is None:
         notes.append(f"No peak FLOPS known for {card}: MFU not computed.")
-    results: dict[str, Any] = {"train": {}}
+    results: dict[str, Any] = {"train": {}, "folder": {}}
     for name in args.models:
         if time.perf_counter() - wall > args.budget:
             notes.append(f"{name}: skipped, past the {args.budget:.0f} s budget.")
             continue
         results["train"][name] = measure_training(name, args, device, amp_dtype, peak)
         report(args, argv, device, amp_dtype, peak, results, wall, notes)
-    if time.perf_counter() - wall > args.budget:
-        notes.append(f"extraction: skipped, past the {args.budget:.0f} s budget.")
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
-            results["extraction"] = measure_extraction(args, device, amp_dtype, Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
+        photos = make_photos(args, Path(tmp))
+        if time.perf_counter() - wall > args.budget:
+            notes.append(f"extraction: skipped, past the {args.budget:.0f} s budget.")
+        else:
+            results["extraction"] = measure_extraction(args, device, amp_dtype, Path(tmp), photos)
+            report(args, argv, device, amp_dtype, peak, results, wall, notes)
+        for name in args.models:
+            if time.perf_counter() - wall > args.budget:
+                notes.append(f"{name} from the JPEG folder: skipped, past the {args.budget:.0f} s budget.")
+                continue
+            results["folder"][name] = measure_folder_training(name, args, device, amp_dtype, Path(tmp), photos)
+            report(args, argv, device, amp_dtype, peak, results, wall, notes)
     report(args, argv, device, amp_dtype, peak, results, wall, notes)
     return results
 

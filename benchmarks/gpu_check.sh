@@ -4,7 +4,7 @@
 #   benchmarks/gpu_check.sh OUTDIR          # PYTHON=/path/to/python to choose the interpreter
 #
 # OUTDIR/device.txt         the card, driver, torch/CUDA versions (nvidia-smi)
-# OUTDIR/gpu-tests.xml      JUnit XML of `pytest -m gpu tests/gpu` (and gpu-tests.log, its output)
+# OUTDIR/gpu-tests.xml      JUnit XML of `pytest -m gpu tests` (every test marked gpu) (and gpu-tests.log, its output)
 # OUTDIR/results/gpu.json   bench_gpu.py's figures, rewritten after each part (and bench_gpu.log)
 # OUTDIR/RESULTS.md         the same figures as the RESULTS.md section they become
 # OUTDIR/SUMMARY.md         test counts, exit statuses, the figures' summary lines, how to publish them
@@ -34,7 +34,7 @@ start=$(date +%s)
 cat "$OUT/device.txt"
 
 echo "== gpu tests (limit ${TESTS_S}s) -> $OUT/gpu-tests.log"
-timeout -k 10 "$TESTS_S" "$PY" -m pytest -m gpu tests/gpu -v -rs -p no:cacheprovider \
+timeout -k 10 "$TESTS_S" "$PY" -m pytest -m gpu tests -v -rs -p no:cacheprovider \
     --junitxml "$OUT/gpu-tests.xml" > "$OUT/gpu-tests.log" 2>&1
 tests_rc=$?
 tail -n 25 "$OUT/gpu-tests.log"

@@ -175,8 +175,8 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
 
 
-CACHES = {"features": "features", "images": "images", "scan": "scan-v1.sqlite3"}
-"""Each cache's place under :func:`cache_root`: the feature cache, the resize cache and the scan cache."""
+CACHES = {"features": "features", "store": "store", "scan": "scan-v1.sqlite3"}
+"""Each cache's place under :func:`cache_root`: the feature cache, the pixel store and the scan cache."""
 
 
 def cache_path(kind: str, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -42,6 +42,9 @@ def recipe_with(path, value):
         ("stages.0.epochs", "-1", r"stages\.0\.epochs: .*greater than or equal to 0"),
         ("schedule.name", "linear", r"stages\.0\.schedule\.name: "),
         ("training.ema_warmup", "true", r"training: .*ema_warmup needs ema, the decay it ramps up to"),
+        ("data.store", "4", r"data\.store: .*at least 8 px"),
+        ("data.store", "sometimes", r"data\.store: "),
+        ("data.store_budget", "lots", r"data\.store_budget: .*a number with a unit"),
     ],
 )
 def test_bad_recipe_values_give_one_clear_error_naming_the_key_path(path, value, message):
@@ -305,3 +308,13 @@ def test_fp16_on_the_cpu_is_refused_at_validation(monkeypatch):
     assert parse_recipe(recipe_with("training", "{precision: bf16, device: cpu}")).training.precision == "bf16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert parse_recipe(recipe_with("training", "{precision: fp16}")).training.precision == "fp16"
+
+
+def test_data_store_takes_auto_off_or_a_size_and_the_old_resize_cache_means_a_size():
+    assert parse_recipe(BASE).data.store == "auto"
+    assert parse_recipe(recipe_with("data.store", "off")).data.store == "off"
+    assert parse_recipe(recipe_with("data.store", "96")).data.store == 96
+    assert parse_recipe(recipe_with("data.store_budget", "1.5GB")).data.store_budget == 1_500_000_000
+    assert parse_recipe(recipe_with("data.store_budget", "2GiB")).data.store_budget == 2 * 2**30
+    with pytest.warns(DeprecationWarning, match="data.store: N"):
+        assert parse_recipe(recipe_with("data.resize_cache", "128")).data.store == 128

@@ -114,7 +114,8 @@ def test_a_fifo_and_a_dangling_link_are_bad_files_not_a_hang(tmp_path):
 
 def vanishing_recipe(tiny_recipe: dict, folder: Path) -> dict:
     raw = copy.deepcopy(tiny_recipe)
-    raw["data"].update(root=str(folder), test=0.0, val=0.25)
+    # the files are read every epoch (with the pixel store, images deleted after it was built still train)
+    raw["data"].update(root=str(folder), test=0.0, val=0.25, store="off")
     raw["stages"] = [{"name": "all", "epochs": 3, "train": "all"}]
     raw["training"]["batch_size"] = 2
     raw["output"] = {"evaluate_test": False}

@@ -161,7 +161,6 @@ MOVED_NAMES = [
     ("finetune.data.images", "load_image", "finetune.data.decode"),
     ("finetune.data.images", "hash_leaks", "finetune.data.similarity"),
     ("finetune.data.images", "scan_images", "finetune.data.scan"),
-    ("finetune.data.images", "resize_cache", "finetune.data.store"),
     ("finetune.data.manifest", "prepare_manifest", "finetune.data.prepare"),
     ("finetune.data.layout", "split_classes", "finetune.data.split"),
     ("finetune.data.transforms", "resolve_preprocessing", "finetune.models.factory"),

@@ -105,7 +105,7 @@ def embed_manifest(
     # the whole image (crop_pct 1), as the backbone's own preprocessing resizes it
     preprocessing = resolve_preprocessing(config, input_size=input_size, crop_pct=1.0)
     size = preprocessing["input_size"]
-    transform = preprocessing_transform(preprocessing)
+    transform = preprocessing_transform(preprocessing, device_normalize=True)
     device = resolve_device(device)
     items = [(manifest.root / r.path, 0) for r in manifest.rows]
     settings = {"audit": True, "backbone": backbone, "pretrained": str(pretrained), "input_size": size,

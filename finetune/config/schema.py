@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import warnings
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, Tag, field_validator, model_validator
@@ -93,6 +94,22 @@ class MixupConfig(_Section):
         return self
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: Union[int, str]) -> int:
+    """A size as bytes: an int, or a number with a unit (``500MB``, ``20GB``, ``1.5GiB``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"a size must be 0 or more bytes, got {value}")
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not match or match.group(2).upper() not in _UNITS:
+        raise ValueError(f"a size is bytes or a number with a unit (500MB, 20GB, 1.5GiB), got {value!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
 class DataConfig(_Section):
     root: Optional[str] = None  # an image folder (pre-split or one folder to split), or a manifest CSV
     # A split manifest CSV instead of splitting root; its paths are relative to root, or without root to the
@@ -117,9 +134,39 @@ class DataConfig(_Section):
     balance: Literal["none", "sampler", "loss"] = "none"
     class_weights: Literal["inverse", "effective"] = "inverse"  # formula when balance: loss
     num_workers: Union[int, Literal["auto"]] = "auto"
-    # Pre-resize every image once so its shorter side is this many pixels (cached on disk, reused
-    # across epochs and runs): for datasets of large photos whose decoding dominates an epoch.
-    resize_cache: Optional[int] = Field(None, ge=8)
+    # The decoded-pixel store (finetune.data.store): each image decoded once and resized to what the
+    # pipeline's first op needs, read as raw pixels by every epoch, stage, run and rank. auto: where the
+    # first op allows (a deterministic resize is applied exactly; RandomResizedCrop keeps 1.25x the crop);
+    # N: every image's shorter side shrunk to N px; off: decode the files every epoch.
+    store: Union[int, str] = "auto"
+    # most bytes of raw pixels the store may hold (e.g. 20GB); beyond it, or beyond half the free disk,
+    # each image is stored as JPEG q95 4:4:4 instead
+    store_budget: Optional[Union[int, str]] = None
+    resize_cache: Optional[int] = Field(None, ge=8)  # deprecated: data.store: N
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store(cls, store):
+        if store is False:  # YAML reads a bare `off` as false
+            return "off"
+        if isinstance(store, str) and store.strip().isdigit():
+            store = int(store)
+        if store in ("auto", "off") or (isinstance(store, int) and not isinstance(store, bool) and store >= 8):
+            return store
+        raise ValueError(f"must be auto, off, or a shorter side of at least 8 px (got {store!r})")
+
+    @field_validator("store_budget")
+    @classmethod
+    def _budget(cls, budget):
+        return None if budget is None else parse_bytes(budget)
+
+    @model_validator(mode="after")
+    def _resize_cache(self):
+        if self.resize_cache is not None:
+            warnings.warn("data.resize_cache is deprecated: it is data.store: N (the decoded-pixel store) now",
+                          DeprecationWarning, stacklevel=2)
+            self.store = self.resize_cache
+        return self
 
     @field_validator("num_workers")
     @classmethod

@@ -1,9 +1,12 @@
 """The data layer; everything public is importable from here.
 
+Names load on first use (PEP 562): `finetune data split` imports what the split needs (OpenCV, Pillow,
+NumPy), not torch, timm and albumentations, which the datasets and transforms bring.
+
 * `decode`: every file to an RGB array (`load_image`), or `ImageDecodeError` with the reason.
 * `similarity`: the perceptual hash, crop-aware thumbnail correlation, blank images, the quick leak check.
 * `scan`: the pre-training scan (bad files, hashes), kept in the scan cache (`_scan_cache`).
-* `store`: the resize cache (`resize_cache`): images decoded and shrunk once.
+* `store`: the decoded-pixel store (`build_store`): images decoded and resized once, read as raw pixels.
 * `layout`: dataset folders (`discover`, `find_images`); `split`: the seeded split (`split_classes`).
 * `manifest`: the split manifest (`Manifest`) and its CSV; `prepare`: `prepare_manifest` (find, scan,
   split: what a run calls), `split_like_run` (the split a checkpoint's run made) and `inspect_dataset`.
@@ -11,73 +14,74 @@
 * `datasets`: `ImageDataset`, the one collate `collate_skip`, class balance (`BalancedSampler`, weights).
 * `cards`: dataset cards and the embedded digits sample (`write_digits`).
 """
+import importlib
+
 from finetune import _moved
-from finetune.data.cards import DatasetCard, list_cards, load_card, write_digits
-from finetune.data.datasets import BalancedSampler, ImageDataset, class_counts, class_weights, collate_skip
-from finetune.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, decode_image, load_image
-from finetune.data.scan import BadFile, ScanResult, scan_images, write_report
-from finetune.data.similarity import (
-    COPY_SIMILARITY,
-    FLAT_LEVELS,
-    colour_name,
-    flat_copies,
-    flat_signature,
-    perceptual_hash,
-    thumbnail_vector,
-    thumbnail_views,
-    view_similarity,
-)
-from finetune.data.store import resize_cache
-from finetune.data._scan_cache import default_scan_cache
-from finetune.data.layout import DatasetFolder, discover, find_images
-from finetune.data.manifest import Manifest, ManifestRow
-from finetune.data.prepare import inspect_dataset, manifest_root, prepare_manifest
-from finetune.data.split import split_classes
-from finetune.data.transforms import INTERPOLATIONS, build_transform, preprocessing_transform
 
-__all__ = [
-    "BadFile",
-    "COPY_SIMILARITY",
-    "BalancedSampler",
-    "DEFAULT_MAX_PIXELS",
-    "DatasetCard",
-    "DatasetFolder",
-    "FLAT_LEVELS",
-    "IMAGE_EXTENSIONS",
-    "INTERPOLATIONS",
-    "ImageDataset",
-    "ImageDecodeError",
-    "Manifest",
-    "ManifestRow",
-    "ScanResult",
-    "build_transform",
-    "class_counts",
-    "class_weights",
-    "collate_skip",
-    "colour_name",
-    "decode_image",
-    "default_scan_cache",
-    "discover",
-    "find_images",
-    "flat_copies",
-    "flat_signature",
-    "inspect_dataset",
-    "list_cards",
-    "load_card",
-    "load_image",
-    "manifest_root",
-    "perceptual_hash",
-    "prepare_manifest",
-    "preprocessing_transform",
-    "resize_cache",
-    "scan_images",
-    "split_classes",
-    "thumbnail_vector",
-    "thumbnail_views",
-    "view_similarity",
-    "write_digits",
-    "write_report",
-]
+_PUBLIC = {
+    "default_scan_cache": "finetune.data._scan_cache",
+    "DatasetCard": "finetune.data.cards",
+    "list_cards": "finetune.data.cards",
+    "load_card": "finetune.data.cards",
+    "write_digits": "finetune.data.cards",
+    "BalancedSampler": "finetune.data.datasets",
+    "DeviceBatches": "finetune.data.datasets",
+    "ImageDataset": "finetune.data.datasets",
+    "class_counts": "finetune.data.datasets",
+    "class_weights": "finetune.data.datasets",
+    "collate_skip": "finetune.data.datasets",
+    "DEFAULT_MAX_PIXELS": "finetune.data.decode",
+    "IMAGE_EXTENSIONS": "finetune.data.decode",
+    "ImageDecodeError": "finetune.data.decode",
+    "decode_image": "finetune.data.decode",
+    "load_image": "finetune.data.decode",
+    "DatasetFolder": "finetune.data.layout",
+    "discover": "finetune.data.layout",
+    "find_images": "finetune.data.layout",
+    "Manifest": "finetune.data.manifest",
+    "ManifestRow": "finetune.data.manifest",
+    "inspect_dataset": "finetune.data.prepare",
+    "manifest_root": "finetune.data.prepare",
+    "prepare_manifest": "finetune.data.prepare",
+    "BadFile": "finetune.data.scan",
+    "ScanResult": "finetune.data.scan",
+    "scan_images": "finetune.data.scan",
+    "write_report": "finetune.data.scan",
+    "COPY_SIMILARITY": "finetune.data.similarity",
+    "FLAT_LEVELS": "finetune.data.similarity",
+    "colour_name": "finetune.data.similarity",
+    "flat_copies": "finetune.data.similarity",
+    "flat_signature": "finetune.data.similarity",
+    "perceptual_hash": "finetune.data.similarity",
+    "thumbnail_vector": "finetune.data.similarity",
+    "thumbnail_views": "finetune.data.similarity",
+    "view_similarity": "finetune.data.similarity",
+    "split_classes": "finetune.data.split",
+    "PixelStore": "finetune.data.store",
+    "StorePlan": "finetune.data.store",
+    "build_store": "finetune.data.store",
+    "store_plan": "finetune.data.store",
+    "BatchNormalize": "finetune.data.transforms",
+    "INTERPOLATIONS": "finetune.data.transforms",
+    "build_transform": "finetune.data.transforms",
+    "normalizer_of": "finetune.data.transforms",
+    "preprocessing_transform": "finetune.data.transforms",
+}
+"""Each public name and the module it lives in."""
 
-# moved to finetune.models.factory, for one release
-__getattr__ = _moved.attribute_getter(__name__, ("resolve_preprocessing",), "finetune.models.factory")
+__all__ = sorted(_PUBLIC)
+
+# resolve_preprocessing moved to finetune.models.factory, for one release
+_moved_name = _moved.attribute_getter(__name__, ("resolve_preprocessing",), "finetune.models.factory")
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    return _moved_name(name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

@@ -121,3 +121,63 @@ class ScanCache:
             self._db.close()
             self._db = None
 
+
+
+_PAIRS = """CREATE TABLE IF NOT EXISTS copies (
+    a TEXT NOT NULL, b TEXT NOT NULL, settings TEXT NOT NULL, copy INTEGER NOT NULL,
+    PRIMARY KEY (a, b, settings))"""
+
+
+class PairVerdicts:
+    """The quick leak check's verdicts on pairs of images (copies or not), in the scan cache database.
+
+    A pair is keyed by the SHA-256 of both files' bytes (the scan's ``sha256``, smaller first) and the check's
+    settings, so a verdict holds while both files' contents do, wherever they are: a second ``finetune data
+    split`` of an unchanged folder decodes no thumbnail again, on look-alike images as on distinct ones. A
+    database that cannot be used is skipped (the check then decodes, as without a cache).
+
+    Args:
+        path: The database file (the scan cache's).
+        settings: What a verdict depends on besides the two files (the check's threshold and thumbnails).
+    """
+
+    def __init__(self, path: str | os.PathLike, settings: str):
+        self.settings = f"v{_VERSION} {settings} opencv={cv2.__version__}"
+        self._db: sqlite3.Connection | None = None
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(path, timeout=60)
+            db.execute("PRAGMA journal_mode=WAL")
+            with db:
+                db.execute(_PAIRS)
+            self._db = db
+        except (OSError, sqlite3.Error) as e:
+            logger.warning("scan cache %s cannot keep the leak check's verdicts (%s)", path, e)
+
+    def load(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], bool]:
+        """The known verdicts among ``pairs`` (each (smaller digest, larger digest))."""
+        if self._db is None or not pairs:
+            return {}
+        wanted, known = set(pairs), {}
+        try:
+            for a, b, copy in self._db.execute("SELECT a, b, copy FROM copies WHERE settings = ?", (self.settings,)):
+                if (a, b) in wanted:
+                    known[a, b] = bool(copy)
+        except sqlite3.Error:
+            return {}
+        return known
+
+    def store(self, verdicts: dict[tuple[str, str], bool]) -> None:
+        if self._db is None or not verdicts:
+            return
+        try:
+            with self._db:
+                self._db.executemany("INSERT OR REPLACE INTO copies VALUES (?, ?, ?, ?)",
+                                     [(a, b, self.settings, int(c)) for (a, b), c in verdicts.items()])
+        except sqlite3.Error as e:
+            logger.warning("scan cache cannot record the leak check's verdicts (%s)", e)
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None

@@ -1,4 +1,7 @@
-"""Datasets and batching: `ImageDataset`, the one collate `collate_skip`, class balance.
+"""Datasets and batching: `ImageDataset`, the one collate `collate_skip`, `DeviceBatches`, class balance.
+
+`DeviceBatches`: a loader's batches moved to the device (from pinned memory, ``non_blocking``) and
+normalised there, the next batch's copy overlapping the current step on a CUDA side stream.
 
 `ImageDataset`: decoded, augmented samples that skip unreadable files instead of crashing or substituting.
 
@@ -40,6 +43,8 @@ class ImageDataset(Dataset):
             ``transform(image=array)["image"]`` and re-seeded through its ``set_random_state``.
         seed: Non-negative augmentation seed.
         max_pixels: Largest width × height accepted.
+        store: The items' decoded pixels (`~finetune.data.store.build_store`, in the order of ``items``):
+            read instead of the files, with ``transform`` the pipeline `store_plan` returned for it.
     """
 
     def __init__(
@@ -49,8 +54,12 @@ class ImageDataset(Dataset):
         *,
         seed: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        store=None,
     ):
         self.items = [(Path(path), int(label)) for path, label in items]
+        if store is not None and len(store) != len(self.items):
+            raise FinetuneError(f"the pixel store holds {len(store)} images, the dataset {len(self.items)}")
+        self.store = store
         self.transform = transform
         self.seed = seed
         self.max_pixels = max_pixels
@@ -70,11 +79,16 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         path, label = self.items[index]
-        try:
-            image = load_image(path, self.max_pixels)
-        except ImageDecodeError as e:
-            logger.warning("skipping unreadable image %s", e)
-            return None
+        if self.store is not None:
+            image = self.store[index]
+            if image is None:  # counted once, when the store was built
+                return None
+        else:
+            try:
+                image = load_image(path, self.max_pixels)
+            except ImageDecodeError as e:
+                logger.warning("skipping unreadable image %s", e)
+                return None
         numpy_seed, python_seed = np.random.SeedSequence([self.seed, int(self._epoch), index]).spawn(2)
         self.transform.set_random_state(
             np.random.default_rng(numpy_seed), random.Random(int(python_seed.generate_state(1)[0]))
@@ -107,6 +121,68 @@ def collate_skip(
         return torch.empty(0), torch.empty(0, dtype=torch.int64), skipped
     images, labels = default_collate(kept)
     return images, labels, skipped
+
+
+class DeviceBatches:
+    """The batches ``(inputs, labels, skipped)`` of ``loader`` with ``inputs`` on ``device``, normalised there
+    by ``normalize`` (a :class:`~finetune.data.transforms.BatchNormalize` for uint8 batches; float ones pass).
+
+    Workers then ship uint8 images: a quarter of float32's bytes through shared memory, pinned memory and
+    the host-to-device copy, and no per-sample normalisation on the CPU. On CUDA the copy and normalisation of
+    batch k+1 are queued on a side stream as soon as the loader hands it over, before batch k is yielded,
+    so they overlap batch k's step (the idea of timm's ``PrefetchLoader``); each batch carries an event the
+    compute stream waits on, and ``record_stream`` keeps its memory from being reused early. On the CPU the
+    batch is normalised whole, in the calling process. ``labels`` stay where the loader left them (metrics
+    gather them on the CPU; the train step moves them).
+
+    The wrapped loader's attributes (``sampler``, ``dataset``, ``batch_size``...) read through, so a stage
+    reseeds its sampler and dataset as before.
+    """
+
+    def __init__(self, loader, device: torch.device | str, normalize: Callable | None = None):
+        self.loader = loader
+        self.device = torch.device(device)
+        self.normalize = normalize
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str):
+        if name == "loader":  # not set yet (copy/pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def _prepare(self, batch):
+        inputs, labels, skipped = batch
+        inputs = inputs.to(self.device, non_blocking=True)
+        if self.normalize is not None:
+            inputs = self.normalize(inputs)
+        return inputs, labels, skipped
+
+    def __iter__(self):
+        if self.device.type != "cuda":
+            for batch in self.loader:
+                yield self._prepare(batch)
+            return
+        stream = torch.cuda.Stream(self.device)
+        pending = None
+        for batch in self.loader:
+            with torch.cuda.stream(stream):
+                ready = self._prepare(batch)
+                done = torch.cuda.Event()
+                done.record(stream)
+            if pending is not None:
+                yield self._handed_over(*pending)
+            pending = ready, done
+        if pending is not None:
+            yield self._handed_over(*pending)
+
+    def _handed_over(self, batch, done):
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(done)
+        if batch[0].is_cuda:
+            batch[0].record_stream(compute)
+        return batch
 
 
 def class_counts(labels: Sequence[int], num_classes: int) -> np.ndarray:

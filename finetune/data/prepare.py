@@ -28,7 +28,7 @@ from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
-from finetune.data._scan_cache import default_scan_cache
+from finetune.data._scan_cache import PairVerdicts, default_scan_cache
 from finetune.data.cards import load_card
 from finetune.data.decode import DEFAULT_MAX_PIXELS, load_image
 from finetune.data.layout import (
@@ -48,7 +48,7 @@ from finetune.data.scan import (
     scan_images,
     write_report,
 )
-from finetune.data.similarity import hash_leaks
+from finetune.data.similarity import hash_leaks, verdict_settings
 from finetune.data.split import split_classes, validate_split_options
 from finetune.errors import FinetuneError
 
@@ -173,7 +173,7 @@ def prepare_manifest(
     emptied = sorted(set(classes) - set(result.classes))
     if emptied:
         logger.warning("dropping class(es) with no usable image: %s", short_list(map(repr, emptied)))
-    _warn_leaks(result, results, _audit_arguments(manifest, data_root))
+    _warn_leaks(result, results, _audit_arguments(manifest, data_root), _cache_path(scan_cache))
     if not result.rows:
         raise FinetuneError(f"no usable image in {manifest or root}")
     counts = ", ".join(f"{s} {sum(c.values())}" for s, c in result.counts().items())
@@ -270,7 +270,8 @@ def leaks(manifest: Manifest, groups: list[list[str]]) -> list[list[str]]:
     return [g for g in groups if len({split_of[p] for p in g if p in split_of}) > 1]
 
 
-def _warn_leaks(manifest: Manifest, results: list[ScanResult], audit_arguments: str) -> None:
+def _warn_leaks(manifest: Manifest, results: list[ScanResult], audit_arguments: str,
+                cache: Path | None = None) -> None:
     """Warn about byte-identical images that sit in more than one split, and about resized or re-encoded
     copies (same perceptual hash, confirmed by thumbnail correlation; see `hash_leaks`), pointing at
     ``finetune data audit AUDIT_ARGUMENTS``."""
@@ -284,9 +285,15 @@ def _warn_leaks(manifest: Manifest, results: list[ScanResult], audit_arguments: 
     split_of = {r.path: r.split for r in manifest.rows}
     scanned = [r for r in results if r.reason is None and r.path in split_of]
     identical = {p for group in leaked for p in group}
-    near = [g for g in hash_leaks([r.path for r in scanned], [split_of[r.path] for r in scanned],
-                                  [r.phash for r in scanned], lambda p: load_image(manifest.root / p))
-            if not set(g) <= identical]
+    verdicts = PairVerdicts(cache, verdict_settings()) if cache is not None else None
+    try:
+        near = [g for g in hash_leaks([r.path for r in scanned], [split_of[r.path] for r in scanned],
+                                      [r.phash for r in scanned], lambda p: load_image(manifest.root / p),
+                                      digests=[r.sha256 for r in scanned], verdicts=verdicts)
+                if not set(g) <= identical]
+    finally:
+        if verdicts is not None:
+            verdicts.close()
     if near:
         logger.warning(
             "%d group(s) of near-identical images (resized or re-encoded copies) sit in more than one split "

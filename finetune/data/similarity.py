@@ -125,6 +125,8 @@ def hash_leaks(
     *,
     threshold: float = COPY_SIMILARITY,
     max_groups: int = 1000,
+    digests: Sequence[str] | None = None,
+    verdicts=None,
 ) -> list[list[str]]:
     """Groups of images in more than one split with the same perceptual hash, confirmed as copies by
     `view_similarity` (``finetune train``'s quick leakage check: no backbone, no decoding beyond the
@@ -139,6 +141,9 @@ def hash_leaks(
         load: Reads an image as an RGB array.
         threshold: Least similarity of a copy.
         max_groups: Hash groups checked at most (a data set of flat or synthetic images can collide a lot).
+        digests: Each image's content hash (the scan's SHA-256), which keys ``verdicts``.
+        verdicts: Known pair verdicts (`~finetune.data._scan_cache.PairVerdicts`): a pair it knows is not
+            decoded again, and the new ones are recorded in it.
 
     Returns:
         Each leaking group's paths (those that copy another member in another split), sorted.
@@ -147,17 +152,37 @@ def hash_leaks(
     for i, h in enumerate(hashes):
         by_hash.setdefault(h, []).append(i)
     groups = [g for g in by_hash.values() if len({splits[i] for i in g}) > 1][:max_groups]
+    pairs = [[(a, b) for a in g for b in g if a < b and splits[a] != splits[b]] for g in groups]
+
+    def key(a: int, b: int) -> tuple[str, str]:
+        return tuple(sorted((digests[a], digests[b])))
+
+    known = verdicts.load([key(a, b) for g in pairs for a, b in g]) if verdicts is not None and digests else {}
+    learned: dict[tuple[str, str], bool] = {}
     leaked = []
-    for group in groups:
-        images = {i: load(paths[i]) for i in group}
+    for group in pairs:
+        unknown = [(a, b) for a, b in group if not digests or key(a, b) not in known]
+        needed = {i for pair in unknown for i in pair}
+        images = {i: load(paths[i]) for i in sorted(needed)}  # only the images of pairs not judged before
         views = {i: thumbnail_views(image) for i, image in images.items()}
         flat = {i: flat_signature(image) for i, image in images.items()}
-        members = {
-            k for a in group for b in group
-            if splits[a] != splits[b] and a < b
-            and (flat_copies(flat[a], flat[b]) or view_similarity(views[a], views[b]) >= threshold)
-            for k in (a, b)
-        }
+        members = set()
+        for a, b in group:
+            if digests and key(a, b) in known:
+                copy = known[key(a, b)]
+            else:
+                copy = flat_copies(flat[a], flat[b]) or view_similarity(views[a], views[b]) >= threshold
+                if digests:
+                    learned[key(a, b)] = copy
+            if copy:
+                members |= {a, b}
         if members:
             leaked.append(sorted(paths[i] for i in members))
+    if verdicts is not None and learned:
+        verdicts.store(learned)
     return sorted(leaked)
+
+
+def verdict_settings(threshold: float = COPY_SIMILARITY) -> str:
+    """What a pair verdict of `hash_leaks` depends on besides the two files."""
+    return f"threshold={threshold} thumbnail={THUMBNAIL} crops={CROPS} flat={FLAT_LEVELS}"

@@ -3,6 +3,12 @@
 A pipeline maps an H×W×3 uint8 RGB array (from `load_image`) to a normalised float32 3×H×W tensor. It is
 an ``albumentations.Compose``, called the albumentations way: ``transform(image=array)["image"]``.
 
+Built with ``device_normalize=True`` (what training, validation, extraction, eval and predict use), the
+pipeline stops before ``Normalize`` and returns a uint8 3×H×W tensor: batches collate as uint8 (a quarter
+of float32's bytes through shared memory, pinned memory and PCIe) and :class:`BatchNormalize`, carried as the
+pipeline's ``batch_normalize`` (:func:`normalizer_of`), normalises each whole batch where the model runs
+(:class:`~finetune.data.datasets.DeviceBatches`), with the same arithmetic as ``Normalize``'s table.
+
 Ops are named albumentations transforms with their keyword arguments, as a recipe writes them::
 
     ops = [
@@ -29,6 +35,7 @@ from collections.abc import Mapping, Sequence
 import albumentations as A
 import cv2
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 from timm.data.auto_augment import auto_augment_transform, rand_augment_transform
 
@@ -65,6 +72,7 @@ def build_transform(
     crop_pct: float = 0.875,
     ops: Sequence[Mapping] | None = None,
     augment: Mapping | str | None = None,
+    device_normalize: bool = False,
 ) -> A.Compose:
     """Build a train or eval pipeline ending in ``Normalize(mean, std)`` and ``ToTensorV2``.
 
@@ -86,9 +94,12 @@ def build_transform(
             ``input_size``.
         augment: An augmentation preset (``data.augment`` as a dict, see :func:`augment_ops`) or ``"auto"``
             (:func:`size_defaults` for ``input_size``), applied after ``ops`` in the train pipeline only.
+        device_normalize: Leave ``Normalize`` out: the pipeline returns uint8 3×H×W tensors and carries
+            the normalisation as ``batch_normalize`` (:class:`BatchNormalize`), applied to whole batches.
 
     Returns:
-        The pipeline: ``transform(image=uint8_rgb_array)["image"]`` is a float32 3×H×W tensor.
+        The pipeline: ``transform(image=uint8_rgb_array)["image"]`` is a float32 3×H×W tensor (uint8 with
+        ``device_normalize``).
 
     Raises:
         FinetuneError: Unknown interpolation; an op that is not an albumentations transform, has a bad
@@ -105,7 +116,47 @@ def build_transform(
         augment = size_defaults((height, width))["augment"]
     if train and augment:
         steps += augment_ops(augment, input_size=(height, width), mean=mean)
+    if device_normalize:
+        pipeline = A.Compose([*steps, A.ToTensorV2()])
+        pipeline.batch_normalize = BatchNormalize(mean, std)
+        return pipeline
     return A.Compose([*steps, Normalize(mean=tuple(mean), std=tuple(std)), A.ToTensorV2()])
+
+
+class BatchNormalize:
+    """``Normalize(mean, std)`` of a whole uint8 batch (…×3×H×W) on the batch's own device, as float32.
+
+    The arithmetic is ``Normalize``'s: ``(x - 255·mean) · 1/(255·std)`` in float32, so a batch normalised
+    here equals one whose samples the CPU normalised, to float32 rounding (1e-6). Float batches (features,
+    or a pipeline that normalised already) are returned as they are."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.dtype != torch.uint8:
+            return batch
+        if batch.device not in self._constants:
+            shift = torch.tensor(self.mean, dtype=torch.float64) * 255
+            scale = 1 / (torch.tensor(self.std, dtype=torch.float64) * 255)
+            self._constants[batch.device] = (shift.float().view(3, 1, 1).to(batch.device),
+                                             scale.float().view(3, 1, 1).to(batch.device))
+        shift, scale = self._constants[batch.device]
+        return batch.float().sub_(shift).mul_(scale)
+
+    def __getstate__(self) -> dict:  # the per-device constants stay behind (DataLoader workers pickle it)
+        return {"mean": self.mean, "std": self.std, "_constants": {}}
+
+    def __repr__(self) -> str:
+        return f"BatchNormalize(mean={self.mean}, std={self.std})"
+
+
+def normalizer_of(transform) -> BatchNormalize | None:
+    """The :class:`BatchNormalize` a pipeline built with ``device_normalize`` leaves to its batches (None for
+    a pipeline that normalises its samples itself)."""
+    return getattr(transform, "batch_normalize", None)
 
 
 def size_defaults(input_size: int | Sequence[int]) -> dict:
@@ -247,10 +298,11 @@ class Normalize(A.Normalize):
 
 
 def preprocessing_transform(preprocessing: Mapping, *, train: bool = False,
-                            ops: Sequence[Mapping] | None = None, augment: Mapping | str | None = None) -> A.Compose:
-    """The pipeline ``preprocessing`` (:func:`resolve_preprocessing`) describes: eval with its
-    ``eval_transforms``, or train with ``ops`` (the recipe's ``train_transforms``) and ``augment``
-    (``data.augment``)."""
+                            ops: Sequence[Mapping] | None = None, augment: Mapping | str | None = None,
+                            device_normalize: bool = False) -> A.Compose:
+    """The pipeline ``preprocessing`` (:func:`~finetune.models.factory.resolve_preprocessing`) describes: eval
+    with its ``eval_transforms``, or train with ``ops`` (the recipe's ``train_transforms``) and ``augment``
+    (``data.augment``); uint8 out with ``device_normalize`` (see :func:`build_transform`)."""
     return build_transform(
         train,
         input_size=preprocessing["input_size"],
@@ -260,6 +312,7 @@ def preprocessing_transform(preprocessing: Mapping, *, train: bool = False,
         crop_pct=preprocessing.get("crop_pct", 0.875),
         ops=ops if train else preprocessing.get("eval_transforms"),
         augment=augment if train else None,
+        device_normalize=device_normalize,
     )
 
 

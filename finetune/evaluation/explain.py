@@ -35,6 +35,7 @@ from torch import nn
 
 from finetune._io import atomic_write_bytes, ensure_folder
 from finetune.data import ImageDecodeError, load_image
+from finetune.data.transforms import normalizer_of
 from finetune.errors import FinetuneError
 from finetune.evaluation.report import data_uri, escape, html_page
 from finetune.inference.predictor import eval_transform
@@ -127,7 +128,7 @@ def explain_images(
         model: as for :func:`grad_cam`; moved to ``device`` and put in eval mode.
         sources: image paths or H×W×3 uint8 arrays.
         transform: the eval pipeline (:func:`finetune.inference.predictor.eval_transform`), ending in
-            ``Normalize(mean, std)``.
+            ``Normalize(mean, std)`` or leaving it to the batch (``device_normalize``).
         mean, std: that normalisation, to show the image the model saw.
         targets: the class to explain per source; default the predicted one.
         device: where the model runs.
@@ -151,9 +152,14 @@ def explain_images(
             continue
         readable.append((i, transform(image=image)["image"]))
     mean_t, std_t = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    normalize = normalizer_of(transform)
     for start in range(0, len(readable), batch_size):
         chunk = readable[start:start + batch_size]
-        batch = torch.stack([x for _, x in chunk]).to(device)
+        batch = torch.stack([x for _, x in chunk])
+        if normalize is not None:  # a uint8 pipeline (device_normalize): the model sees the normalised batch
+            batch = normalize(batch)
+            chunk = [(i, x) for (i, _), x in zip(chunk, batch)]
+        batch = batch.to(device)
         chosen = None if targets is None else [int(targets[i]) for i, _ in chunk]
         probs, cams = grad_cam(model, batch, chosen)
         for row, (i, x) in enumerate(chunk):

@@ -37,7 +37,7 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import albumentations
 import cv2
@@ -45,6 +45,7 @@ import numpy as np
 import PIL
 import timm
 import torch
+from torch.utils.data import Dataset
 
 from finetune import _distributed as ddp
 from finetune._io import cache_path, make_temp_dir
@@ -179,8 +180,7 @@ def stage_features(
     backbone: torch.nn.Module,
     items: dict[str, list[tuple[Path, int]]],
     *,
-    train_transform: Callable,
-    eval_transform: Callable,
+    datasets: dict[str, Dataset],
     views: int,
     key_parts: dict[str, Any],
     cache_dir: str | os.PathLike | None,
@@ -199,8 +199,8 @@ def stage_features(
     Args:
         backbone: the frozen backbone (images → pooled features).
         items: ``(path, label)`` of the ``train`` and ``val`` splits.
-        train_transform: makes the ``views`` augmented train views (``views >= 1``).
-        eval_transform: makes the val features, and the train features when ``views`` is 0.
+        datasets: the ``train`` and ``val`` images (`ImageDataset` over ``items``): train through the train
+            pipeline for ``views >= 1`` augmented views (epoch ``v`` gives view ``v``), else the eval pipeline.
         views: 0 (the eval transform) or K augmented views; epoch ``e`` trains on view ``e % K``.
         key_parts: what else the features depend on (backbone name and kwargs, preprocessing, the
             recipe's train transforms); the cache key adds the code, views, seed and precision.
@@ -241,7 +241,7 @@ def stage_features(
         start = time.perf_counter()
         tmp = Path(tmp)
         try:
-            written, error = _extract_share(tmp, backbone, items, views=views, transforms=(train_transform, eval_transform),
+            written, error = _extract_share(tmp, backbone, items, views=views, datasets=datasets,
                                             seed=seed, share=(dist.local_rank, dist.local_world_size), device=device,
                                             amp_dtype=amp_dtype, batch_size=batch_size, num_workers=num_workers,
                                             channels_last=channels_last), None
@@ -278,7 +278,7 @@ _EVICTED = re.compile(r"\.[0-9a-f]{24}\.evict-[0-9a-f]+")
 
 
 def _extract_share(tmp: Path, backbone, items: dict[str, list[tuple[Path, int]]], *, views: int,
-                   transforms: tuple[Callable, Callable], seed: int, share: tuple[int, int],
+                   datasets: dict[str, Dataset], seed: int, share: tuple[int, int],
                    **run) -> dict[str, np.ndarray]:
     """Extract share ``(i, n)`` of the rows of ``tmp/train.npy`` (every view) and ``tmp/val.npy``: the
     ``i``-th of ``n`` contiguous blocks of each split.
@@ -293,8 +293,7 @@ def _extract_share(tmp: Path, backbone, items: dict[str, list[tuple[Path, int]]]
         rows = np.load(tmp / f"{split}.npy", mmap_mode="r+")
         block = range(len(items[split]) * i // n, len(items[split]) * (i + 1) // n)
         for view in range(rows.shape[0]):
-            transform = transforms[0] if split == "train" and views else transforms[1]
-            dataset = ImageDataset(items[split], transform, seed=seed)
+            dataset = datasets[split]
             dataset.set_epoch(view)
             done = extract_into(rows[view], backbone, dataset, indices=block, **run)
             if view and not np.array_equal(done, written[split]):

@@ -12,7 +12,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from finetune._device import forward_batches
-from finetune.data.datasets import collate_skip
+from finetune.data.datasets import DeviceBatches, collate_skip
+from finetune.data.device_decode import device_decoding
+from finetune.data.transforms import normalizer_of
 from finetune.errors import FinetuneError
 
 try:
@@ -47,12 +49,18 @@ class FeatureDataset(Dataset):
 
 
 def extract_features(backbone, dataset, *, device, amp_dtype, batch_size: int, num_workers: int,
-                     channels_last: bool = False, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
+                     channels_last: bool = False, desc: str = "features",
+                     device_decode: Optional[bool] = None) -> tuple[np.ndarray, np.ndarray]:
     """Pooled backbone features for every readable sample of ``dataset`` (BatchNorm in eval mode), in RAM;
-    the cache streams them into its file with :func:`extract_into` instead."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_skip, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(0))  # leave the global RNG alone
+    the cache streams them into its file with :func:`extract_into` instead. JPEGs through an eval pipeline are
+    decoded in batches on CUDA (:func:`~finetune.data.device_decode.device_decoding`; ``device_decode`` forces
+    it on or off)."""
+    loader = _device_decoded(dataset, range(len(dataset)), device, batch_size, num_workers, device_decode)
+    if loader is None:
+        loader = DeviceBatches(DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                          collate_fn=collate_skip, pin_memory=device.type == "cuda",
+                                          generator=torch.Generator().manual_seed(0)),  # leave the global RNG alone
+                               device, _normalizer(dataset))
     labels, feats, _ = forward_batches(backbone, loader, device=device, amp_dtype=amp_dtype,
                                        channels_last=channels_last, softmax=False)
     if not len(labels):
@@ -116,10 +124,30 @@ def extract_into(rows: np.ndarray, backbone, dataset, *, indices: Optional[range
             pending[0] = 0
 
     indices = range(len(dataset)) if indices is None else indices
-    loader = DataLoader(_Indexed(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_skip, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(0))  # leave the global RNG alone
+    loader = _device_decoded(dataset, indices, device, batch_size, num_workers, None, by_index=True)
+    if loader is None:
+        loader = DeviceBatches(DataLoader(_Indexed(dataset, indices), batch_size=batch_size, shuffle=False,
+                                          num_workers=num_workers, collate_fn=collate_skip,
+                                          pin_memory=device.type == "cuda",
+                                          generator=torch.Generator().manual_seed(0)),  # leave the global RNG alone
+                               device, _normalizer(dataset))
     forward_batches(backbone, loader, device=device, amp_dtype=amp_dtype, channels_last=channels_last,
                     softmax=False, sink=sink)
     release_pages(rows)
     return np.concatenate(written) if written else np.zeros(0, dtype=np.int64)
+
+
+def _normalizer(dataset: Dataset):
+    """The batch normalisation of ``dataset``'s pipeline (uint8 samples), if it leaves one to its batches."""
+    return normalizer_of(getattr(dataset, "transform", None))
+
+
+def _device_decoded(dataset: Dataset, indices, device, batch_size: int, num_workers: int, enabled: Optional[bool],
+                    *, by_index: bool = False):
+    """Batches of samples ``indices`` (labelled with their label, or with their index when ``by_index``) decoded
+    on the device, when ``dataset`` reads image files through an eval pipeline the device runs; else None."""
+    if getattr(dataset, "store", True) is not None or not hasattr(dataset, "items"):  # a store, or not images
+        return None
+    items = [(dataset.items[i][0], i if by_index else dataset.items[i][1]) for i in indices]
+    return device_decoding(items, dataset.transform, device=device, batch_size=batch_size, num_workers=num_workers,
+                           enabled=enabled)

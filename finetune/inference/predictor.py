@@ -33,11 +33,14 @@ from torch.utils.data import DataLoader, Dataset
 from finetune._device import forward_batches, resolve_device
 from finetune._workers import inference_workers
 from finetune.data import (
+    DeviceBatches,
     ImageDecodeError,
     collate_skip,
     load_image,
     preprocessing_transform,
 )
+from finetune.data.device_decode import device_decoding
+from finetune.data.transforms import normalizer_of
 from finetune.errors import FinetuneError
 from finetune.inference.temperature import meta_temperature, scaled
 from finetune.inference.tta import VIEWS, TtaModel, TtaTransform
@@ -216,9 +219,10 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> Predict
 
 
 def eval_transform(preprocessing: Mapping[str, Any]) -> Callable:
-    """The eval pipeline a checkpoint's ``preprocessing`` describes."""
+    """The eval pipeline a checkpoint's ``preprocessing`` describes: uint8 out, each batch normalised where
+    the model runs (:func:`~finetune.data.transforms.normalizer_of`)."""
 
-    return preprocessing_transform(preprocessing)
+    return preprocessing_transform(preprocessing, device_normalize=True)
 
 
 def predict_probabilities(
@@ -254,11 +258,13 @@ def predict_probabilities(
     """
 
     device = torch.device(device)
-    loader = DataLoader(
-        _SourceDataset(sources, transform), batch_size=batch_size,
-        num_workers=inference_workers(num_workers, len(sources), batch_size),
-        collate_fn=collate_skip, pin_memory=device.type == "cuda",
-    )
+    workers = inference_workers(num_workers, len(sources), batch_size)
+    loader = device_decoding([(s, i) for i, s in enumerate(sources)], transform, device=device,
+                             batch_size=batch_size, num_workers=workers)  # JPEG batches decoded on CUDA
+    if loader is None:
+        loader = DeviceBatches(DataLoader(_SourceDataset(sources, transform), batch_size=batch_size, num_workers=workers,
+                                          collate_fn=collate_skip, pin_memory=device.type == "cuda"),
+                               device, normalizer_of(transform))
     indices, probs, _ = forward_batches(model, loader, device=device, amp_dtype=amp_dtype, progress=progress,
                                        softmax=not logits)
     unread = sorted(set(range(len(sources))) - set(indices.tolist()))

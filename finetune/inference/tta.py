@@ -59,6 +59,11 @@ class TtaTransform:
         self.transform = transform
         self.mode = check_mode(mode)
 
+    @property
+    def batch_normalize(self):
+        """The eval pipeline's batch normalisation (it applies to a batch of view stacks as well)."""
+        return getattr(self.transform, "batch_normalize", None)
+
     def __call__(self, *, image: np.ndarray) -> dict[str, torch.Tensor]:
         return {"image": torch.stack([self.transform(image=v)["image"] for v in views(image, self.mode)])}
 

@@ -1,4 +1,4 @@
-"""What a stage reads: the run's manifest, split items (resized copies with ``data.resize_cache``), datasets,
+"""What a stage reads: the run's manifest, split datasets (read from the decoded-pixel store, ``data.store``),
 samplers and DataLoaders, and :class:`StageInputs`, what one stage trains and validates on.
 
 Every loader batches with :func:`~finetune.data.collate_skip` and takes its workers from
@@ -17,19 +17,22 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from finetune import _distributed as ddp
-from finetune._io import cache_path
+from finetune._io import cache_root as cache_path_root
 from finetune._workers import auto_workers
 from finetune.data import (
     BalancedSampler,
+    DeviceBatches,
     ImageDataset,
     Manifest,
     collate_skip,
     manifest_root,
     prepare_manifest,
+    build_store,
     preprocessing_transform,
-    resize_cache,
+    store_plan,
     write_digits,
 )
+from finetune.data.transforms import normalizer_of
 from finetune.data.prepare import split_options
 from finetune.errors import FinetuneError
 
@@ -117,20 +120,25 @@ def run_manifest(path: Path, data, *, is_main: bool, dist: ddp.DistInfo, run_dir
     return manifest
 
 
-def split_items(items: list[tuple[Path, int]], *, resize: Optional[int], cache_dir: Optional[str],
-                dist: ddp.DistInfo) -> list[tuple[Path, int]]:
-    """``(image path, class index)`` of a split; with ``resize`` (``data.resize_cache``) the paths are
-    pre-resized copies, made once by the processes of each machine (each its slice), then reused across
-    epochs and runs. A collective (a barrier) when resizing: call it on every rank."""
-    if not resize:
-        return items
-
-    folder = cache_path("images", cache_dir)
-    local, shards = dist.local_rank, dist.local_world_size
-    mine = resize_cache(items[local::shards], size=resize, cache_dir=folder, workers=auto_workers("auto", shards))
+def split_dataset(items: list[tuple[Path, int]], transform: Callable, *, store, budget: Optional[int],
+                  cache_dir: Optional[str], seed: int, dist: ddp.DistInfo) -> ImageDataset:
+    """The dataset of a split's ``items`` through ``transform``, its images read from the decoded-pixel store
+    where ``store`` (``data.store``) and the pipeline allow (:func:`~finetune.data.store_plan`), else from the
+    files. The store is built (or found) once per machine by its local rank 0 while the others wait, then
+    opened by all: a collective (a barrier) when storing, so call it on every rank."""
+    plan, rest, why = store_plan(transform, store)
+    if plan is None:
+        if store != "off":
+            log.info("pixel store not used: %s", why)
+        return ImageDataset(items, transform, seed=seed)
+    built = None
+    if dist.local_rank == 0:
+        built = build_store(items, plan, cache_dir=cache_path_root(cache_dir), workers=auto_workers("auto", 1),
+                            budget=budget)
     ddp.barrier(dist)
-    # then every process reads the whole list (all copies exist: no decoding)
-    return mine if shards == 1 else resize_cache(items, size=resize, cache_dir=folder)
+    if built is None:  # local rank 0 built it: found, nothing decoded
+        built = build_store(items, plan, cache_dir=cache_path_root(cache_dir), budget=budget)
+    return ImageDataset(items, rest, seed=seed, store=built)
 
 
 def make_loader(dataset: Dataset, *, sampler, batch_size: int, num_workers, device: torch.device,
@@ -202,20 +210,21 @@ def drop_last_for(sampler, batch_size: int, train: bool) -> bool:
     return train and len(sampler) > batch_size
 
 
-def image_loader(items: list[tuple[Path, int]], transform: Callable, *, train: bool, balance: bool, seed: int,
-                 batch_size: int, num_workers, dist: ddp.DistInfo, device: torch.device) -> DataLoader:
-    """Images of a split: shuffled per epoch (class-balanced with ``balance``) for training, this rank's
-    shard in order for validation."""
+def image_loader(dataset: ImageDataset, *, train: bool, balance: bool, seed: int, batch_size: int, num_workers,
+                 dist: ddp.DistInfo, device: torch.device) -> DataLoader:
+    """Batches of a split's dataset (:func:`split_dataset`): shuffled per epoch (class-balanced with
+    ``balance``) for training, this rank's shard in order for validation; uint8 batches normalised on
+    ``device`` (:class:`~finetune.data.DeviceBatches`)."""
 
-    dataset = ImageDataset(items, transform, seed=seed)
     if train and balance:
         sampler = BalancedSampler(dataset.labels, seed=seed, num_replicas=dist.world_size, rank=dist.rank)
     elif train:
         sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed)
     else:
         sampler = ShardSampler(len(dataset), dist.rank, dist.world_size)
-    return make_loader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers, device=device,
-                       local_processes=dist.local_world_size, train=train)
+    loader = make_loader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers, device=device,
+                         local_processes=dist.local_world_size, train=train)
+    return DeviceBatches(loader, device, normalizer_of(dataset.transform))
 
 
 def feature_loaders(train: Dataset, val: Dataset, *, batch_size: int, eval_batch_size: int, seed: int,
@@ -238,11 +247,12 @@ def uses_feature_cache(feature_cache: bool | str, head_only: bool, stage_mixup) 
     return feature_cache is not False and head_only and not stage_mixup
 
 
-def feature_key_parts(model, preprocessing: dict, train_transforms, augment) -> dict:
-    """What, besides the backbone's weights and the images, the cached features of a run depend on."""
+def feature_key_parts(model, preprocessing: dict, train_transforms, augment, store="off") -> dict:
+    """What, besides the backbone's weights and the images, the cached features of a run depend on (the pixel
+    store too: before a RandomResizedCrop it changes where the resizing happens)."""
     return {"backbone": model.backbone_name, "backbone_kwargs": model.backbone_kwargs,
             "preprocessing": preprocessing, "train_transforms": train_transforms,
-            **({"augment": augment} if augment else {})}
+            **({"augment": augment} if augment else {}), **({"store": store} if store != "off" else {})}
 
 
 def stage_inputs(model, eval_model: nn.Module, *, cached: Optional[tuple[Dataset, Dataset]],
@@ -262,9 +272,11 @@ def stage_inputs(model, eval_model: nn.Module, *, cached: Optional[tuple[Dataset
 
 
 def train_pipeline(preprocessing: dict, data) -> Callable:
-    """The run's train pipeline: ``data.train_transforms`` (or the default ops), then ``data.augment``."""
+    """The run's train pipeline: ``data.train_transforms`` (or the default ops), then ``data.augment``; uint8
+    out, normalised on the device (:class:`~finetune.data.datasets.DeviceBatches`)."""
 
-    return preprocessing_transform(preprocessing, train=True, ops=data.train_transforms, augment=as_plain(data.augment))
+    return preprocessing_transform(preprocessing, train=True, ops=data.train_transforms, augment=as_plain(data.augment),
+                                   device_normalize=True)
 
 
 def as_plain(section):

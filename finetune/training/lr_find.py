@@ -90,8 +90,7 @@ def _sweep(runner, stage, start_lr: float, end_lr: float, num_updates: int, smoo
     trainable, frozen_bn = freeze_stage(model, stage.train, stage.batchnorm)
 
     def loader(split: str, *, train: bool):
-        return image_loader(runner.items(split), runner.train_transform if train else runner.eval_transform,
-                            train=train, balance=data.balance == "sampler", seed=cfg.seed,
+        return image_loader(runner.dataset(split, train=train), train=train, balance=data.balance == "sampler", seed=cfg.seed,
                             batch_size=cfg.batch_size, num_workers=data.num_workers, dist=runner.dist,
                             device=runner.device)
 

@@ -28,7 +28,7 @@ from finetune.models.params import freeze_stage, set_train_mode
 from finetune.training.loggers import RunLogger, create_run_logger
 from finetune._workers import auto_workers
 from finetune.features.cache import stage_features
-from finetune.training.loaders import (StageInputs, as_plain, feature_key_parts, image_loader, run_manifest, split_items,
+from finetune.training.loaders import (StageInputs, as_plain, feature_key_parts, image_loader, run_manifest, split_dataset,
                                       stage_inputs, train_pipeline, uses_feature_cache)
 from finetune.training.mixing import stage_mixer
 from finetune.training.loop import make_grad_scaler, reduce_epoch, train_one_epoch, updates_per_epoch, validate
@@ -60,6 +60,7 @@ class Runner:
         self.cfg = recipe.training
         self.state, self.resume_optimizer = RunState(), None  # restored by load_checkpoint
         self._items: dict[str, list[tuple[Path, int]]] = {}
+        self._datasets: dict[tuple[str, bool], Any] = {}
         self._created: Optional[list[Path]] = None  # folders a fresh run's setup created (rank 0)
         self.loggers = RunLogger([])  # experiment tracking (training.loggers), opened by train()
 
@@ -93,7 +94,7 @@ class Runner:
         ).to(self.device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
         self.preprocessing = self.recipe.preprocessing  # resolved once, when the recipe was validated
         self.train_transform = train_pipeline(self.preprocessing, data)
-        self.eval_transform = preprocessing_transform(self.preprocessing)
+        self.eval_transform = preprocessing_transform(self.preprocessing, device_normalize=True)
         self.ema = Ema(self.model, cfg.ema, cfg.ema_warmup) if cfg.ema is not None else None
         self.loss_fn = self._make_loss()
         self.scaler = make_grad_scaler(self.device, self.amp_dtype)
@@ -116,11 +117,20 @@ class Runner:
                          num_classes=len(self.classes) if balance else 0, device=getattr(self, "device", None))
 
     def items(self, split: str) -> list[tuple[Path, int]]:
-        """``(image path, class index)`` of a split (see :func:`~finetune.training.loaders.split_items`)."""
+        """``(image path, class index)`` of a split."""
         if split not in self._items:
-            self._items[split] = split_items(self.manifest.items(split), resize=self.recipe.data.resize_cache,
-                                             cache_dir=self.cfg.cache_dir, dist=self.dist)
+            self._items[split] = self.manifest.items(split)
         return self._items[split]
+
+    def dataset(self, split: str, *, train: bool):
+        """A split through the train or eval pipeline, read from the pixel store where ``data.store`` allows
+        (:func:`~finetune.training.loaders.split_dataset`; a collective the first time: call on every rank)."""
+        if (split, train) not in self._datasets:
+            data = self.recipe.data
+            self._datasets[split, train] = split_dataset(
+                self.items(split), self.train_transform if train else self.eval_transform, store=data.store,
+                budget=data.store_budget, cache_dir=self.cfg.cache_dir, seed=self.cfg.seed, dist=self.dist)
+        return self._datasets[split, train]
 
     def train(self) -> dict[str, Any]:
         stages, s = self.recipe.stages, self.state
@@ -198,11 +208,15 @@ class Runner:
         cfg, data = self.cfg, self.recipe.data
         cached = None
         if uses_feature_cache(stage.feature_cache, head_only, stage.mixup):
+            # the datasets first, on every rank (opening the pixel store is a collective)
+            datasets = {"train": self.dataset("train", train=stage.feature_cache_views > 0),
+                        "val": self.dataset("val", train=False)}
             cached = stage_features(
                 self.model.backbone, {"train": self.items("train"), "val": self.items("val")},
-                train_transform=self.train_transform, eval_transform=self.eval_transform,
+                datasets=datasets,
                 views=stage.feature_cache_views,
-                key_parts=feature_key_parts(self.model, self.preprocessing, data.train_transforms, as_plain(data.augment)),
+                key_parts=feature_key_parts(self.model, self.preprocessing, data.train_transforms, as_plain(data.augment),
+                                            data.store),
                 cache_dir=cfg.cache_dir, max_bytes=int(cfg.cache_max_gb * 1024**3),
                 num_features=self.model.num_features, dist=self.dist, device=self.device, amp_dtype=self.amp_dtype,
                 seed=cfg.seed, batch_size=cfg.eval_batch_size,
@@ -218,7 +232,7 @@ class Runner:
 
     def _image_loader(self, split: str, *, train: bool):
         cfg = self.cfg
-        return image_loader(self.items(split), self.train_transform if train else self.eval_transform, train=train,
+        return image_loader(self.dataset(split, train=train), train=train,
                             balance=self.recipe.data.balance == "sampler", seed=cfg.seed,
                             batch_size=cfg.batch_size if train else cfg.eval_batch_size,
                             num_workers=self.recipe.data.num_workers, dist=self.dist, device=self.device)
@@ -258,7 +272,7 @@ class Runner:
         if best and self.is_main and ev.calibrate:  # on the val split, before the test evaluation, which uses it
             summary["calibration"] = calibrate_best(run_dir, self.items("val"), **run)
         if best and self.recipe.output.evaluate_test and "test" in self.manifest.splits() and self.items("test"):
-            if self.is_main:  # self.items above ran on every rank: with data.resize_cache it is a collective
+            if self.is_main:
                 summary["test"] = evaluate_test(run_dir, self.items("test"), tta=ev.tta, **run)
         if self.is_main:
             write_json_atomic(run_dir / "summary.json", summary)

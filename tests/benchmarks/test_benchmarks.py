@@ -25,9 +25,11 @@ SCRIPTS = {
     "bench_recipes.py": ("recipes", {"transitions", "full", "fewshot", "settings"}),
     "bench_audit.py": ("audit", {"figures", "runs"}),
     "bench_setup.py": ("setup", {"bird225 (pre-split)", "caltech (one folder, split)"}),
-    "bench_gpu.py": ("gpu", {"train", "extraction", "device", "precision", "peak_tflops"}),
+    "bench_gpu.py": ("gpu", {"train", "extraction", "folder", "device", "precision", "peak_tflops"}),
     "bench_checkpoint.py": ("checkpoint", {"layouts", "target"}),
     "bench_extract_memory.py": ("extract_memory", {"variants", "target"}),
+    "bench_loader.py": ("loader", None),
+    "bench_split.py": ("split", None),
 }
 
 
@@ -97,6 +99,28 @@ def test_data(tmp_path, digits):
     for case in doc["results"].values():
         assert set(case["images_per_s"]) == {"finetune", "torchvision (PIL)", "torchvision v2 (tensor)"}
         assert case["ratio_vs_torchvision_pil"]["median"] > 0
+
+
+@pytest.mark.slow
+def test_loader(tmp_path):
+    doc = run_tiny("bench_loader.py", tmp_path)
+    assert len(doc["results"]) == 2  # the Bird-like and the Caltech-like folder, one worker each
+    for case in doc["results"].values():
+        assert {"finetune, files", "finetune, store (raw)", "finetune, store (JPEG q95)", "timm create_loader",
+                "torchvision ImageFolder + v2"} <= set(case["images_per_s"])
+        sent = case["bytes_per_image_to_device"]
+        assert sent["finetune, store (raw)"] == sent["finetune, files"] == 3 * 224 * 224  # uint8 to the device
+        assert sent["torchvision ImageFolder + v2"] == 4 * 3 * 224 * 224  # float32
+        assert case["ratio_store_vs_files"]["median"] > 0 and case["store_build_s"]["raw"] >= 0
+
+
+@pytest.mark.slow
+def test_split(tmp_path):
+    doc = run_tiny("bench_split.py", tmp_path)
+    for kind in ("look-alike", "distinct"):
+        case = doc["results"][kind]
+        assert case["images"] == 18 and case["first_s"]["median"] > 0 and case["second_s"]["median"] > 0
+    assert doc["results"]["import_s"]["median"] > 0
 
 
 def test_decode(tmp_path, digits):
@@ -194,8 +218,14 @@ def test_gpu_bench_runs_on_the_cpu_when_tiny(tmp_path):
     assert all(v["median"] > 0 for v in train["images_per_s"].values()) and train["ratio"]["median"] > 0
     assert train["train_gflops_per_image"] > 0 and train["achieved_tflops"] > 0 and train["mfu"] is None
     extraction = results["extraction"]
-    assert extraction["images"] > 0 and extraction["fraction_of_forward"]["median"] > 0
+    assert extraction["images"] > 0
+    assert set(extraction["fraction_of_forward"]) == {"from JPEGs, CPU decode", "from JPEGs, device decode",
+                                                      "from the pixel store"}
+    assert all(v["median"] > 0 for v in extraction["fraction_of_forward"].values())
     assert all(v["median"] > 0 for v in extraction["images_per_s"].values())
+    folder = results["folder"]["test_resnet"]
+    assert set(folder["fraction_of_synthetic"]) == {"from JPEG files", "from the pixel store"}
+    assert all(v["median"] > 0 for v in folder["images_per_s"].values()) and folder["steps"] == 2
 
 
 def test_gpu_bench_knows_the_peaks_and_timm_figures_it_compares_with():

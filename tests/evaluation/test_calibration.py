@@ -12,7 +12,8 @@ from finetune.data import load_image
 from finetune.errors import FinetuneError
 from finetune.evaluation import evaluate, expected_calibration_error
 from finetune.evaluation.calibrate import calibrate_checkpoint, set_temperature
-from finetune.inference.predictor import eval_transform, load
+from finetune.data.transforms import preprocessing_transform
+from finetune.inference.predictor import load
 
 
 def _overconfident(scale=5.0, n=3000, classes=5, seed=0):
@@ -47,7 +48,7 @@ def test_calibrated_checkpoint_is_applied_by_the_predictor_and_predict(checkpoin
     assert result["loss_after"] <= result["loss_before"] + 1e-9
     predictor = load(ckpt)
     assert predictor.temperature == result["temperature"]
-    transform = eval_transform(predictor.preprocessing)
+    transform = preprocessing_transform(predictor.preprocessing)
     with torch.no_grad():
         logits = predictor.model(torch.stack([transform(image=load_image(p))["image"] for p, _ in items])).numpy()
     expected = softmax(logits, result["temperature"])

@@ -12,7 +12,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, l
 from finetune.data import load_image
 from finetune.errors import FinetuneError
 from finetune.evaluation import align_classes, evaluate
-from finetune.inference.predictor import eval_transform
+from finetune.data.transforms import preprocessing_transform
 
 RED, GREEN, BLUE = (220, 40, 40), (40, 200, 40), (40, 40, 220)
 CLASSES = ["cat", "dog", "fox"]  # ColourNet: red → cat, green → dog, blue → fox
@@ -67,7 +67,7 @@ def test_evaluate_writes_the_known_confusion_and_tables(known_eval):
 
 def test_evaluate_metrics_agree_with_scikit_learn(known_eval, colour_net, preprocessing):
     root, out, metrics = known_eval
-    transform = eval_transform(preprocessing)
+    transform = preprocessing_transform(preprocessing)
     images = torch.stack([transform(image=load_image(p))["image"] for p, _ in items_of(root)])
     probs = colour_net(images).softmax(1).numpy()
 

@@ -11,9 +11,9 @@ from PIL import Image
 
 import finetune.inference
 from finetune.cli import main
-from finetune.data import load_image
+from finetune.data import load_image, preprocessing_transform
 from finetune.errors import FinetuneError
-from finetune.inference.predictor import Prediction, Predictor, eval_transform, load
+from finetune.inference.predictor import Prediction, Predictor, load
 
 
 def test_predict_gives_the_models_softmax_through_the_checkpoints_preprocessing(checkpoint, image_folder):
@@ -22,7 +22,7 @@ def test_predict_gives_the_models_softmax_through_the_checkpoints_preprocessing(
 
     predictions = predictor.predict(paths, topk=3, batch_size=5)
 
-    transform = eval_transform(predictor.preprocessing)
+    transform = preprocessing_transform(predictor.preprocessing)  # normalised per sample on the CPU
     with torch.no_grad():
         expected = predictor.model(torch.stack([transform(image=load_image(p))["image"] for p in paths])).softmax(1)
     for pred, probs, path in zip(predictions, expected, paths):

@@ -44,7 +44,7 @@ def int8_weights(path) -> int:
 
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
 def test_int8_export_is_smaller_int8_and_predicts_like_fp32(exported, images, preprocessing, kind):
-    from finetune.inference.predictor import eval_transform
+    from finetune.data.transforms import preprocessing_transform
 
     fp32, int8 = exported["fp32"], exported[kind]
     # dynamic: the head's linear layers in int8; static: the convolutions too
@@ -58,7 +58,7 @@ def test_int8_export_is_smaller_int8_and_predicts_like_fp32(exported, images, pr
     assert info["quantization"]["calibration_images"] == (12 if kind == "static" else 0)
     assert json.loads(metadata_path(int8).read_text()) == info
 
-    transform = eval_transform(preprocessing)
+    transform = preprocessing_transform(preprocessing)
     from finetune.data import load_image
 
     batch = torch.stack([transform(image=load_image(p))["image"] for p in sorted(images.rglob("*.png"))])
@@ -80,9 +80,9 @@ def test_eval_of_an_onnx_model_reports_its_own_accuracy_and_the_delta_to_fp32(ex
     truth = np.array([["cat", "dog", "fox"].index(p.parent.name) for p in paths])
 
     from finetune.data import load_image
-    from finetune.inference.predictor import eval_transform
+    from finetune.data.transforms import preprocessing_transform
 
-    transform = eval_transform(read_onnx_info(exported["static"])["preprocessing"])
+    transform = preprocessing_transform(read_onnx_info(exported["static"])["preprocessing"])
     batch = np.stack([transform(image=load_image(p))["image"].numpy() for p in paths])
     session = ort.InferenceSession(str(exported["static"]), providers=["CPUExecutionProvider"])
     (logits,) = session.run(["logits"], {"input": batch})

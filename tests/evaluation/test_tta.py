@@ -13,7 +13,8 @@ from finetune.config import parse_recipe
 from finetune.data import load_image
 from finetune.errors import FinetuneError
 from finetune.evaluation import classification_metrics, evaluate
-from finetune.inference.predictor import eval_transform, load
+from finetune.data.transforms import preprocessing_transform
+from finetune.inference.predictor import load
 from finetune.inference.tta import views
 
 
@@ -50,7 +51,7 @@ def test_views_are_the_image_its_mirror_and_its_corner_crops():
 def test_hflip_tta_predicts_the_mean_of_the_two_views_softmax(checkpoint, tmp_path):
     path = _two_tone(tmp_path / "a.png", (230, 30, 30), (30, 30, 230))
     predictor = load(checkpoint)
-    transform = eval_transform(predictor.preprocessing)
+    transform = preprocessing_transform(predictor.preprocessing)
     image = load_image(path)
     with torch.no_grad():
         both = torch.stack([transform(image=image)["image"], transform(image=np.ascontiguousarray(image[:, ::-1]))["image"]])
@@ -82,7 +83,7 @@ def test_evaluate_reports_metrics_with_and_without_tta(tmp_path, preprocessing):
     metrics = evaluate(model, items, class_names=["cat", "dog", "fox"], preprocessing=preprocessing,
                        out_dir=tmp_path / "eval", explain=False, tta="hflip")
 
-    transform = eval_transform(preprocessing)
+    transform = preprocessing_transform(preprocessing)
     with torch.no_grad():
         probs = []
         for path, _ in items:

@@ -17,7 +17,7 @@ from finetune.models.checkpoint import load_checkpoint, save_checkpoint
 from finetune.data import ImageDataset
 from finetune.errors import FinetuneError
 from finetune.deploy.export import export_model
-from finetune.inference.predictor import eval_transform
+from finetune.data.transforms import preprocessing_transform
 from finetune.models import create_model
 from finetune.models.factory import check_forward
 from finetune.features.extract import extract_features
@@ -97,7 +97,7 @@ def test_family_and_head_create_train_each_stage_kind_save_load_and_predict(fami
     model = create_model(backbone, len(CLASSES), head=HEADS[head], **kwargs)
     names = {n for n, _ in model.named_parameters()}
     preprocessing = preprocessing_for(model)
-    transform = eval_transform(preprocessing)
+    transform = preprocessing_transform(preprocessing)
     dataset = ImageDataset(images, transform)
     batch = torch.stack([dataset[i][0] for i in range(len(images))])
     labels = torch.tensor([label for _, label in images])

@@ -152,7 +152,8 @@ def _workers_rank(rank, world, port, out, local_world):
         loaders.auto_workers.__globals__["usable_cpus"] = lambda: 8  # this "machine" has 8 CPUs
         info = ddp.DistInfo(rank=rank, local_rank=rank % local_world, world_size=world, local_world_size=local_world)
         images = [(Path(out) / f"{i}.png", 0) for i in range(64)]
-        loader = loaders.image_loader(images, lambda image: {"image": image}, train=True, balance=False, seed=0,
+        loader = loaders.image_loader(loaders.ImageDataset(images, lambda image: {"image": image}), train=True,
+                                      balance=False, seed=0,
                                       batch_size=2, num_workers="auto", dist=info, device=torch.device("cpu"))
         (Path(out) / f"workers{rank}").write_text(str(loader.num_workers))
     finally:

@@ -262,11 +262,16 @@ def _stage_features(backbone, items, cache, **over):
     from finetune.data import build_transform
     from finetune._distributed import DistInfo
 
-    kw = dict(train_transform=build_transform(True, input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3),
-              eval_transform=build_transform(False, input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3),
-              views=2, key_parts={"test": 1}, cache_dir=cache, max_bytes=2**30, num_features=WIDE, dist=DistInfo(),
-              device=torch.device("cpu"), amp_dtype=None, seed=3, batch_size=8, num_workers=0)
-    return fc.stage_features(backbone, items, **{**kw, **over}), kw
+    from finetune.data import ImageDataset
+
+    transforms = dict(train_transform=build_transform(True, input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3),
+                      eval_transform=build_transform(False, input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3))
+    views = over.get("views", 2)
+    datasets = {"train": ImageDataset(items["train"], transforms["train_transform" if views else "eval_transform"], seed=3),
+                "val": ImageDataset(items["val"], transforms["eval_transform"], seed=3)}
+    kw = dict(datasets=datasets, views=2, key_parts={"test": 1}, cache_dir=cache, max_bytes=2**30, num_features=WIDE,
+              dist=DistInfo(), device=torch.device("cpu"), amp_dtype=None, seed=3, batch_size=8, num_workers=0)
+    return fc.stage_features(backbone, items, **{**kw, **over}), {**kw, **transforms}
 
 
 def test_extraction_streams_into_float16_files_equal_to_extracting_in_ram(tmp_path, make_tiny_folder, monkeypatch):

@@ -162,7 +162,7 @@ def test_feature_cache_key_holds_the_augmentation_preset(tiny_recipe, monkeypatc
         raw["data"]["augment"] = augment
         raw["stages"][0].update(feature_cache="auto", feature_cache_views=1)
         recipe = parse_recipe(raw)
-        runner = SimpleNamespace(cfg=recipe.training, recipe=recipe, model=model, items=lambda split: [],
+        runner = SimpleNamespace(cfg=recipe.training, recipe=recipe, model=model, items=lambda split: [], dataset=lambda split, train: None,
                                  train_transform=None, eval_transform=None, preprocessing={"input_size": [3, 32, 32]},
                                  dist=ddp.DistInfo(), device=torch.device("cpu"), amp_dtype=None, classes=[0, 1, 2],
                                  _eval_model=lambda: model)

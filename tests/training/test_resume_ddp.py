@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+import numpy as np
 import yaml
 
 from finetune.models.checkpoint import FROZEN_FILE, read_weights
@@ -120,13 +121,13 @@ def test_ddp_on_two_cpu_processes_trains_and_reports_metrics_over_the_whole_vali
     every validation image is counted exactly once, and only rank 0 writes the run folder. So the val
     accuracy logged for the best epoch equals a single-process evaluation of the best checkpoint.
 
-    With data.resize_cache (48 px: lossless copies of these 48-px PNGs, made by both ranks, each its half)
-    and a test split, the run finishes and evaluates the test split: every rank reaches the cache's
-    barrier for the test split (rank 0 alone used to enter it: a hang under NCCL, a crash under gloo)."""
+    With data.store: 48 (the decoded pixels of these 48-px PNGs, built by local rank 0 and opened by both) and
+    a test split, the run finishes and evaluates the test split: one store per split for both ranks, and every
+    rank reaches the store's barrier."""
     raw = yaml.safe_load(resume_recipe.read_text())
     raw["stages"][1]["epochs"] = 2
     raw["training"]["ema"] = None
-    raw["data"]["resize_cache"] = 48
+    raw["data"]["store"] = 48
     raw["output"] = {"evaluate_test": True}
     resume_recipe.write_text(yaml.safe_dump(raw))
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -146,11 +147,12 @@ def test_ddp_on_two_cpu_processes_trains_and_reports_metrics_over_the_whole_vali
         splits = [row["split"] for row in csv.DictReader(f)]
     assert summary["test"]["num_samples"] == splits.count("test") > 0
     assert (run / "eval" / "metrics.json").is_file()
-    assert len(list((tmp_path / "cache" / "images").rglob("*.png"))) == len(splits)
+    stores = [f.parent for f in (tmp_path / "cache" / "store").rglob("meta.json")]
+    assert sorted(len(np.load(f / "index.npy")) for f in stores) == sorted([splits.count("train"), splits.count("val")])
+    assert not list((tmp_path / "cache" / "store").rglob(".*.tmp-*"))  # rank 1 built no store of its own
 
     from finetune.models.checkpoint import load_checkpoint
     from finetune.data import Manifest, build_transform
-    import numpy as np
     from PIL import Image
 
     model, meta = load_checkpoint(run / "checkpoints" / "best")

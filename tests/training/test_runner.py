@@ -162,15 +162,24 @@ def test_default_recipe_stage_settings():
     assert stages[1]["optimizer"]["lr"] == 1e-3 and stages[1]["optimizer"]["layer_decay"] == 0.8
 
 
-def test_resize_cache_trains_from_pre_resized_copies(tiny_recipe, tmp_path):
-    from PIL import Image
+def test_store_n_trains_from_pixels_shrunk_once_and_a_second_run_decodes_nothing(tiny_recipe, tmp_path, monkeypatch):
+    import numpy as np
 
-    tiny_recipe["data"]["resize_cache"] = 20
+    from finetune.data import store as store_module
+
+    tiny_recipe["data"]["store"] = 20
     tiny_recipe["output"] = {"evaluate_test": False}
     train(tiny_recipe, tmp_path / "run")
-    copies = list((tmp_path / "cache" / "images").rglob("*.png"))
-    assert len(copies) == 27  # train + val images of the 36-image folder
-    assert all(min(Image.open(p).size) == 20 for p in copies)
+    stores = [f.parent for f in (tmp_path / "cache" / "store").rglob("meta.json")]
+    index = np.concatenate([np.load(f / "index.npy") for f in stores])
+    assert len(index) == 27  # train + val images of the 36-image folder
+    assert (np.minimum(index["height"], index["width"]) == 20).all()
+
+    decoded = []
+    monkeypatch.setattr(store_module, "_stored_image", lambda *a, **k: decoded.append(a) or 1 / 0)
+    monkeypatch.setattr("finetune.data.datasets.load_image", lambda *a, **k: 1 / 0)  # no epoch reads a file
+    train(tiny_recipe, tmp_path / "run2")
+    assert decoded == []
 
 
 def test_progress_bars_track_epochs_and_report_loss_lr_and_images_per_second(capsys):
