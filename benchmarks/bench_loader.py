@@ -13,9 +13,14 @@ device: RandomResizedCrop 224 (scale 0.08-1, ratio 3/4-4/3, bicubic) + horizonta
   280 px before a 224 crop), no decode at all;
 * ``finetune, store (JPEG q95)``: the store's over-budget codec (what the old resize cache kept per file);
 * ``timm create_loader``: ``timm.data.create_loader`` over ``timm.data.ImageDataset`` of the same folder,
-  ``is_training``, colour jitter off, with its prefetcher (uint8 ``fast_collate``, normalised in the loader);
+  ``is_training``, colour jitter off, with its prefetcher (uint8 ``fast_collate``, normalised by its
+  ``PrefetchLoader``);
 * ``torchvision ImageFolder + v2``: ``decode_image`` to a uint8 tensor, ``v2.RandomResizedCrop`` (antialias)
   + flip, ``ToDtype`` + ``Normalize`` in the workers (float32 out).
+
+Throughput is timed on the batches the workers deliver (per worker: divided by the workers), and for finetune's
+store and timm's prefetcher also on the batch made ready for the model (normalised: on this CPU by the main
+process, which then competes with the workers for the cores; on a GPU by the device).
 
 Shapes: Bird-225-like 224 px JPEGs and Caltech-101-like larger ones (300x200 to 1000x800). Rounds (one epoch of
 every variant) are interleaved; the first epoch of each loader is a warm-up (worker start, page cache). The A/A
@@ -132,9 +137,14 @@ def measure(root: Path, items, workers: int, rounds: int, cache: Path) -> dict:
     factories, builds = loaders(root, items, workers, cache)
     made = {name: make() for name, make in factories.items()}
     sent = {name: bytes_to_device(loader) for name, loader in made.items()}
-    for loader in made.values():  # warm-up epoch: worker start, page cache
-        epoch_rate(loader)
-    variants = {name: (lambda loader=loader: epoch_rate(loader)) for name, loader in made.items()}
+    # what the workers deliver (uint8 for finetune and timm's fast_collate, float32 for torchvision's v2), and
+    # the batch made ready for the model: normalised, here in the main process (on a GPU, on the device)
+    variants = {name: (lambda loader=loader: epoch_rate(getattr(loader, "loader", loader)))
+                for name, loader in made.items()}
+    for name in ("finetune, store (raw)", "timm create_loader"):
+        variants[f"{name}, normalised"] = lambda loader=made[name]: epoch_rate(loader)
+    for run in variants.values():  # warm-up epoch: worker start, page cache
+        run()
     speeds = _common.interleave(variants, rounds=rounds, warmup=0)
     files = speeds["finetune, files"]
     return {
@@ -187,10 +197,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 def report(args, results: dict, argv, wall: float) -> None:
     names = ["finetune, files", "finetune, store (raw)", "finetune, store (JPEG q95)", "timm create_loader",
              "torchvision ImageFolder + v2"]
+    ready = ["finetune, store (raw), normalised", "timm create_loader, normalised"]
     rows, summary, byte_rows = [], [], []
     for case, r in results.items():
         ips = r["images_per_s"]
-        rows.append([case, *(ips[n]["median"] for n in names), r["ratio_store_vs_files"]["median"],
+        rows.append([case, *(ips[n]["median"] for n in names + ready), r["ratio_store_vs_files"]["median"],
                      r["ratio_store_vs_timm"]["median"], f"{r['ratio_a_a']['min']:.2f}-{r['ratio_a_a']['max']:.2f}"])
         byte_rows.append([case, *(r["bytes_per_image_to_device"][n] for n in names),
                           f"{r['store_build_s']['raw']:.1f} / {r['store_build_s']['jpeg']:.1f}"])
@@ -200,9 +211,11 @@ def report(args, results: dict, argv, wall: float) -> None:
             f"{r['ratio_store_vs_timm']['median']:.2f}x timm create_loader (A/A {r['ratio_a_a']['min']:.2f}-"
             f"{r['ratio_a_a']['max']:.2f}); {r['images_per_s_per_worker']['finetune, store (raw)']:.0f} img/s per worker.")
     tables = [
-        _common.table(f"Train loader images/s, side by side in one run (median of {args.rounds} interleaved epochs; "
-                      "ratios: median of per-epoch ratios; A/A: finetune from files against itself, min-max).",
-                      ["images, workers", *names, "store / files", "store / timm", "A/A"], rows),
+        _common.table(f"Train loader images/s, side by side in one run (median of {args.rounds} interleaved epochs): "
+                      "the batches the workers deliver, then two made ready for the model (normalised in the main "
+                      "process of this CPU run; on a GPU, on the device). Ratios: median of per-epoch ratios of "
+                      "delivered batches; A/A: finetune from files against itself, min-max.",
+                      ["images, workers", *names, *ready, "store / files", "store / timm", "A/A"], rows),
         _common.table("Bytes per image crossing to the device (the batch tensor), and the store's one-off build "
                       "seconds (raw / JPEG).", ["images, workers", *names, "store build s"], byte_rows),
     ]
