@@ -43,7 +43,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=INSPECT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    inspect.add_argument("root", type=Path, help="dataset folder or manifest CSV")
+    inspect.add_argument("root", type=Path, help="dataset folder, manifest CSV or multi-label labels CSV")
+    inspect.add_argument("--labels", type=Path, metavar="CSV",
+                         help="multi-label: a labels CSV (path,labels[,split]) for the images of ROOT")
+    inspect.add_argument("--separator", default=";", help="what separates a multi-label row's labels (default ;)")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _add_max_pixels(inspect)
     inspect.set_defaults(func=_inspect)
@@ -56,7 +59,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--train-per-class, the card's protocol applies, else 0.15/0.15. Paths in the manifest are relative to "
         "the root: written into the root, the manifest alone is enough to train (--data MANIFEST).",
     )
-    split.add_argument("root", type=Path, help="dataset folder")
+    split.add_argument("root", type=Path, help="dataset folder (or a multi-label labels CSV)")
+    split.add_argument("--labels", type=Path, metavar="CSV",
+                       help="multi-label: a labels CSV (path,labels) for the images of ROOT, split by iterative "
+                       "stratification into a CSV of path,labels,split")
+    split.add_argument("--separator", default=";", help="what separates a multi-label row's labels (default ;)")
     split.add_argument("--out", type=Path, required=True, metavar="MANIFEST", help="manifest CSV to write")
     split.add_argument("--val", type=float, help="val fraction (of each class, or of the rest after --train-per-class)")
     split.add_argument("--test", type=float, help="test fraction of each class")
@@ -131,10 +138,42 @@ def _log_to_stderr() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
 
+def _labels_table(args: argparse.Namespace):
+    """The multi-label table the command names (``--labels CSV``, or ROOT itself a labels CSV), or None."""
+    from finetune.data.multilabel import is_labels_csv, read_labels_csv
+
+    if args.labels is not None:
+        return read_labels_csv(args.labels, root=args.root, separator=args.separator)
+    if is_labels_csv(args.root):
+        return read_labels_csv(args.root, separator=args.separator)
+    return None
+
+
+def _format_labels(report: dict) -> str:
+    lines = [f"root: {report['root']}", f"task: multilabel; {report['num_images']} images, "
+             f"{len(report['classes'])} labels, {report['cardinality']:.2f} labels per image (at most "
+             f"{report['max_labels']}), {report['without_label']} without a label"]
+    splits = list(report["label_counts"])
+    width = max(len(c) for c in ["label", *report["classes"]])
+    lines += ["", f"{'label':<{width}}  " + "  ".join(f"{s:>6}" for s in splits)]
+    lines += [f"{c:<{width}}  " + "  ".join(f"{report['label_counts'][s][c]:>6}" for s in splits)
+              for c in report["classes"]]
+    lines += ["", "most frequent label pairs:"]
+    lines += [f"  {' + '.join(p['labels'])}: {p['images']}" for p in report["top_pairs"]] or ["  none"]
+    return "\n".join(lines)
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from finetune.data import DEFAULT_MAX_PIXELS, inspect_dataset
 
     _log_to_stderr()  # progress and warnings; stdout stays pure JSON with --json
+    table = _labels_table(args)
+    if table is not None:
+        from finetune.data.multilabel import label_statistics
+
+        report = label_statistics(table)
+        print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else _format_labels(report))
+        return 0
     report = inspect_dataset(args.root, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
     print(json.dumps(report, indent=2, ensure_ascii=False) if args.json else _format_inspect(report))
     return 0
@@ -169,8 +208,22 @@ def _format_inspect(report: dict) -> str:
 def _split(args: argparse.Namespace) -> int:
     from finetune._io import check_output
     from finetune.data import DEFAULT_MAX_PIXELS, prepare_manifest
+    from finetune.errors import FinetuneError
 
     _log_to_stderr()
+    table = _labels_table(args)
+    if table is not None:
+        from finetune.data.multilabel import split_labels
+
+        check_output(args.out)
+        if args.train_per_class is not None or args.card:
+            raise FinetuneError("--train-per-class and --card apply to class folders, not to multi-label data")
+        table = split_labels(table, val=0.15 if args.val is None else args.val,
+                             test=0.15 if args.test is None else args.test, seed=args.seed)
+        table.write_csv(args.out, separator=args.separator)
+        counts = ", ".join(f"{s} {table.splits.count(s)}" for s in ("train", "val", "test") if s in table.splits)
+        print(f"wrote {args.out}: {len(table.classes)} labels, multi-label (iterative stratification); {counts}")
+        return 0
     report = None if args.no_scan else args.report or args.out.with_name(args.out.stem + ".bad.csv")
     for path in (args.out, report):  # before the scan, which may take long
         if path is not None:

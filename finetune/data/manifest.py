@@ -142,6 +142,10 @@ class Manifest:
         text = read_text_file(path, "manifest")
         reader = csv.reader(io.StringIO(text, newline=""))
         header = next(reader, None)
+        if header is not None and "labels" in [h.strip() for h in header]:
+            raise FinetuneError(f"{path} is a multi-label labels CSV (a 'labels' column): `finetune data split` and "
+                                "`finetune data inspect` read it; training, evaluating and auditing multi-label "
+                                "data are not in this version yet")
         if header is None or tuple(header) != HEADER:
             raise FinetuneError(f"{path}: not a manifest: the first line must be {','.join(HEADER)!r}, got {header!r}")
         rows = []
