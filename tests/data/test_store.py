@@ -238,3 +238,13 @@ def test_the_batches_workers_ship_are_uint8_and_normalised_on_the_device_like_th
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     assert len(DeviceBatches(loader, "cpu")) == len(loader) and DeviceBatches(loader, "cpu").batch_size == 3
+
+
+def test_an_op_that_writes_into_a_stored_image_changes_neither_the_store_nor_the_next_read(tmp_path, make_image):
+    items = _photos(tmp_path / "src", make_image, n=2)
+    store = build_store(items, StorePlan(size=32), cache_dir=tmp_path / "cache")
+    before = (store.folder / "pixels.bin").read_bytes()
+    image = store[0]
+    image[:] = 0  # an in-place op in a worker
+    assert not (store[0] == 0).all()  # the next epoch reads the stored pixels again
+    assert (store.folder / "pixels.bin").read_bytes() == before
