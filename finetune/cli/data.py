@@ -221,7 +221,7 @@ def _split(args: argparse.Namespace) -> int:
         table = split_labels(table, val=0.15 if args.val is None else args.val,
                              test=0.15 if args.test is None else args.test, seed=args.seed)
         table.write_csv(args.out, separator=args.separator)
-        counts = ", ".join(f"{s} {table.splits.count(s)}" for s in ("train", "val", "test") if s in table.splits)
+        counts = ", ".join(f"{s} {table.splits_list.count(s)}" for s in ("train", "val", "test") if s in table.splits_list)
         print(f"wrote {args.out}: {len(table.classes)} labels, multi-label (iterative stratification); {counts}")
         return 0
     report = None if args.no_scan else args.report or args.out.with_name(args.out.stem + ".bad.csv")

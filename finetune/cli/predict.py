@@ -26,6 +26,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tta", choices=("hflip", "crops", "hflip+crops"),
                    help="test-time augmentation: average the probabilities over the image and its mirror image "
                         "(hflip), its 4 corner crops (crops), or both (10 views)")
+    p.add_argument("--threshold", type=float, metavar="P",
+                   help="multi-label checkpoints: one probability threshold for every label instead of the ones "
+                        "tuned on validation")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.set_defaults(func=run)
 
@@ -49,8 +52,16 @@ def run(args) -> int:
     from finetune.inference.predictor import load  # imports torch: after the arguments are checked
 
     predictor = load(args.checkpoint, device=args.device)
+    multilabel = predictor.thresholds is not None
+    if multilabel and args.tta:
+        raise FinetuneError("--tta averages softmax probabilities of single-label checkpoints; this one is multi-label")
+    if args.threshold is not None and not multilabel:
+        raise FinetuneError("--threshold applies to multi-label checkpoints; this one is single-label (use --topk)")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise FinetuneError(f"--threshold must lie in [0, 1], got {args.threshold}")
+    options = {"threshold": args.threshold} if multilabel else {"tta": args.tta}
     predictions = predictor.predict(sources, topk=args.topk, batch_size=args.batch_size, num_workers=args.num_workers,
-                                  tta=args.tta)
+                                    **options)
     records = [(p.path, p.labels, p.probabilities, p.error) for p in predictions]
     records += [(path, [], [], "no such file or folder") for path in missing]
     failed = [(path, error) for path, _, _, error in records if error]
@@ -63,6 +74,10 @@ def run(args) -> int:
              "error": error}
             for path, labels, probs, error in records
         ], indent=2) + "\n"
+    elif multilabel:  # every label at or above its threshold, most probable first
+        text = csv_text(["path", "labels", "probabilities", "error"],
+                        [[path, ";".join(labels), ";".join(f"{p:.6f}" for p in probs), error or ""]
+                         for path, labels, probs, error in records])
     else:
         text = _csv(records, k)
     if out is None:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, PrivateAttr, T
 from finetune.models.factory import check_backbone_kwargs
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-Metric = Literal["accuracy", "macro_f1", "balanced_accuracy", "loss"]
+Metric = Literal["accuracy", "macro_f1", "balanced_accuracy", "loss", "map"]
 Logger = Literal["csv", "tensorboard", "mlflow"]
 LOGGER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}
 """Logger → the package it needs (the optional extra of the same name installs it)."""
@@ -263,6 +263,9 @@ class TrainingConfig(_Section):
     accumulation: int = Field(1, ge=1)
     clip_grad: Optional[float] = Field(None, gt=0)  # max gradient norm
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # auto: cross-entropy for single-label data, BCE for multi-label (a labels CSV); bce or asl (asymmetric
+    # loss) for multi-label only
+    loss: Literal["auto", "ce", "bce", "asl"] = "auto"
     # Mixup/CutMix of the stages that train on images (cached head stages see no images and don't mix);
     # auto: by input size (finetune.data.transforms.size_defaults)
     mixup: Optional[_section_or(MixupConfig, Literal["auto"])] = None

@@ -38,7 +38,8 @@ class ImageDataset(Dataset):
     `set_epoch` reaches DataLoader workers that are already running (``persistent_workers=True``).
 
     Args:
-        items: (image path, class index) pairs, e.g. `Manifest.items`.
+        items: (image path, class index) pairs, e.g. `Manifest.items`, or (image path, multi-hot float32
+            vector) pairs of multi-label data (`LabelsTable.items`).
         transform: An albumentations pipeline (`build_transform`): called as
             ``transform(image=array)["image"]`` and re-seeded through its ``set_random_state``.
         seed: Non-negative augmentation seed.
@@ -56,7 +57,8 @@ class ImageDataset(Dataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         store=None,
     ):
-        self.items = [(Path(path), int(label)) for path, label in items]
+        # a class index, or a multi-hot float32 vector (multi-label data)
+        self.items = [(Path(path), label if isinstance(label, np.ndarray) else int(label)) for path, label in items]
         if store is not None and len(store) != len(self.items):
             raise FinetuneError(f"the pixel store holds {len(store)} images, the dataset {len(self.items)}")
         self.store = store

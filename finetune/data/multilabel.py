@@ -60,7 +60,7 @@ class LabelsTable:
         root: Folder the paths are relative to.
         paths: POSIX paths relative to ``root``.
         labels: Each image's labels (a sorted tuple; empty for no label).
-        splits: Each image's split, or None before `split_labels`.
+        splits_list: Each image's split, or None before `split_labels` (`splits()`: the splits present).
         classes: The sorted union of the labels.
     """
 
@@ -68,12 +68,26 @@ class LabelsTable:
         self.root = Path(root)
         self.paths = list(paths)
         self.labels = [tuple(sorted(set(ls))) for ls in labels]
-        self.splits = list(splits) if splits is not None else [None] * len(self.paths)
+        self.splits_list = list(splits) if splits is not None else [None] * len(self.paths)
         self.classes = sorted({label for ls in self.labels for label in ls})
         self._index = {c: i for i, c in enumerate(self.classes)}
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    task = "multilabel"
+
+    def splits(self) -> list[str]:
+        """The splits that hold at least one image, in ``train, val, test`` order."""
+        return [s for s in SPLITS if s in set(self.splits_list)]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Split → label → images showing it."""
+        counts = {s: dict.fromkeys(self.classes, 0) for s in self.splits()}
+        for labels, split in zip(self.labels, self.splits_list):
+            for label in labels:
+                counts[split][label] += 1
+        return counts
 
     def matrix(self) -> np.ndarray:
         """N × C uint8 multi-hot targets, columns in the order of ``classes``."""
@@ -85,13 +99,13 @@ class LabelsTable:
     def items(self, split: str) -> list[tuple[Path, np.ndarray]]:
         """``(absolute path, float32 multi-hot target)`` of the images of ``split``."""
         targets = self.matrix().astype(np.float32)
-        return [(self.root / p, targets[i]) for i, (p, s) in enumerate(zip(self.paths, self.splits)) if s == split]
+        return [(self.root / p, targets[i]) for i, (p, s) in enumerate(zip(self.paths, self.splits_list)) if s == split]
 
     def write_csv(self, path: str | os.PathLike, separator: str = SEPARATOR) -> Path:
         """Write the table (``path,labels,split``, rows by split then path) atomically."""
         order = sorted(range(len(self.paths)),
-                       key=lambda i: (SPLITS.index(self.splits[i]) if self.splits[i] else -1, self.paths[i]))
-        rows = [(self.paths[i], separator.join(self.labels[i]), self.splits[i] or "") for i in order]
+                       key=lambda i: (SPLITS.index(self.splits_list[i]) if self.splits_list[i] else -1, self.paths[i]))
+        rows = [(self.paths[i], separator.join(self.labels[i]), self.splits_list[i] or "") for i in order]
         return atomic_write_text(path, csv_text(HEADER, rows))
 
 
@@ -153,8 +167,8 @@ def read_labels_csv(path: str | os.PathLike, root: str | os.PathLike | None = No
 
 def check_train_has_every_label(table: LabelsTable, where: str) -> None:
     """Refuse a split whose train part lacks a label another split has (a class that never trains)."""
-    in_train = {label for ls, s in zip(table.labels, table.splits) if s == "train" for label in ls}
-    for labels, split in zip(table.labels, table.splits):
+    in_train = {label for ls, s in zip(table.labels, table.splits_list) if s == "train" for label in ls}
+    for labels, split in zip(table.labels, table.splits_list):
         for label in labels:
             if label not in in_train:
                 raise FinetuneError(f"{where}: label {label!r} appears in {split} but never in train")
@@ -198,10 +212,10 @@ def _stratified(y: np.ndarray, rows: np.ndarray, fraction: float, seed: int) -> 
 def label_statistics(table: LabelsTable, top: int = 10) -> dict:
     """What ``finetune data inspect`` reports of a multi-label table (JSON-serialisable): images and label counts
     per split, label cardinality (mean labels per image), images without a label, the most frequent label pairs."""
-    splits = sorted({s or "all" for s in table.splits}, key=lambda s: SPLITS.index(s) if s in SPLITS else -1)
+    splits = sorted({s or "all" for s in table.splits_list}, key=lambda s: SPLITS.index(s) if s in SPLITS else -1)
     counts = {s: {c: 0 for c in table.classes} for s in splits}
     images = Counter()
-    for labels, split in zip(table.labels, table.splits):
+    for labels, split in zip(table.labels, table.splits_list):
         images[split or "all"] += 1
         for label in labels:
             counts[split or "all"][label] += 1

@@ -76,6 +76,7 @@ def cache_key(backbone: torch.nn.Module, settings: dict[str, Any], items: dict[s
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # small reads: I/O bound
             stamps = list(pool.map(file_fingerprint, paths))
         for (path, label), stamp in zip(items[split], stamps):
+            label = label.tolist() if isinstance(label, np.ndarray) else label  # multi-hot: every value
             h.update(f"{split}|{path}|{label}|{stamp}\n".encode())
     return h.hexdigest()[:24]
 
@@ -315,7 +316,9 @@ def _finish(tmp: Path, items: dict[str, list[tuple[Path, int]]], shares: list[di
                                 f"({len(items[split])} skipped)")
         if len(kept) < len(items[split]):
             _keep_rows(tmp / f"{split}.npy", kept)
-        np.save(tmp / f"{split}_labels.npy", np.array([items[split][i][1] for i in kept], dtype=np.int64))
+        labels = [items[split][i][1] for i in kept]  # class indices, or multi-hot vectors (multi-label)
+        multi = bool(labels) and isinstance(labels[0], np.ndarray)
+        np.save(tmp / f"{split}_labels.npy", np.stack(labels).astype(np.float32) if multi else np.array(labels, dtype=np.int64))
     write_meta(tmp, settings, extracted=[int(sum(len(w) for w in share.values())) for share in shares])
 
 

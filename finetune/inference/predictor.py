@@ -87,6 +87,9 @@ class Predictor:
         device: where the model runs.
         temperature: the checkpoint's calibration temperature (:mod:`finetune.inference.temperature`): logits are
             divided by it before the softmax.
+        thresholds: a multi-label checkpoint's per-label thresholds (tuned on validation at the end of training):
+            the model's outputs are then per-label sigmoid probabilities, and an image's labels are those at or
+            above their thresholds.
 
     Attributes:
         model: the ``nn.Module``.
@@ -105,7 +108,11 @@ class Predictor:
         preprocessing: Mapping[str, Any],
         device: str | torch.device = "cpu",
         temperature: float = 1.0,
+        thresholds: Sequence[float] | None = None,
     ):
+        self.thresholds = None if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+        if self.thresholds is not None and len(self.thresholds) != len(classes):
+            raise FinetuneError(f"{len(self.thresholds)} thresholds for {len(classes)} classes")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.temperature = float(temperature)
@@ -119,8 +126,11 @@ class Predictor:
 
         device = resolve_device(device)
         model, meta = load_checkpoint(path, map_location=device)
+        thresholds = meta.get("thresholds") if meta.get("task") == "multilabel" else None
+        if meta.get("task") == "multilabel" and thresholds is None:
+            thresholds = [0.5] * len(meta["classes"])
         return cls(model, classes=meta["classes"], preprocessing=meta["preprocessing"], device=device,
-                   temperature=meta_temperature(meta))
+                   temperature=meta_temperature(meta), thresholds=thresholds)
 
     def predict(
         self,
@@ -130,6 +140,7 @@ class Predictor:
         batch_size: int = 32,
         num_workers: int | str = 0,
         tta: str | None = None,
+        threshold: float | None = None,
     ) -> Prediction | list[Prediction]:
         """Classify one image or a list of images.
 
@@ -143,6 +154,7 @@ class Predictor:
             tta: a test-time augmentation mode of :data:`finetune.inference.tta.TTA_MODES`: the probabilities are
                 the mean over its views (a forward pass then holds the views of ``batch_size // views``
                 images).
+            threshold: for a multi-label model, one threshold for every label instead of the tuned ones.
 
         Returns:
             A :class:`Prediction` for a single image, else a list of them in input order. A file that
@@ -155,6 +167,9 @@ class Predictor:
         if topk < 1:
             raise FinetuneError(f"topk must be at least 1, got {topk}")
         k = min(topk, len(self.classes))
+        if self.thresholds is not None:
+            return self._predict_labels(sources, single, batch_size=batch_size, num_workers=num_workers,
+                                        threshold=threshold)
         model = scaled(self.model, self.temperature)
         if tta:  # a forward pass over batch_size inputs: the views of batch_size // views images
             model, transform = TtaModel(model), TtaTransform(self.transform, tta)
@@ -172,6 +187,20 @@ class Predictor:
                 probabilities=[float(probs[row, c]) for c in top[row]],
                 path=results[i].path,
             )
+        return results[0] if single else results
+
+    def _predict_labels(self, sources, single: bool, *, batch_size: int, num_workers, threshold: float | None):
+        """Multi-label: every label whose sigmoid probability reaches its threshold, most probable first."""
+        indices, logits, errors = predict_probabilities(
+            self.model, sources, self.transform, device=self.device, batch_size=batch_size, num_workers=num_workers,
+            logits=True)
+        probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+        cut = self.thresholds if threshold is None else np.full(len(self.classes), float(threshold))
+        results = [Prediction(path=_path_of(s), error=errors.get(i)) for i, s in enumerate(sources)]
+        for row, i in enumerate(indices):
+            chosen = [c for c in np.argsort(-probs[row], kind="stable") if probs[row, c] >= cut[c]]
+            results[i] = Prediction(labels=[self.classes[c] for c in chosen],
+                                    probabilities=[float(probs[row, c]) for c in chosen], path=results[i].path)
         return results[0] if single else results
 
 

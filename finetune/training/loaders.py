@@ -33,7 +33,8 @@ from finetune.data import (
     write_digits,
 )
 from finetune.data.transforms import normalizer_of
-from finetune.data.prepare import split_options
+from finetune.data.multilabel import is_labels_csv, read_labels_csv, split_labels
+from finetune.data.prepare import DEFAULT_TEST, DEFAULT_VAL, split_options
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
@@ -85,22 +86,34 @@ class ShardSampler(torch.utils.data.Sampler):
 def run_manifest(path: Path, data, *, is_main: bool, dist: ddp.DistInfo, run_dir: Path):
     """The run's manifest at ``path``: made once (by rank 0, with ``bad_files.csv`` beside it) from the
     ``data`` section, then read by every rank; a resumed run reads the one it made, so the split never changes.
+    A labels CSV (multi-label data, :mod:`finetune.data.multilabel`) gives a `LabelsTable`, split by iterative
+    stratification when it has no split column.
 
     Raises:
         FinetuneError: no train or val split, or fewer than two classes.
     """
-
-    if is_main and not path.exists():
-        if data.sample == "digits" and data.root:
-
-            write_digits(data.root)
-        manifest, _ = prepare_manifest(
-            data.root, manifest=data.manifest, **split_options(data.model_dump()),
-            report_path=path.parent / "bad_files.csv", report_shown_as=run_dir / "bad_files.csv",
-        )
-        manifest.write_csv(path)
-    ddp.barrier(dist)
-    manifest = Manifest.read_csv(path, root=manifest_root(data.root, data.manifest))
+    source = data.manifest or data.root
+    if source and is_labels_csv(source):
+        root = manifest_root(data.root, data.manifest)
+        if is_main and not path.exists():
+            table = read_labels_csv(source, root=root)
+            if not table.splits():
+                table = split_labels(table, val=DEFAULT_VAL if data.val is None else data.val,
+                                     test=DEFAULT_TEST if data.test is None else data.test, seed=data.seed)
+            table.write_csv(path)
+        ddp.barrier(dist)
+        manifest = read_labels_csv(path, root=root)
+    else:
+        if is_main and not path.exists():
+            if data.sample == "digits" and data.root:
+                write_digits(data.root)
+            made, _ = prepare_manifest(
+                data.root, manifest=data.manifest, **split_options(data.model_dump()),
+                report_path=path.parent / "bad_files.csv", report_shown_as=run_dir / "bad_files.csv",
+            )
+            made.write_csv(path)
+        ddp.barrier(dist)
+        manifest = Manifest.read_csv(path, root=manifest_root(data.root, data.manifest))
     if "train" not in manifest.splits() or "val" not in manifest.splits():
         found = ", ".join(manifest.splits())
         if data.val and "val" not in manifest.splits():  # data.val was given: too few images to take any

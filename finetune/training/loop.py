@@ -20,6 +20,7 @@ from finetune import _distributed as ddp
 from finetune._device import autocast, forward_batches
 from finetune.errors import FinetuneError
 from finetune.evaluation.metrics import classification_metrics
+from finetune.evaluation.multilabel import multilabel_metrics
 
 log = logging.getLogger("finetune")
 
@@ -101,7 +102,7 @@ def train_one_epoch(
     last_good = None  # DDP: the last batch this rank could read, for a batch it could not
     for step, (inputs, labels, batch_skipped) in enumerate(loader):
         boundary = (step + 1) % accumulation == 0 or step + 1 == n_batches
-        if labels.numel() == 1 and batch_skipped:
+        if len(labels) == 1 and batch_skipped:
             # unreadable files left one sample, which BatchNorm cannot train on: skip it too
             labels, batch_skipped = labels[:0], batch_skipped + 1
         skipped += batch_skipped
@@ -138,9 +139,12 @@ def train_one_epoch(
                 scaler.scale(loss / window).backward()
             # record the first non-finite step on the device; checked at the sync points below
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-            loss_sum += loss.detach().double() * labels.numel()
-            correct += (logits.argmax(1) == labels).sum()
-            samples += labels.numel()
+            loss_sum += loss.detach().double() * len(labels)
+            if labels.ndim == 2:  # multi-hot targets: an image counts as right when every label is (subset accuracy)
+                correct += ((logits > 0) == (labels > 0.5)).all(1).sum()
+            else:
+                correct += (logits.argmax(1) == labels).sum()
+            samples += len(labels)
             pending = True
             if on_update is not None:
                 window_loss += loss.detach().float()
@@ -213,15 +217,17 @@ def _check_finite(first_bad: torch.Tensor, where: str) -> None:
 
 
 def validate(model: nn.Module, loader: Iterable, *, device: torch.device, amp_dtype: Optional[torch.dtype],
-             channels_last: bool, class_names: list[str], dist: ddp.DistInfo, where: str) -> dict[str, Any]:
-    """Validation metrics of ``model`` over ``loader``, gathered from every rank (each validates its shard).
+             channels_last: bool, class_names: list[str], dist: ddp.DistInfo, where: str,
+             task: str = "single") -> dict[str, Any]:
+    """Validation metrics of ``model`` over ``loader``, gathered from every rank (each validates its shard);
+    for multi-label data (``task: multilabel``) :func:`multilabel_validation` of the sigmoid probabilities.
 
     Raises:
         FinetuneError: no rank read any image (see :func:`require_samples`).
     """
 
     labels, probs, skipped = forward_batches(model, loader, device=device, amp_dtype=amp_dtype,
-                                             channels_last=channels_last)
+                                             channels_last=channels_last, softmax=task != "multilabel")
     parts = ddp.all_gather_objects((labels, probs, skipped), dist)
     skipped = sum(p[2] for p in parts)
     if skipped:
@@ -229,4 +235,23 @@ def validate(model: nn.Module, loader: Iterable, *, device: torch.device, amp_dt
     require_samples("val", sum(len(p[0]) for p in parts), skipped, where)
     labels = np.concatenate([p[0] for p in parts])
     probs = np.concatenate([p[1] for p in parts if len(p[1])])
+    if task == "multilabel":
+        return multilabel_validation(labels, probs, class_names)
     return classification_metrics(labels, probs, class_names=class_names)
+
+
+def multilabel_validation(targets: np.ndarray, logits: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """Validation metrics of multi-label logits: :func:`~finetune.evaluation.multilabel.multilabel_metrics` at
+    0.5 (``map`` = macro mAP, the default selection), the mean binary cross-entropy as ``loss``, and the keys
+    every run logs under single-label names: ``accuracy`` (subset accuracy), ``macro_f1``,
+    ``balanced_accuracy`` (the mean over labels of (recall + specificity) / 2) and ``per_class_recall``."""
+    logits = logits.astype(np.float64)
+    probs = 1 / (1 + np.exp(-logits))
+    m = multilabel_metrics(targets, probs, class_names=class_names)
+    # log(1 + e^-|x|) + max(x, 0) - x t: the stable BCE with logits
+    bce = np.logaddexp(0, -np.abs(logits)) + np.maximum(logits, 0) - logits * targets
+    rows = m["per_class"]
+    balanced = [(r["tp"] / max(r["tp"] + r["fn"], 1) + r["tn"] / max(r["tn"] + r["fp"], 1)) / 2 for r in rows]
+    return {**{k: v for k, v in m.items() if k != "per_class"}, "map": m["map_macro"], "loss": float(bce.mean()),
+            "accuracy": m["subset_accuracy"], "macro_f1": m["f1_macro"], "balanced_accuracy": float(np.mean(balanced)),
+            "per_class_recall": {r["class"]: r["recall"] for r in rows}, "per_class": rows}

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
+from timm.loss import AsymmetricLossMultiLabel, BinaryCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
+from finetune.errors import FinetuneError
 from finetune.data import class_counts
 from finetune.data import class_weights as weights_for
 
@@ -62,9 +65,28 @@ def stage_optimizer(model: nn.Module, stage, *, updates_per_epoch: int, first_up
 
 
 def make_loss(*, label_smoothing: float, class_weights: Optional[str] = None, labels: Sequence[int] = (),
-              num_classes: int = 0, device: Optional[torch.device] = None) -> nn.Module:
+              num_classes: int = 0, device: Optional[torch.device] = None, task: str = "single",
+              loss: str = "auto") -> nn.Module:
     """Cross-entropy with label smoothing; with ``class_weights`` (``data.balance: loss``), each class
-    weighted by its frequency among the training ``labels`` (see :func:`~finetune.data.class_weights`)."""
+    weighted by its frequency among the training ``labels`` (see :func:`~finetune.data.class_weights`).
+
+    Multi-label (``task: multilabel``; ``loss`` ``auto`` or ``bce``): timm's ``BinaryCrossEntropy`` on the
+    multi-hot targets, smoothing each target towards 0.5 as timm does for dense targets; with ``class_weights``,
+    each label's positives weighted by its negatives / positives among the training ``labels`` (multi-hot rows).
+    ``loss: asl``: timm's ``AsymmetricLossMultiLabel`` (Ridnik et al. 2021; gamma 4 / 1, clip 0.05)."""
+    if task == "multilabel":
+        if loss == "ce":
+            raise FinetuneError("training.loss: ce is single-label; multi-label data trains with bce or asl")
+        if loss == "asl":
+            return AsymmetricLossMultiLabel(smoothing=label_smoothing)
+        pos_weight = None
+        if class_weights is not None:
+            y = np.asarray(labels, dtype=np.float64)
+            positives = y.sum(0)
+            pos_weight = torch.tensor((len(y) - positives) / np.maximum(positives, 1), dtype=torch.float32).to(device)
+        return BinaryCrossEntropy(smoothing=label_smoothing, smooth_dense=True, pos_weight=pos_weight)
+    if loss in ("bce", "asl"):
+        raise FinetuneError(f"training.loss: {loss} is for multi-label data; single-label data trains with ce")
     weight = None
     if class_weights is not None:
 

@@ -10,15 +10,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from finetune._io import atomic_write_bytes, atomic_write_text
+from finetune._io import atomic_write_bytes, atomic_write_text, csv_text
 from finetune.evaluation import evaluate
 from finetune.evaluation.calibrate import calibrate_checkpoint
+from finetune.evaluation.multilabel import confused_label_pairs, multilabel_metrics, tune_thresholds
 from finetune.evaluation.plots import figure_png
 from finetune.inference.temperature import meta_temperature
-from finetune.models.checkpoint import load_checkpoint
+from finetune.inference.predictor import eval_transform, predict_probabilities
+from finetune.models.checkpoint import META_FILE, load_checkpoint, read_meta, write_json_atomic
 
 METRIC_COLUMNS = [
     "stage", "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1",
@@ -155,6 +158,47 @@ def evaluate_test(run_dir: Path, items: list[tuple[Path, int]], *, device, batch
     )
     return {k: metrics[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "top5_accuracy", "ece", "loss",
                                     "num_samples", "calibration", "tta") if k in metrics}
+
+
+def finish_multilabel(run_dir: Path, val_items: list, test_items: list, *, device, batch_size: int, num_workers,
+                      amp_dtype) -> dict[str, Any]:
+    """The end of a multi-label run: per-label thresholds (and a global one) that maximise F1 on the validation
+    split, written into ``checkpoints/best``, then the test split evaluated at them into ``run_dir/eval``
+    (``metrics.json``, ``per_class.csv``). Returns the summary's ``thresholds`` and ``test``."""
+    folder = run_dir / "checkpoints" / "best"
+    model, meta = load_checkpoint(folder, map_location=device)
+    model.eval()
+
+    def sigmoid_of(items):
+        indices, logits, _ = predict_probabilities(model, [str(p) for p, _ in items], eval_transform(meta["preprocessing"]),
+                                                   device=device, batch_size=batch_size, num_workers=num_workers,
+                                                   amp_dtype=amp_dtype, logits=True)
+        return np.stack([items[i][1] for i in indices]).astype(np.int64), 1 / (1 + np.exp(-logits.astype(np.float64)))
+
+    targets, probs = sigmoid_of(val_items)
+    tuned = tune_thresholds(targets, probs)
+    meta = read_meta(folder)
+    meta.update(task="multilabel", thresholds=[float(t) for t in tuned["per_class"]], threshold=tuned["global"])
+    write_json_atomic(folder / META_FILE, meta)
+    logging.getLogger("finetune").info("multi-label thresholds tuned on %d val images: global %.3f, per label %s",
+                                       len(targets), tuned["global"], ", ".join(f"{t:.2f}" for t in tuned["per_class"]))
+    out: dict[str, Any] = {"thresholds": {"per_class": meta["thresholds"], "global": meta["threshold"],
+                                          "val_f1": tuned["f1"]}}
+    if test_items:
+        targets, probs = sigmoid_of(test_items)
+        metrics = multilabel_metrics(targets, probs, class_names=meta["classes"], thresholds=meta["thresholds"])
+        metrics["confused_pairs"] = confused_label_pairs(targets, probs, class_names=meta["classes"],
+                                                         thresholds=meta["thresholds"])
+        eval_dir = run_dir / "eval"
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(eval_dir / "metrics.json", metrics)
+        columns = ["class", "ap", "precision", "recall", "f1", "support", "tp", "fp", "fn", "tn", "threshold"]
+        atomic_write_text(eval_dir / "per_class.csv", csv_text(columns, [[r[c] for c in columns] for r in metrics["per_class"]]))
+        out["test"] = {"map": metrics["map_macro"], "map_micro": metrics["map_micro"],
+                       "accuracy": metrics["subset_accuracy"], "macro_f1": metrics["f1_macro"],
+                       "f1_micro": metrics["f1_micro"], "hamming_loss": metrics["hamming_loss"],
+                       "num_samples": metrics["num_samples"]}
+    return out
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ from finetune._device import resolve_precision
 from finetune.models.checkpoint import WeightsWriter, describe_model, load_weights, save_checkpoint, write_json_atomic
 from finetune.config import Recipe, StageConfig, resolved_dict
 from finetune.data import preprocessing_transform
+from finetune.errors import FinetuneError
 from finetune.models import FinetuneModel, create_model
 from finetune import _distributed as ddp
 from finetune.training import best_epoch, run_folder
@@ -33,8 +34,8 @@ from finetune.training.loaders import (StageInputs, as_plain, feature_key_parts,
 from finetune.training.mixing import stage_mixer
 from finetune.training.loop import make_grad_scaler, reduce_epoch, train_one_epoch, updates_per_epoch, validate
 from finetune.training.optim import make_loss, stage_optimizer
-from finetune.training.reporting import (Progress, calibrate_best, epoch_row, evaluate_test, format_summary,
-                                         log_epoch, run_summary, setup_logging, write_logs)
+from finetune.training.reporting import (Progress, calibrate_best, epoch_row, evaluate_test, finish_multilabel,
+                                         format_summary, log_epoch, run_summary, setup_logging, write_logs)
 from finetune.training.state import RunState, load_state_dict, seed_everything, serialize, state_dict
 
 log = logging.getLogger("finetune")
@@ -88,6 +89,15 @@ class Runner:
         self.manifest = run_manifest(setup_dir / "manifest.csv", data, is_main=self.is_main, dist=self.dist,
                                      run_dir=self.run_dir)
         self.classes = list(self.manifest.classes)
+        # multi-label data (a labels CSV) trains with BCE/ASL, validates by mAP, and tunes thresholds at the end
+        self.task = getattr(self.manifest, "task", "single")
+        self.select = cfg.select
+        if self.task == "multilabel":
+            if data.balance == "sampler":
+                raise FinetuneError("data.balance: sampler balances classes of single-label data; for multi-label "
+                                    "data use balance: loss (positive weights per label) or none")
+            if "select" not in cfg.model_fields_set:
+                self.select = "map"
         self.model: FinetuneModel = create_model(
             m.backbone, len(self.classes), head=m.head, pretrained=False if self.resume else m.pretrained,
             **m.backbone_kwargs,
@@ -114,7 +124,8 @@ class Runner:
         return make_loss(label_smoothing=self.cfg.label_smoothing,
                          class_weights=self.recipe.data.class_weights if balance else None,
                          labels=[label for _, label in self.items("train")] if balance else (),
-                         num_classes=len(self.classes) if balance else 0, device=getattr(self, "device", None))
+                         num_classes=len(self.classes) if balance else 0, device=getattr(self, "device", None),
+                         task=getattr(self, "task", "single"), loss=self.cfg.loss)
 
     def items(self, split: str) -> list[tuple[Path, int]]:
         """``(image path, class index)`` of a split."""
@@ -186,7 +197,7 @@ class Runner:
                             totals=totals, seconds=stats.seconds, val=val, updates=stats.updates)
             s.history.append(row)
             s.recall_history.append({"epoch": epoch + 1, **val["per_class_recall"]})
-            improved = best_epoch.record(s, val, cfg.select, epoch=epoch + 1, stage=index)
+            improved = best_epoch.record(s, val, self.select, epoch=epoch + 1, stage=index)
             log_epoch(where, row, improved)
             if self.is_main:
                 if improved:
@@ -223,6 +234,9 @@ class Runner:
                 num_workers=auto_workers(data.num_workers, self.dist.local_world_size), channels_last=cfg.channels_last)
         mix = stage_mixer(as_plain(stage.mixup), as_plain(cfg.mixup), input_size=self.preprocessing["input_size"],
                           num_classes=len(self.classes))
+        if mix is not None and self.task == "multilabel":
+            raise FinetuneError("Mixup/CutMix (training.mixup) mixes single-label targets; for multi-label data turn "
+                                "it off (training.mixup: null), or use an input size below 160 px with mixup: auto")
         return stage_inputs(self.model, eval_model or self._eval_model(), cached=cached, image_loader=loader, mix=mix,
                             batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
                             dist=self.dist)
@@ -240,11 +254,12 @@ class Runner:
     def _validate(self, inputs: StageInputs) -> dict[str, Any]:
         where = f"stage {self.state.stage_index}, epoch {self.state.epoch_in_stage + 1}"
         return validate(inputs.eval_module, inputs.val_loader, device=self.device, amp_dtype=self.amp_dtype,
-                        channels_last=self.cfg.channels_last, class_names=self.classes, dist=self.dist, where=where)
+                        channels_last=self.cfg.channels_last, class_names=self.classes, dist=self.dist, where=where,
+                        task=self.task)
 
     def _meta(self, metrics: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         return {"classes": self.classes, "preprocessing": self.preprocessing, "metrics": metrics or {},
-                "recipe": self.resolved}
+                "recipe": self.resolved, **({"task": "multilabel"} if self.task == "multilabel" else {})}
 
     def save_checkpoint(self, optimizer: torch.optim.Optimizer) -> None:
         """Write ``checkpoints/last``: the model plus everything an exact resume needs."""
@@ -265,13 +280,18 @@ class Runner:
 
     def _finish(self) -> dict[str, Any]:
         best, run_dir, ev = self.state.best, self.run_dir, self.recipe.evaluation
-        summary = run_summary(name=self.recipe.name, run_dir=run_dir, select=self.cfg.select, best=best,
+        summary = run_summary(name=self.recipe.name, run_dir=run_dir, select=self.select, best=best,
                               train_seconds=self.state.train_seconds, epochs_run=len(self.state.history))
         run = dict(device=self.device, batch_size=self.cfg.eval_batch_size, amp_dtype=self.amp_dtype,
                    num_workers=self.recipe.data.num_workers)
-        if best and self.is_main and ev.calibrate:  # on the val split, before the test evaluation, which uses it
+        if self.task == "multilabel":
+            if best and self.is_main:
+                test = self.items("test") if self.recipe.output.evaluate_test and "test" in self.manifest.splits() else []
+                summary.update(finish_multilabel(run_dir, self.items("val"), test, **run))
+        elif best and self.is_main and ev.calibrate:  # on the val split, before the test evaluation, which uses it
             summary["calibration"] = calibrate_best(run_dir, self.items("val"), **run)
-        if best and self.recipe.output.evaluate_test and "test" in self.manifest.splits() and self.items("test"):
+        if (self.task != "multilabel" and best and self.recipe.output.evaluate_test and "test" in self.manifest.splits()
+                and self.items("test")):
             if self.is_main:
                 summary["test"] = evaluate_test(run_dir, self.items("test"), tta=ev.tta, **run)
         if self.is_main:

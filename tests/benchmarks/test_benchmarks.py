@@ -30,6 +30,7 @@ SCRIPTS = {
     "bench_extract_memory.py": ("extract_memory", {"variants", "target"}),
     "bench_loader.py": ("loader", None),
     "bench_split.py": ("split", None),
+    "bench_multilabel.py": ("multilabel", {"defaults (spinal)", "defaults (linear)", "plain BCE loop"}),
 }
 
 
@@ -121,6 +122,17 @@ def test_split(tmp_path):
         case = doc["results"][kind]
         assert case["images"] == 18 and case["first_s"]["median"] > 0 and case["second_s"]["median"] > 0
     assert doc["results"]["import_s"]["median"] > 0
+
+
+@pytest.mark.slow
+def test_multilabel(tmp_path):
+    doc = run_tiny("bench_multilabel.py", tmp_path)
+    results = doc["results"]
+    assert SCRIPTS["bench_multilabel.py"][1] <= set(results)
+    for arm in results.values():
+        assert 0 <= arm["test_map"] <= 1 and arm["wall_s"] > 0
+    assert len(results["defaults (spinal)"]["thresholds"]) == 10
+    assert 0 <= results["defaults (spinal)"]["micro_f1_at_0.5"] <= 1
 
 
 def test_decode(tmp_path, digits):

@@ -33,7 +33,7 @@ def test_a_labels_csv_reads_label_sets_with_blanks_and_empty_rows(tmp_path):
     assert table.classes == ["bird", "feeder"]
     assert table.labels == [("bird", "feeder"), (), ("feeder",)]
     np.testing.assert_array_equal(table.matrix(), [[1, 1], [0, 0], [0, 1]])
-    assert table.splits == [None, None, None]
+    assert table.splits_list == [None, None, None]
     pipes = _write(tmp_path / "p", [("a.png", "x|y")])
     assert read_labels_csv(pipes, separator="|").classes == ["x", "y"]
 
@@ -58,9 +58,9 @@ def test_bad_labels_csvs_are_one_line_naming_the_row_or_label(tmp_path, rows, he
 def test_the_stratified_split_keeps_every_labels_share_and_is_reproducible():
     table = _mosaic_table()
     split = split_labels(table, val=0.2, test=0.2, seed=3)
-    assert split_labels(table, val=0.2, test=0.2, seed=3).splits == split.splits
-    assert split_labels(table, val=0.2, test=0.2, seed=4).splits != split.splits
-    y, splits = table.matrix(), np.array(split.splits)
+    assert split_labels(table, val=0.2, test=0.2, seed=3).splits_list == split.splits_list
+    assert split_labels(table, val=0.2, test=0.2, seed=4).splits_list != split.splits_list
+    y, splits = table.matrix(), np.array(split.splits_list)
     for name, share in (("train", 0.6), ("val", 0.2), ("test", 0.2)):
         assert abs((splits == name).mean() - share) < 0.02
         per_label = y[splits == name].sum(0) / y.sum(0)
@@ -79,7 +79,7 @@ def test_a_label_on_one_image_goes_to_train_whatever_the_seed():
     table = LabelsTable("/nowhere", [*table.paths, "rare.png"], [*table.labels, ["rare"]])
     for seed in range(5):
         split = split_labels(table, val=0.25, test=0.25, seed=seed)
-        assert split.splits[-1] == "train"
+        assert split.splits_list[-1] == "train"
 
 
 def test_statistics_count_labels_cardinality_pairs_and_unlabelled_images():
@@ -99,7 +99,7 @@ def test_data_split_and_inspect_commands_on_a_folder_with_a_labels_csv(tmp_path,
                  "--val", "0.2", "--test", "0.2", "--seed", "0"]) == 0
     assert "multi-label (iterative stratification)" in capsys.readouterr().out
     written = read_labels_csv(out)
-    assert sorted(written.paths) == sorted(table.paths) and set(written.splits) == {"train", "val", "test"}
+    assert sorted(written.paths) == sorted(table.paths) and set(written.splits_list) == {"train", "val", "test"}
     assert dict(zip(written.paths, written.labels)) == dict(zip(table.paths, table.labels))
     first = out.read_bytes()
     assert main(["data", "split", str(tmp_path / "photos"), "--labels", str(csv_path), "--out", str(out),
@@ -123,9 +123,10 @@ def test_a_bad_labels_csv_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_training_on_a_labels_csv_is_refused_in_one_line_for_now(tmp_path, capsys):
+def test_auditing_a_labels_csv_is_refused_in_one_line_for_now(tmp_path, capsys):
     csv_path = _write(tmp_path / "photos", [("a.png", "x"), ("b.png", "y")])
-    code = main(["train", "--data", str(csv_path), "--backbone", "test_resnet", "--out", str(tmp_path / "run")])
+    out = tmp_path / "audit"
+    code = main(["data", "audit", str(csv_path), "--out", str(out), "--pretrained", "none", "--backbone", "test_resnet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "multi-label labels CSV" in err
-    assert not (tmp_path / "run").exists()
+    assert not out.exists()
