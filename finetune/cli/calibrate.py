@@ -28,12 +28,13 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from finetune._device import resolve_device  # lazy: `finetune --help` imports no torch
     from finetune.data.prepare import split_like_run
-    from finetune.models.checkpoint import read_meta, resolve_checkpoint, run_folder_of
+    from finetune.models.checkpoint import read_meta, refuse_multilabel, resolve_checkpoint, run_folder_of
     from finetune.evaluation import align_classes
     from finetune.evaluation.calibrate import calibrate_checkpoint
 
     folder = resolve_checkpoint(args.checkpoint)
     meta = read_meta(folder)
+    refuse_multilabel(meta, "finetune calibrate")
     run_dir = run_folder_of(folder)
     recipe_data = (meta.get("recipe") or {}).get("data") or {}
     manifest = split_like_run(args.data, recipe_data, run_dir and run_dir / "manifest.csv")

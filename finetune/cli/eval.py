@@ -48,7 +48,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from finetune._io import check_output  # lazy, as in every command: `finetune --help` imports no torch
     from finetune.data.prepare import split_like_run
-    from finetune.models.checkpoint import load_checkpoint, resolve_checkpoint, run_folder_of
+    from finetune.models.checkpoint import load_checkpoint, refuse_multilabel, resolve_checkpoint, run_folder_of
     from finetune.inference.temperature import meta_temperature
     from finetune.evaluation import align_classes, evaluate
     from finetune._device import resolve_device
@@ -67,6 +67,7 @@ def run(args) -> int:
     check_output(out, folder=True)  # before scanning the data and running the model
     device = resolve_device(args.device)
     model, meta = load_checkpoint(folder, map_location=device)
+    refuse_multilabel(meta, "finetune eval")
     manifest = split_like_run(args.data, _recipe_data(meta), run_dir and run_dir / "manifest.csv")
     mapping = align_classes(manifest.classes, meta["classes"], allow_subset=args.allow_subset)
     splits = manifest.splits() if args.split == "all" else [args.split]

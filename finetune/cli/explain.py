@@ -33,12 +33,13 @@ def run(args) -> int:
         raise FinetuneError(f"no such file or folder: {', '.join(missing)}")
     if not sources:
         raise FinetuneError(f"no image files found in {', '.join(args.paths)}")
-    from finetune.models.checkpoint import load_checkpoint  # imports torch: after the arguments are checked
+    from finetune.models.checkpoint import load_checkpoint, refuse_multilabel  # imports torch: after the arguments are checked
     from finetune.evaluation.explain import write_explanations
     from finetune._device import resolve_device
 
     device = resolve_device(args.device)
     model, meta = load_checkpoint(args.checkpoint, map_location=device)
+    refuse_multilabel(meta, "finetune explain")
     records = write_explanations(model, sources, args.out, classes=meta["classes"], preprocessing=meta["preprocessing"],
                                  target=args.target, device=device, batch_size=args.batch_size)
     failed = sum(r["error"] is not None for r in records)

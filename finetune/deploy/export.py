@@ -44,7 +44,7 @@ from finetune.deploy.onnx import (
 )
 from finetune.errors import FinetuneError
 from finetune.inference.temperature import TemperatureScaled, meta_temperature
-from finetune.models.checkpoint import load_checkpoint, resolve_checkpoint
+from finetune.models.checkpoint import load_checkpoint, refuse_multilabel, resolve_checkpoint
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 """Export format → file suffix."""
@@ -109,6 +109,7 @@ def export_model(
         model, meta, example = folder, {"preprocessing": info["preprocessing"]}, None
     else:
         model, meta = load_checkpoint(folder, map_location="cpu")
+        refuse_multilabel(meta, "finetune export")
         info = export_info(meta, format=format, filename=out.name, source=folder)
         example = torch.randn(2, *meta["preprocessing"]["input_size"])
         temperature = meta_temperature(meta)
