@@ -67,7 +67,6 @@ def loaders(root: Path, items, workers: int, cache: Path) -> tuple[dict, dict]:
     import torch
     from timm.data import ImageDataset as TimmImageDataset
     from timm.data import create_loader
-    from torchvision import io as tvio
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
@@ -106,7 +105,6 @@ def loaders(root: Path, items, workers: int, cache: Path) -> tuple[dict, dict]:
                                            persistent_workers=workers > 0)
 
     assert raw.meta["codec"] == "raw" and jpeg.meta["codec"].startswith("jpeg")
-    del tvio
     return {"finetune, files": lambda: ours(None), "finetune, files (A/A)": lambda: ours(None),
             "finetune, store (raw)": lambda: ours(raw), "finetune, store (JPEG q95)": lambda: ours(jpeg),
             "timm create_loader": timm_loader, "torchvision ImageFolder + v2": torchvision_loader}, builds
