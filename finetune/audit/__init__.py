@@ -10,6 +10,7 @@ from finetune.audit.findings import (
     THUMBNAIL_COSINE,
     confident_learning,
     find_near_duplicates,
+    multilabel_label_issues,
     nearest_neighbours,
     normalize,
     out_of_fold_log_probabilities,
@@ -20,6 +21,6 @@ from finetune.audit.report import FILES, check_audit_folder, render_audit, summa
 __all__ = [
     "DEFAULT_BACKBONE", "DEFAULT_PRETRAINED", "Audit", "audit_dataset", "audit_features", "embed_manifest",
     "DUPLICATE_COSINE", "FOLDS", "NEIGHBOURS", "OUTLIER_MADS", "THUMBNAIL_COSINE", "confident_learning",
-    "find_near_duplicates", "nearest_neighbours", "normalize", "out_of_fold_log_probabilities", "outlier_distances",
+    "find_near_duplicates", "multilabel_label_issues", "nearest_neighbours", "normalize", "out_of_fold_log_probabilities", "outlier_distances",
     "FILES", "check_audit_folder", "render_audit", "summary_text", "to_json", "write_audit",
 ]

@@ -17,10 +17,13 @@ import torch
 
 from finetune._device import resolve_device
 from finetune.audit.findings import (DUPLICATE_COSINE, FOLDS, OUTLIER_MADS, confident_learning, find_near_duplicates,
-                                     out_of_fold_log_probabilities, outlier_distances)
+                                     multilabel_label_issues, out_of_fold_log_probabilities, outlier_distances)
+from finetune.data._scan_cache import default_scan_cache
 from finetune.data.decode import load_image
-from finetune.data.manifest import Manifest
-from finetune.data.prepare import prepare_manifest
+from finetune.data.manifest import Manifest, ManifestRow
+from finetune.data.multilabel import LabelsTable, is_labels_csv, read_labels_csv, split_labels
+from finetune.data.prepare import DEFAULT_TEST, DEFAULT_VAL, prepare_manifest
+from finetune.data.scan import scan_images
 from finetune.data.similarity import COPY_SIMILARITY, colour_name
 from finetune.data.transforms import preprocessing_transform
 from finetune.errors import FinetuneError
@@ -50,6 +53,8 @@ class Audit:
         settings: Backbone, input size, thresholds, folds.
         seconds: Time taken by each step (``features``, ``duplicates``, ``labels``, ``outliers``).
         features_cached: Whether the features came from the cache.
+        labels: Multi-label data's labels table (then each manifest row's "class" is its label set, joined by
+            ``"; "``, label issues are per label with ``label`` and ``kind``, and outliers are not computed).
     """
 
     manifest: Manifest
@@ -60,6 +65,7 @@ class Audit:
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     features_cached: bool = False
+    labels: LabelsTable | None = None
 
     def summary(self) -> dict[str, Any]:
         """Counts for the one-paragraph summary and ``--json``."""
@@ -67,7 +73,7 @@ class Audit:
         leaked = sum(1 for g in leaking for p, s in zip(g["paths"], g["splits"]) if s != "train" and "train" in g["splits"])
         return {
             "images": len(self.manifest),
-            "classes": len(self.manifest.classes),
+            "classes": len(self.labels.classes if self.labels is not None else self.manifest.classes),
             "splits": {s: sum(c.values()) for s, c in self.manifest.counts().items()},
             "near_duplicate_groups": len(self.near_duplicates),
             "near_duplicate_images": sum(len(g["paths"]) for g in self.near_duplicates),
@@ -125,6 +131,7 @@ def audit_features(
     folds: int = FOLDS,
     seed: int = 0,
     load: Callable[[int], np.ndarray] | None = None,
+    multilabel: LabelsTable | None = None,
 ) -> Audit:
     """Audit ``manifest`` given its rows' features (see the module docstring).
 
@@ -136,6 +143,8 @@ def audit_features(
         folds: Folds of the out-of-fold classifier.
         seed: Fold seed.
         load: Row index → RGB array (default: `load_image` of the row's file).
+        multilabel: multi-label data's table, whose images the manifest's rows are (by path): label issues per label
+            (`multilabel_label_issues`), no outliers (class centroids are of single-label classes).
     """
     rows, classes = manifest.rows, manifest.classes
     if len(features) != len(rows):
@@ -160,6 +169,10 @@ def audit_features(
              for i in sorted(flat)]
     seconds["duplicates"] = time.perf_counter() - start
 
+    if multilabel is not None:
+        return _multilabel_audit(manifest, features, multilabel, groups, blank, seconds, folds=folds, seed=seed,
+                                 settings={"duplicate_cosine": duplicate_cosine, "copy_similarity": copy_similarity,
+                                           "folds": folds, "seed": seed})
     start = time.perf_counter()
     issues = []
     try:
@@ -192,6 +205,61 @@ def audit_features(
     return Audit(manifest, groups, issues, outliers, blank_images=blank, settings=settings, seconds=seconds)
 
 
+def _multilabel_audit(manifest: Manifest, features: np.ndarray, labels: LabelsTable, groups: list, blank: list,
+                      seconds: dict[str, float], *, folds: int, seed: int, settings: dict[str, Any]) -> Audit:
+    """The label checks of multi-label data: per-label confident learning; outliers are not computed."""
+    start = time.perf_counter()
+    sets = dict(zip(labels.paths, labels.labels))
+    index = {c: i for i, c in enumerate(labels.classes)}
+    targets = np.zeros((len(manifest.rows), len(labels.classes)), np.int64)
+    for row, r in enumerate(manifest.rows):
+        targets[row, [index[c] for c in sets[r.path]]] = 1
+    issues = []
+    for i, c, kind, score, p_given, p_suggested in multilabel_label_issues(features, targets, folds=folds, seed=seed):
+        r, label = manifest.rows[i], labels.classes[c]
+        given = list(sets[r.path])
+        suggested = [x for x in given if x != label] if kind == "extra" else sorted([*given, label])
+        issues.append({"path": r.path, "split": r.split, "given": "; ".join(given) or NO_LABELS,
+                       "suggested": "; ".join(suggested) or NO_LABELS, "score": round(score, 5),
+                       "p_given": round(p_given, 5), "p_suggested": round(p_suggested, 5), "label": label, "kind": kind})
+    issues.sort(key=lambda r: (-r["score"], r["path"], r["label"]))
+    seconds["labels"] = time.perf_counter() - start
+    settings = {"task": "multilabel", **settings,
+                "outliers": "not computed for multi-label data (class centroids are of single-label classes)"}
+    return Audit(manifest, groups, issues, [], blank_images=blank, settings=settings, seconds=seconds, labels=labels)
+
+
+NO_LABELS = "(no label)"
+"""The label set shown for an image with none."""
+
+
+def multilabel_manifest(source: str | os.PathLike, root: str | os.PathLike | None = None, *, val: float | None = None,
+                        test: float | None = None, seed: int = 0) -> tuple[Manifest, LabelsTable]:
+    """A labels CSV read, split as training splits it (its split column, else seeded iterative stratification) and
+    scanned (bad files left out, with a warning), as a `Manifest` whose "class" is each image's label set, and the
+    table of the images kept.
+
+    Raises:
+        FinetuneError: `read_labels_csv`'s errors; no readable image.
+    """
+    table = read_labels_csv(source, root=root)
+    if not table.splits():
+        table = split_labels(table, val=DEFAULT_VAL if val is None else val, test=DEFAULT_TEST if test is None else test,
+                             seed=seed)
+    results = scan_images(table.root, table.paths, cache=default_scan_cache())
+    bad = [r for r in results if r.reason is not None]
+    if bad:
+        logger.warning("left out %d unreadable image(s), e.g. %s: %s", len(bad), bad[0].path, bad[0].reason)
+    keep = [i for i, r in enumerate(results) if r.reason is None]
+    if not keep:
+        raise FinetuneError(f"{source}: none of its {len(table.paths)} images could be read")
+    table = LabelsTable(table.root, [table.paths[i] for i in keep], [table.labels[i] for i in keep],
+                        [table.splits_list[i] for i in keep])
+    manifest = Manifest(table.root, [ManifestRow(p, "; ".join(ls) or NO_LABELS, s)
+                                     for p, ls, s in zip(table.paths, table.labels, table.splits_list)])
+    return manifest, table
+
+
 def audit_dataset(
     source: str | os.PathLike,
     *,
@@ -222,8 +290,13 @@ def audit_dataset(
     """
     if root is not None and not Path(source).is_file():
         raise FinetuneError(f"a root (--root) is only for a manifest, and {source} is not a manifest file")
-    manifest, _ = prepare_manifest(root if root is not None else source, manifest=source if root is not None else None,
-                                   card=card, val=val, test=test, seed=seed)
+    table = None
+    if is_labels_csv(source):  # multi-label: a labels CSV
+        manifest, table = multilabel_manifest(source, root, val=val, test=test, seed=seed)
+    else:
+        manifest, _ = prepare_manifest(root if root is not None else source,
+                                       manifest=source if root is not None else None, card=card, val=val, test=test,
+                                       seed=seed)
     start = time.perf_counter()
     features, cached, embedding = embed_manifest(
         manifest, backbone=backbone, pretrained=pretrained, input_size=input_size, device=device,
@@ -231,7 +304,7 @@ def audit_dataset(
     )
     took = time.perf_counter() - start
     audit = audit_features(manifest, features, duplicate_cosine=duplicate_cosine, copy_similarity=copy_similarity,
-                           folds=folds, seed=seed)
+                           folds=folds, seed=seed, multilabel=table)
     audit.settings = {**embedding, **audit.settings}
     audit.seconds = {"features": took, **audit.seconds}
     audit.features_cached = cached

@@ -27,6 +27,11 @@ same data and backbone skips the forward pass. Then, all on the features:
   (an off-diagonal entry of the confident joint). Issues are ranked by ``score = -log p(given label)``
   (self-confidence in log space, from the classifier's decision function), highest first: unlike
   ``1 - p``, it does not tie at 1 when the probabilities saturate to 0/1; ``suggested`` is ``j*``.
+* **Multi-label label issues** (`multilabel_label_issues`, for a labels CSV): each label in turn as a two-class
+  problem (present / absent), as cleanlab's multi-label ``find_label_issues`` does one-vs-rest: the same
+  out-of-fold probabilities and confident learning per label, so an image is flagged for a label it likely lacks
+  (``missing``: absent, confidently present) or likely should not have (``extra``). Scored and ranked as above.
+  A label with fewer than two images on either side is not checked.
 * **Outliers** (`outlier_distances`): cosine distance of each image to the nearest class centroid (mean
   of the class's normalised features), highest first; ``flagged`` when above the median plus 6 median
   absolute deviations of all distances.
@@ -242,6 +247,34 @@ def confident_learning(labels: np.ndarray, probabilities: np.ndarray) -> tuple[n
     masked = np.where(confident, probabilities, -1.0)
     suggested = np.where(confident.any(axis=1), masked.argmax(axis=1), labels)
     return suggested != labels, suggested
+
+
+def multilabel_label_issues(features: np.ndarray, targets: np.ndarray, *, folds: int = FOLDS, seed: int = 0
+                            ) -> list[tuple[int, int, str, float, float, float]]:
+    """Per-label confident learning of a multi-label dataset (module docstring).
+
+    Args:
+        features: ``N×F`` features.
+        targets: ``N×C`` multi-hot labels.
+
+    Returns:
+        ``(row, label, kind, score, p_given, p_suggested)`` per flagged (image, label): ``kind`` ``missing`` or
+        ``extra``; ``score`` ``-log p(given state)``; the probabilities of the given and the suggested state.
+    """
+    y = np.asarray(targets).astype(np.int64)
+    found = []
+    for c in range(y.shape[1]):
+        column = y[:, c]
+        if min(column.sum(), len(column) - column.sum()) < 2:
+            continue
+        log_probabilities = out_of_fold_log_probabilities(features, column, 2, folds=folds, seed=seed)
+        probabilities = np.exp(log_probabilities)
+        is_issue, _ = confident_learning(column, probabilities)
+        for i in np.flatnonzero(is_issue):
+            given = int(column[i])
+            found.append((int(i), c, "extra" if given else "missing", -float(log_probabilities[i, given]),
+                          float(probabilities[i, given]), float(probabilities[i, 1 - given])))
+    return found
 
 
 def outlier_distances(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 from finetune._io import csv_text, write_dir_atomic
 from finetune.audit.auditor import Audit
 from finetune.data.manifest import Manifest
+from finetune.data.multilabel import LabelsTable
 from finetune.errors import FinetuneError
 from finetune.evaluation.evaluator import thumbnail
 from finetune.evaluation.report import data_uri, escape, html_page
@@ -30,6 +31,7 @@ def render_audit(
     *,
     summary: str,
     settings: Mapping[str, Any],
+    labels: LabelsTable | None = None,
 ) -> str:
     """The HTML text of the audit page.
 
@@ -40,6 +42,7 @@ def render_audit(
         outliers: Rows as in ``Audit.outliers``, farthest first.
         summary: The one-paragraph summary.
         settings: Shown as a table under the summary.
+        labels: multi-label data's table: a per-label table, and label issues captioned with their label.
     """
     root = manifest.root
     thumbs: dict[str, bytes | None] = {}
@@ -51,12 +54,20 @@ def render_audit(
 
     return html_page(f"Data audit: {root}", SECTIONS, [
         f'<section id="summary"><h2>Summary</h2><p>{escape(summary)}</p>{_settings(settings)}</section>',
-        _classes(manifest, near_duplicates, label_issues),
+        _classes(manifest, near_duplicates, label_issues) if labels is None else _labels(labels, label_issues),
         _duplicates(near_duplicates[:TOP], thumb, len(near_duplicates)),
         _figures("label-issues", "Label issues", label_issues, thumb,
                  lambda r: (f'<div class="good">given: {escape(r["given"])} ({100 * r["p_given"]:.1f}%)</div>'
                             f'<div class="bad">suggested: {escape(r["suggested"])} ({100 * r["p_suggested"]:.1f}%)</div>'),
-                 "Most likely wrong first (out-of-fold confident learning); all are in label_issues.csv."),
+                 "Most likely wrong first (out-of-fold confident learning); all are in label_issues.csv.")
+        if labels is None else
+        _figures("label-issues", "Label issues", label_issues, thumb,
+                 lambda r: (f'<div class="bad">{escape(r["label"])} likely {escape(r["kind"])} '
+                            f'({100 * r["p_suggested"]:.1f}% {"present" if r["kind"] == "missing" else "absent"})</div>'
+                            f'<div class="muted">labels: {escape(r["given"])}</div>'),
+                 "Per label, most likely wrong first (out-of-fold confident learning of each label, present or "
+                 "absent): missing = a label the image likely shows, extra = one it likely does not; all are in "
+                 "label_issues.csv."),
         _figures("outliers", "Outliers", outliers, thumb,
                  lambda r: (f'<div>{escape(r["class"])}; nearest: {escape(r["nearest_class"])}</div>'
                             f'<div class="{"bad" if r["flagged"] else "muted"}">distance {r["distance"]:.3f}</div>'),
@@ -89,6 +100,28 @@ def _classes(manifest: Manifest, near_duplicates: Sequence[Mapping[str, Any]],
                     + "".join(f'<td class="n" data-v="{v}">{v}</td>' for v in cells) + "</tr>")
     return ('<section id="classes"><h2>Per class</h2>'
             '<input type="search" placeholder="filter classes" data-filter="classes-table">'
+            f'<div class="scroll"><table id="classes-table" class="sortable"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div></section>')
+
+
+def _labels(table: LabelsTable, label_issues: Sequence[Mapping[str, Any]]) -> str:
+    splits = table.splits()
+    counts = {s: {c: 0 for c in table.classes} for s in splits}
+    for labels, split in zip(table.labels, table.splits_list):
+        for c in labels:
+            counts[split][c] += 1
+    flagged = {(c, k): 0 for c in table.classes for k in ("missing", "extra")}
+    for r in label_issues:
+        flagged[(r["label"], r["kind"])] += 1
+    head = "".join(f'<th data-type="{t}">{escape(h)}</th>' for h, t in
+                   [("label", "text"), *((s, "num") for s in splits), ("likely missing", "num"), ("likely extra", "num")])
+    body = []
+    for c in table.classes:
+        cells = [counts[s][c] for s in splits] + [flagged[(c, "missing")], flagged[(c, "extra")]]
+        body.append(f'<tr><td data-v="{escape(c)}">{escape(c)}</td>'
+                    + "".join(f'<td class="n" data-v="{v}">{v}</td>' for v in cells) + "</tr>")
+    return ('<section id="classes"><h2>Per label</h2><p class="muted">Images showing each label, per split.</p>'
+            '<input type="search" placeholder="filter labels" data-filter="classes-table">'
             f'<div class="scroll"><table id="classes-table" class="sortable"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table></div></section>')
 
@@ -135,6 +168,17 @@ def summary_text(audit: Audit, out_dir: str | os.PathLike | None = None) -> str:
     splits = ", ".join(f"{k} {v}" for k, v in s["splits"].items())
     size = "×".join(str(v) for v in audit.settings.get("input_size", []))
     total = sum(audit.seconds.values())
+    if audit.labels is not None:
+        return (
+            f"Audited {s['images']} multi-label images of {s['classes']} labels ({splits}) with "
+            f"{audit.settings.get('backbone')} at {size} px ({'cached features' if audit.features_cached else 'features extracted'}; "
+            f"{total:.1f}s). Near-duplicates: {s['near_duplicate_groups']} group(s) of {s['near_duplicate_images']} "
+            f"images, {s['leaking_groups']} spanning splits (leakage: {s['leaked_images']} val/test image(s) with a "
+            f"near-copy in train). Blank or single-colour images: {s['blank_images']}. Label issues: "
+            f"{sum(r['kind'] == 'missing' for r in audit.label_issues)} label(s) likely missing and "
+            f"{sum(r['kind'] == 'extra' for r in audit.label_issues)} likely extra, per the out-of-fold classifier "
+            "of each label. Outliers: not computed for multi-label data."
+        ) + (f" Details in {out_dir}." if out_dir is not None else "")
     text = (
         f"Audited {s['images']} images of {s['classes']} classes ({splits}) with {audit.settings.get('backbone')} "
         f"at {size} px ({'cached features' if audit.features_cached else 'features extracted'}; {total:.1f}s). "
@@ -177,13 +221,14 @@ def write_audit(audit: Audit, out_dir: str | os.PathLike) -> dict[str, str]:
         "near_duplicates.csv": (("group", "leak", "path", "split", "class", "similarity"), duplicates),
         "blank_images.csv": (("path", "split", "class", "colour"),
                              [(b["path"], b["split"], b["class"], b["colour"]) for b in audit.blank_images]),
-        "label_issues.csv": (("rank", "path", "split", "given", "suggested", "score", "p_given", "p_suggested"),
+        "label_issues.csv": (("rank", "path", "split", "given", "suggested", "score", "p_given", "p_suggested",
+                              *(("label", "kind") if audit.labels is not None else ())),
                              [(n, *r.values()) for n, r in enumerate(audit.label_issues, 1)]),
         "outliers.csv": (("rank", "path", "split", "class", "distance", "nearest_class", "flagged"),
                          [(n, *list(r.values())[:-1], int(r["flagged"])) for n, r in enumerate(audit.outliers, 1)]),
     }
     html = render_audit(audit.manifest, audit.near_duplicates, audit.label_issues, audit.outliers,
-                        summary=summary_text(audit), settings=audit.settings)
+                        summary=summary_text(audit), settings=audit.settings, labels=audit.labels)
 
     def write(tmp: Path) -> None:
         for name, (header, rows) in tables.items():

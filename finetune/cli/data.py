@@ -86,7 +86,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "write near_duplicates.csv (groups; leak=1 where a group spans splits), label_issues.csv (out-of-fold "
         "confident learning: given and suggested label, score), outliers.csv (farthest from every class) and "
         "a self-contained audit.html into --out; print a one-paragraph summary. A one-folder dataset is split "
-        "as training would split it (--card/--val/--test/--seed).",
+        "as training would split it (--card/--val/--test/--seed). A labels CSV (multi-label data) gets the same "
+        "near-duplicate and leakage checks, and label checks per label (each label present/absent, confident "
+        "learning as cleanlab's multi-label find_label_issues: a label likely missing or extra); outliers, being "
+        "distances to single-label class centroids, are not computed for it.",
         epilog=AUDIT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

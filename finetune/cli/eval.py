@@ -48,7 +48,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from finetune._io import check_output  # lazy, as in every command: `finetune --help` imports no torch
     from finetune.data.prepare import split_like_run
-    from finetune.models.checkpoint import load_checkpoint, refuse_multilabel, resolve_checkpoint, run_folder_of
+    from finetune.models.checkpoint import load_checkpoint, resolve_checkpoint, run_folder_of
     from finetune.inference.temperature import meta_temperature
     from finetune.evaluation import align_classes, evaluate
     from finetune._device import resolve_device
@@ -67,7 +67,8 @@ def run(args) -> int:
     check_output(out, folder=True)  # before scanning the data and running the model
     device = resolve_device(args.device)
     model, meta = load_checkpoint(folder, map_location=device)
-    refuse_multilabel(meta, "finetune eval")
+    if meta.get("task") == "multilabel":
+        return run_multilabel(args, model, meta, folder, run_dir, out, device)
     manifest = split_like_run(args.data, _recipe_data(meta), run_dir and run_dir / "manifest.csv")
     mapping = align_classes(manifest.classes, meta["classes"], allow_subset=args.allow_subset)
     splits = manifest.splits() if args.split == "all" else [args.split]
@@ -93,6 +94,36 @@ def run(args) -> int:
     if "tta" in metrics:
         print(f"with {args.tta} TTA: accuracy {metrics['tta']['accuracy']:.4f}, macro-F1 "
               f"{metrics['tta']['macro_f1']:.4f}, ECE {metrics['tta']['ece']:.4f}")
+    print(f"wrote {out}/ (open {out / 'report.html'})")
+    return 0
+
+
+def run_multilabel(args, model, meta, folder, run_dir, out, device) -> int:
+    """`finetune eval` of a multi-label checkpoint: mAP, per-label tables and the report at its thresholds."""
+    from finetune.data.multilabel import labels_like_run, targets_for
+    from finetune.errors import FinetuneError
+    from finetune.evaluation.multilabel_evaluator import evaluate_multilabel
+    from finetune.inference.temperature import meta_temperatures
+
+    if args.tta or args.allow_subset:
+        raise FinetuneError(f"{'--tta' if args.tta else '--allow-subset'} is for single-label checkpoints; this one "
+                            "is multi-label")
+    table = labels_like_run(args.data, _recipe_data(meta), run_dir and run_dir / "manifest.csv")
+    splits = table.splits() if args.split == "all" else [args.split]
+    items = targets_for(table, splits, meta["classes"])
+    if not items:
+        raise FinetuneError(f"no images in the {args.split} split of {args.data} (splits: {', '.join(table.splits())})")
+    metrics = evaluate_multilabel(
+        model, items, class_names=meta["classes"], preprocessing=meta["preprocessing"], out_dir=out,
+        thresholds=meta.get("thresholds"), temperatures=meta_temperatures(meta), device=device,
+        batch_size=args.batch_size, num_workers=args.num_workers, run_dir=run_dir, progress=True, explain=args.explain,
+        details={"checkpoint": str(folder), "model": f"{meta['backbone']} + {meta['head']['name']} head (multi-label)",
+                 "data": str(args.data), "split": args.split},
+    )
+    print(f"{metrics['num_samples']} images: mAP {metrics['map_macro']:.4f} (micro {metrics['map_micro']:.4f}), "
+          f"micro-F1 {metrics['f1_micro']:.4f}, subset accuracy {metrics['subset_accuracy']:.4f}, Hamming loss "
+          f"{metrics['hamming_loss']:.4f}"
+          + (f" ({metrics['num_unreadable']} unreadable image(s) left out)" if metrics["num_unreadable"] else ""))
     print(f"wrote {out}/ (open {out / 'report.html'})")
     return 0
 
@@ -123,6 +154,8 @@ def run_onnx(args) -> int:
     meta = read_meta(folder) if folder else info
     if folder and list(meta["classes"]) != list(info["classes"]):
         raise FinetuneError(f"{path} and the reference checkpoint {folder} have different classes")
+    if info.get("task") == "multilabel":
+        return run_onnx_multilabel(args, model, info, meta, folder, run_dir, out, device)
     manifest = split_like_run(args.data, _recipe_data(meta), run_dir and run_dir / "manifest.csv")
     mapping = align_classes(manifest.classes, info["classes"], allow_subset=args.allow_subset)
     splits = manifest.splits() if args.split == "all" else [args.split]
@@ -163,6 +196,63 @@ def run_onnx(args) -> int:
         write_json_atomic(out / "metrics.json", metrics)
         line += (f"; fp32 checkpoint {folder}: accuracy {ref['accuracy']:.4f}, "
                  f"delta {metrics['reference']['accuracy_delta']:+.4f}")
+    print(line)
+    print(f"wrote {out}/ (open {out / 'report.html'})")
+    return 0
+
+
+def run_onnx_multilabel(args, model, info, meta, folder, run_dir, out, device) -> int:
+    """`finetune eval MODEL.onnx` of a multi-label export: its probabilities at the thresholds in its metadata, and
+    its mAP against the checkpoint it came from."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import average_precision_score
+
+    from finetune.data.multilabel import labels_like_run, targets_for
+    from finetune.errors import FinetuneError
+    from finetune.evaluation.multilabel_evaluator import evaluate_multilabel
+    from finetune.inference.predictor import eval_transform, predict_probabilities
+    from finetune.inference.temperature import meta_temperatures, sigmoid
+    from finetune.models.checkpoint import load_checkpoint, write_json_atomic
+
+    if args.tta or args.allow_subset:
+        raise FinetuneError(f"{'--tta' if args.tta else '--allow-subset'} is for single-label models; this one is "
+                            "multi-label")
+    table = labels_like_run(args.data, _recipe_data(meta), run_dir and run_dir / "manifest.csv")
+    splits = table.splits() if args.split == "all" else [args.split]
+    items = targets_for(table, splits, info["classes"])
+    if not items:
+        raise FinetuneError(f"no images in the {args.split} split of {args.data} (splits: {', '.join(table.splits())})")
+    ref = None
+    if folder:  # the checkpoint on the same images first, at its own (calibrated) probabilities
+        fp32, _ = load_checkpoint(folder, map_location=device)
+        indices, logits, _ = predict_probabilities(
+            fp32.eval(), [str(p) for p, _ in items], eval_transform(meta["preprocessing"]), device=device,
+            batch_size=args.batch_size, num_workers=args.num_workers, logits=True)
+        if len(indices):
+            y = np.stack([t for _, t in items])[indices]
+            ref = float(average_precision_score(y[:, y.sum(0) > 0], sigmoid(logits, meta_temperatures(meta))[:, y.sum(0) > 0],
+                                                average="macro"))
+
+    class Logits(torch.nn.Module):  # the export gives probabilities; the evaluator takes logits to apply sigmoid to
+        def forward(self, images):
+            return torch.logit(model(images).double().clamp(1e-12, 1 - 1e-12))
+
+    quantization = info.get("quantization")
+    metrics = evaluate_multilabel(
+        Logits(), items, class_names=info["classes"], preprocessing=info["preprocessing"], out_dir=out,
+        thresholds=info.get("thresholds"), device="cpu", batch_size=args.batch_size, num_workers=args.num_workers,
+        run_dir=run_dir, progress=True, explain=False,
+        details={"model": f"{args.checkpoint} ({info['backbone']} + {info['head']['name']} head, multi-label ONNX"
+                          + (f" {quantization['dtype']} {quantization['method']})" if quantization else ")"),
+                 "data": str(args.data), "split": args.split,
+                 **({"checkpoint": f"{folder}: mAP {ref:.4f}"} if ref is not None else {})},
+    )
+    line = f"{metrics['num_samples']} images: mAP {metrics['map_macro']:.4f}, micro-F1 {metrics['f1_micro']:.4f}"
+    if ref is not None:
+        metrics["reference"] = {"checkpoint": str(folder), "map_macro": ref, "map_macro_delta": metrics["map_macro"] - ref}
+        write_json_atomic(out / "metrics.json", metrics)
+        line += f"; checkpoint {folder}: mAP {ref:.4f}, delta {metrics['reference']['map_macro_delta']:+.4f}"
     print(line)
     print(f"wrote {out}/ (open {out / 'report.html'})")
     return 0

@@ -15,8 +15,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("checkpoint", help="checkpoint folder (or a run folder: its best checkpoint)")
     p.add_argument("paths", nargs="+", metavar="IMAGE", help="image files or folders")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
-    p.add_argument("--class", dest="target", metavar="NAME",
-                   help="explain this class in every image (default: each image's predicted class)")
+    p.add_argument("--class", "--label", dest="target", metavar="NAME",
+                   help="explain this class (a multi-label checkpoint: this label) in every image (default: each "
+                        "image's predicted class, or its most probable label)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per pass (default 16)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.set_defaults(func=run)
@@ -33,19 +34,22 @@ def run(args) -> int:
         raise FinetuneError(f"no such file or folder: {', '.join(missing)}")
     if not sources:
         raise FinetuneError(f"no image files found in {', '.join(args.paths)}")
-    from finetune.models.checkpoint import load_checkpoint, refuse_multilabel  # imports torch: after the arguments are checked
+    from finetune.models.checkpoint import load_checkpoint  # imports torch: after the arguments are checked
     from finetune.evaluation.explain import write_explanations
+    from finetune.inference.temperature import meta_temperatures
     from finetune._device import resolve_device
 
     device = resolve_device(args.device)
     model, meta = load_checkpoint(args.checkpoint, map_location=device)
-    refuse_multilabel(meta, "finetune explain")
+    thresholds = (meta.get("thresholds") or [0.5] * len(meta["classes"])) if meta.get("task") == "multilabel" else None
     records = write_explanations(model, sources, args.out, classes=meta["classes"], preprocessing=meta["preprocessing"],
-                                 target=args.target, device=device, batch_size=args.batch_size)
+                                 target=args.target, device=device, batch_size=args.batch_size, thresholds=thresholds,
+                                 temperatures=meta_temperatures(meta))
     failed = sum(r["error"] is not None for r in records)
     for r in records:
         if r["error"] is None:
-            print(f"{r['path']}: {r['predicted']} ({r['probability']:.3f}) -> {r['overlay']}")
+            shown = f" [labels: {', '.join(r['labels']) or 'none'}]" if "labels" in r else ""
+            print(f"{r['path']}: {r['predicted']} ({r['probability']:.3f}){shown} -> {r['overlay']}")
     if failed:
         print(f"{failed} of {len(records)} file(s) could not be read (see explanations.json)")
     print(f"wrote {args.out}/ (open {args.out}/index.html)")

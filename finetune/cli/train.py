@@ -24,6 +24,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", help="run folder (default: the recipe's output.dir)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--data", help="image folder or manifest (without a recipe)")
+    p.add_argument("--labels", metavar="CSV",
+                   help="multi-label data: a CSV of path,labels[,split] (labels separated by ';') for the images "
+                        "under --data ROOT (without a recipe; in a recipe: data.manifest)")
     p.add_argument("--backbone", help="timm backbone name (without a recipe)")
     p.add_argument("--head", default="spinal", help="head: spinal, linear or mlp (default spinal)")
     p.add_argument("--pretrained", default="false",
@@ -32,11 +35,14 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def default_recipe(data: str, backbone: str, head: str, pretrained: str) -> dict:
-    """The documented staged defaults for `finetune train --data ROOT --backbone NAME`."""
+def default_recipe(data: str, backbone: str, head: str, pretrained: str, labels: str | None = None) -> dict:
+    """The documented staged defaults for `finetune train --data ROOT --backbone NAME [--labels CSV]`."""
     import yaml
 
-    source = {"manifest": data} if data.lower().endswith(".csv") else {"root": data}
+    if labels:
+        source = {"root": data, "manifest": labels}
+    else:
+        source = {"manifest": data} if data.lower().endswith(".csv") else {"root": data}
     return {
         "name": f"{Path(data).name or 'data'}-{backbone}",
         "data": {**source, "augment": "auto"},
@@ -67,7 +73,7 @@ def run(args) -> int:
     from finetune.training import train
 
     if args.resume:
-        if args.recipe or args.overrides or args.data or args.backbone:
+        if args.recipe or args.overrides or args.data or args.backbone or args.labels:
             raise FinetuneError("--resume continues a run with its saved recipe; give no recipe, --set, --data or --backbone")
         if not (Path(args.resume) / "recipe.yaml").is_file():
             from finetune.training.run_folder import restartable_hint
@@ -77,12 +83,17 @@ def run(args) -> int:
         train(None, resume=args.resume, quiet=args.quiet)
         return 0
     if args.recipe:
-        if args.data or args.backbone:
-            raise FinetuneError("give either a recipe or --data/--backbone (override recipe values with --set)")
+        if args.data or args.backbone or args.labels:
+            raise FinetuneError("give either a recipe or --data/--backbone/--labels (override recipe values with "
+                                "--set, e.g. --set data.manifest=labels.csv)")
         train(args.recipe, overrides=args.overrides, out=args.out, quiet=args.quiet)
         return 0
+    if args.labels and not args.data:
+        raise FinetuneError("--labels names the labels of the images under --data ROOT: give --data too")
+    if args.labels and not Path(args.labels).is_file():
+        raise FinetuneError(f"--labels {args.labels}: no such file")
     if args.data and args.backbone:
-        raw = default_recipe(args.data, args.backbone, args.head, args.pretrained)
+        raw = default_recipe(args.data, args.backbone, args.head, args.pretrained, args.labels)
         for assignment in args.overrides:
             apply_override(raw, assignment)
         recipe = parse_recipe(raw, source="default recipe")

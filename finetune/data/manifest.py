@@ -143,9 +143,8 @@ class Manifest:
         reader = csv.reader(io.StringIO(text, newline=""))
         header = next(reader, None)
         if header is not None and "labels" in [h.strip() for h in header]:
-            raise FinetuneError(f"{path} is a multi-label labels CSV (a 'labels' column): `finetune train`, "
-                                "`finetune predict` and `finetune data split|inspect` read it; `finetune eval`, "
-                                "`calibrate` and `data audit` of multi-label data are not in this version yet")
+            raise FinetuneError(f"{path} is a multi-label labels CSV (a 'labels' column), not a single-label "
+                                "manifest (path,class,split): give it to a command as the data of a multi-label run")
         if header is None or tuple(header) != HEADER:
             raise FinetuneError(f"{path}: not a manifest: the first line must be {','.join(HEADER)!r}, got {header!r}")
         rows = []

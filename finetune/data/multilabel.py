@@ -28,12 +28,14 @@ import os
 from collections import Counter
 from itertools import combinations
 from pathlib import Path, PurePosixPath
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from finetune._io import atomic_write_text, csv_text, read_text_file
 from finetune.data.layout import SPLIT_ALIASES, SPLITS
 from finetune.data.manifest import _check_relative
+from finetune.data.prepare import DEFAULT_TEST, DEFAULT_VAL
 from finetune.errors import FinetuneError
 
 SEPARATOR = ";"
@@ -166,7 +168,10 @@ def read_labels_csv(path: str | os.PathLike, root: str | os.PathLike | None = No
 
 
 def check_train_has_every_label(table: LabelsTable, where: str) -> None:
-    """Refuse a split whose train part lacks a label another split has (a class that never trains)."""
+    """Refuse a split whose train part lacks a label another split has (a class that never trains). A table with
+    no train rows (images to evaluate) has nothing to check."""
+    if "train" not in table.splits_list:
+        return
     in_train = {label for ls, s in zip(table.labels, table.splits_list) if s == "train" for label in ls}
     for labels, split in zip(table.labels, table.splits_list):
         for label in labels:
@@ -228,3 +233,68 @@ def label_statistics(table: LabelsTable, top: int = 10) -> dict:
         "without_label": sum(1 for s in sizes if s == 0),
         "top_pairs": [{"labels": list(p), "images": n} for p, n in pairs.most_common(top)],
     }
+
+
+def labels_like_run(data: str | os.PathLike, recipe_data: Mapping, run_manifest: str | os.PathLike | None = None
+                    ) -> LabelsTable:
+    """The labels table of ``data`` split as a multi-label checkpoint's run split it (the multi-label
+    :func:`~finetune.data.prepare.split_like_run`).
+
+    ``data`` is a labels CSV, or the folder its paths are relative to. In order: the CSV's own split column; the
+    run's ``manifest.csv`` when all its files are under the data's root; the CSV split with the recipe's seed and
+    fractions (:func:`split_labels`). A folder takes the run's manifest, else the recipe's ``data.manifest``.
+
+    Raises:
+        FinetuneError: ``data`` does not exist; a folder with neither a run manifest nor a recipe labels CSV;
+            `read_labels_csv`'s errors.
+    """
+    data = Path(data)
+    if not data.exists():
+        raise FinetuneError(f"no such data folder or labels CSV: {data}")
+    recipe_root = recipe_data.get("root")
+    if data.is_file():
+        root = Path(recipe_root) if recipe_root and Path(recipe_root).is_dir() else data.parent
+        table = read_labels_csv(data, root=root)
+        if table.splits():
+            return table
+    else:
+        root, table = data, None
+    if run_manifest is not None and Path(run_manifest).is_file():
+        run_table = read_labels_csv(run_manifest, root=root, check_files=False)
+        if all((root / p).is_file() for p in run_table.paths):
+            return run_table
+    if table is None:
+        source = recipe_data.get("manifest")
+        if not source or not is_labels_csv(source):
+            raise FinetuneError(f"{data} is a folder: give the labels CSV of its images (--data LABELS.csv)")
+        table = read_labels_csv(source, root=root)
+        if table.splits():
+            return table
+
+    def fraction(key: str) -> float:
+        value = recipe_data.get(key)
+        return {"val": DEFAULT_VAL, "test": DEFAULT_TEST}[key] if value is None else float(value)
+
+    return split_labels(table, val=fraction("val"), test=fraction("test"), seed=int(recipe_data.get("seed") or 0))
+
+
+def targets_for(table: LabelsTable, splits: Sequence[str], classes: Sequence[str]) -> list[tuple[Path, np.ndarray]]:
+    """``(absolute path, float32 multi-hot target over classes)`` of the images of ``splits``: a model's label
+    order, whatever the table's.
+
+    Raises:
+        FinetuneError: a label the model does not know, named with the split and an image showing it.
+    """
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for rel, labels, split in zip(table.paths, table.labels, table.splits_list):
+        if split not in splits:
+            continue
+        target = np.zeros(len(classes), np.float32)
+        for label in labels:
+            if label not in index:
+                raise FinetuneError(f"unknown label {label!r} in the {split} split ({rel}): the checkpoint's labels "
+                                    f"are {', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''}")
+            target[index[label]] = 1
+        out.append((table.root / rel, target))
+    return out

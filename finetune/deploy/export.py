@@ -7,7 +7,9 @@ takes a float32 ``N×3×H×W`` batch (RGB, resized, centre-cropped and normalise
 named ``input`` and returns ``N×C`` logits named ``logits``. A calibrated checkpoint's temperature
 (:mod:`finetune.inference.temperature`) is divided out inside the ONNX and TorchScript graphs, so their softmax is what
 ``finetune predict`` gives; a safetensors export holds the raw weights and the JSON's ``temperature`` to
-divide by. The JSON of a calibrated export has ``temperature``.
+divide by. The JSON of a calibrated export has ``temperature``. A multi-label checkpoint's ONNX and TorchScript
+exports output ``probabilities`` instead: each label's sigmoid probability (divided by its calibration temperature
+first where calibrated), with ``task: multilabel`` and the per-label ``thresholds`` in the JSON.
 
 * ``onnx``: ``torch.onnx.export`` (the torch.export-based exporter) with a dynamic batch dimension. The
   JSON is also stored in the model's metadata (``metadata_props`` key ``finetune``), so the ``.onnx`` file
@@ -43,8 +45,8 @@ from finetune.deploy.onnx import (
     read_onnx_info,
 )
 from finetune.errors import FinetuneError
-from finetune.inference.temperature import TemperatureScaled, meta_temperature
-from finetune.models.checkpoint import load_checkpoint, refuse_multilabel, resolve_checkpoint
+from finetune.inference.temperature import LabelProbabilities, TemperatureScaled, meta_temperature, meta_temperatures
+from finetune.models.checkpoint import load_checkpoint, resolve_checkpoint
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": ".safetensors"}
 """Export format → file suffix."""
@@ -109,11 +111,12 @@ def export_model(
         model, meta, example = folder, {"preprocessing": info["preprocessing"]}, None
     else:
         model, meta = load_checkpoint(folder, map_location="cpu")
-        refuse_multilabel(meta, "finetune export")
         info = export_info(meta, format=format, filename=out.name, source=folder)
         example = torch.randn(2, *meta["preprocessing"]["input_size"])
         temperature = meta_temperature(meta)
-        if temperature != 1.0:  # calibrated: the graph divides the logits (safetensors: the JSON says to)
+        if meta.get("task") == "multilabel":
+            model = _multilabel_export(model, meta, info, format)
+        elif temperature != 1.0:  # calibrated: the graph divides the logits (safetensors: the JSON says to)
             info["temperature"] = temperature
             if format == "safetensors":
                 info["output"]["description"] += f"; divide the logits by temperature ({temperature:.6g}) first"
@@ -134,6 +137,28 @@ def export_model(
     atomic_write(out, lambda tmp: writer(model, example, info, tmp))
     atomic_write_text(sidecar, json.dumps(info, indent=2) + "\n")
     return out
+
+
+def _multilabel_export(model: torch.nn.Module, meta: dict[str, Any], info: dict[str, Any], format: str) -> torch.nn.Module:
+    """A multi-label checkpoint's export: ONNX and TorchScript output each label's (calibrated) sigmoid probability,
+    to compare with the JSON's ``thresholds``; safetensors keeps the raw weights, the JSON saying what to apply."""
+    temperatures = meta_temperatures(meta)
+    thresholds = meta.get("thresholds")
+    if thresholds is None:
+        thresholds = [0.5] * len(meta["classes"])
+    info["task"] = "multilabel"
+    info["thresholds"] = [float(t) for t in thresholds]
+    if temperatures is not None:
+        info["temperatures"] = [float(t) for t in temperatures]
+    if format == "safetensors":
+        info["output"]["description"] = (
+            "one logit per label, in the order of classes: " + ("divide by temperatures, then " if temperatures
+            is not None else "") + "sigmoid gives each label's probability; a label is predicted at or above its threshold")
+        return model
+    info["output"].update(name="probabilities", description=(
+        "each label's sigmoid probability" + (" (calibrated: the logits divided by temperatures)" if temperatures
+        is not None else "") + ", in the order of classes; a label is predicted at or above its threshold"))
+    return LabelProbabilities(model, temperatures)
 
 
 def export_info(meta: dict[str, Any], *, format: str, filename: str, source: str | os.PathLike) -> dict[str, Any]:

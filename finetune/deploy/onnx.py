@@ -16,6 +16,7 @@ import torch
 
 from finetune._io import read_text_file
 from finetune.data.decode import ImageDecodeError, load_image
+from finetune.data.multilabel import labels_like_run
 from finetune.data.prepare import split_like_run
 from finetune.data.transforms import preprocessing_transform
 from finetune.errors import FinetuneError, first_line
@@ -41,7 +42,7 @@ def _write_onnx(model: torch.nn.Module, example: torch.Tensor, info: dict[str, A
                             "pip install 'finetune[export]'") from None
     try:
         program = torch.onnx.export(
-            model, (example,), input_names=["input"], output_names=["logits"],
+            model, (example,), input_names=["input"], output_names=[info["output"]["name"]],
             dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
         )
     except Exception as e:  # torch.export raises many types for unsupported models
@@ -200,8 +201,9 @@ class OnnxModel(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
-        (logits,) = self.session.run(["logits"], {"input": array})
-        return torch.from_numpy(logits).to(images.device)
+        # a multi-label export's output is its sigmoid probabilities ("probabilities"), else logits
+        (outputs,) = self.session.run([self.info.get("output", {}).get("name", "logits")], {"input": array})
+        return torch.from_numpy(outputs).to(images.device)
 
 
 def quantization_images(checkpoint: str | os.PathLike, n: int, data: str | os.PathLike | None) -> list[str]:
@@ -226,6 +228,11 @@ def quantization_images(checkpoint: str | os.PathLike, n: int, data: str | os.Pa
         raise FinetuneError(f"static int8 quantisation needs the training images: the checkpoint's data "
                             f"({data or 'none recorded'}) is not here; give --data ROOT|MANIFEST")
     run_dir = run_folder_of(folder)
+    if read_meta(folder).get("task") == "multilabel":  # per first label in turn
+        table = labels_like_run(data, recipe_data, run_dir and run_dir / "manifest.csv")
+        if "train" not in table.splits():
+            raise FinetuneError(f"{data} has no train split to calibrate on")
+        return quantization_sample([(p, int(np.argmax(t))) for p, t in table.items("train")], n)
     manifest = split_like_run(data, recipe_data, run_dir and run_dir / "manifest.csv")
     if "train" not in manifest.splits():
         raise FinetuneError(f"{data} has no train split to calibrate on")

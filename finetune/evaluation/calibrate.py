@@ -10,7 +10,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from finetune.inference.temperature import fit_temperature, softmax
+from finetune.evaluation.multilabel import label_calibration
+from finetune.inference.temperature import (fit_label_temperatures, fit_temperature, meta_temperatures,
+                                            rescale_thresholds, sigmoid, softmax)
 from finetune.models.checkpoint import META_FILE, load_checkpoint, read_meta, resolve_checkpoint, write_json_atomic
 from finetune.errors import FinetuneError
 from finetune.evaluation.metrics import expected_calibration_error, negative_log_likelihood
@@ -72,3 +74,46 @@ def set_temperature(checkpoint: str | os.PathLike, temperature: float) -> None:
     meta = read_meta(file.parent)  # checked as every load checks it
     meta["temperature"] = float(temperature)
     write_json_atomic(file, meta)
+
+
+def calibrate_multilabel_checkpoint(
+    checkpoint: str | os.PathLike,
+    items: Sequence[tuple[str | os.PathLike, np.ndarray]],
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+    num_workers: int | str = 0,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Per-label temperature scaling of a multi-label checkpoint (:func:`fit_label_temperatures`) on ``items``
+    (``(path, multi-hot target)``), stored in its ``checkpoint.json`` as ``temperatures``. Its thresholds move to
+    the calibrated scale (:func:`rescale_thresholds`), so the labels it predicts do not change.
+
+    Returns:
+        ``temperatures``, ``ece_before``, ``ece_after`` (per-label binary ECE, averaged), ``loss_before``,
+        ``loss_after`` (binary cross-entropy) and ``num_samples``.
+
+    Raises:
+        FinetuneError: no items, or none readable.
+    """
+    if not items:
+        raise FinetuneError("nothing to calibrate on: no images")
+    folder = resolve_checkpoint(checkpoint)
+    device = torch.device(device)
+    model, meta = load_checkpoint(folder, map_location=device)
+    targets = np.stack([np.asarray(t) for _, t in items]).astype(np.int64)
+    indices, logits, _ = predict_probabilities(
+        model, [str(p) for p, _ in items], eval_transform(meta["preprocessing"]), device=device,
+        batch_size=batch_size, num_workers=num_workers, amp_dtype=amp_dtype, logits=True)
+    if not len(indices):
+        raise FinetuneError(f"none of the {len(items)} calibration images could be read")
+    labels = targets[indices]
+    temperatures = fit_label_temperatures(logits, labels)
+    meta = read_meta(folder)
+    previous = meta_temperatures(meta)
+    thresholds = np.asarray(meta.get("thresholds") or [0.5] * len(meta["classes"]), dtype=np.float64)
+    meta.update(temperatures=[float(t) for t in temperatures],
+                thresholds=[float(t) for t in rescale_thresholds(thresholds, temperatures, previous)])
+    write_json_atomic(folder / META_FILE, meta)
+    return {"temperatures": meta["temperatures"], **label_calibration(labels, sigmoid(logits), sigmoid(logits, temperatures)),
+            "num_samples": int(len(labels))}

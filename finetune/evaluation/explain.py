@@ -52,7 +52,7 @@ class Explanation:
         image: what the model saw (after its resize and crop), H×W×3 uint8 RGB.
         cam: the map for ``target``, H×W float32 in [0, 1] (all zero where no position supports it).
         target: the class index explained.
-        probabilities: the model's softmax over all classes.
+        probabilities: the model's softmax over all classes (a multi-label model's: per-label sigmoids).
     """
 
     image: np.ndarray
@@ -72,7 +72,8 @@ def supports_cam(model: nn.Module) -> bool:
             and hasattr(backbone, "forward_head"))
 
 
-def grad_cam(model: nn.Module, images: torch.Tensor, targets: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_cam(model: nn.Module, images: torch.Tensor, targets: Sequence[int] | None = None, *,
+             multilabel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-CAM of a batch.
 
     Args:
@@ -80,6 +81,7 @@ def grad_cam(model: nn.Module, images: torch.Tensor, targets: Sequence[int] | No
             head), in eval mode.
         images: N×3×H×W, preprocessed, on the model's device.
         targets: the class to explain for each image; default the predicted one.
+        multilabel: the probabilities are per-label sigmoids (a multi-label model), not a softmax.
 
     Returns:
         ``(probabilities N×C, maps N×H×W in [0, 1])``, on the CPU.
@@ -108,7 +110,8 @@ def grad_cam(model: nn.Module, images: torch.Tensor, targets: Sequence[int] | No
     cam = torch.relu((weights * grid).sum(dim=1, keepdim=True))
     cam = nn.functional.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).max(dim=1).values.clamp_min(1e-12).view(-1, 1, 1)
-    return logits.detach().softmax(dim=1).cpu(), (cam / peak).cpu()
+    probabilities = logits.detach().sigmoid() if multilabel else logits.detach().softmax(dim=1)
+    return probabilities.cpu(), (cam / peak).cpu()
 
 
 def explain_images(
@@ -121,6 +124,7 @@ def explain_images(
     targets: Sequence[int] | None = None,
     device: str | torch.device = "cpu",
     batch_size: int = 16,
+    multilabel: bool = False,
 ) -> tuple[list[Explanation | None], dict[int, str]]:
     """Grad-CAM of image files (or uint8 RGB arrays), in batches.
 
@@ -133,6 +137,7 @@ def explain_images(
         targets: the class to explain per source; default the predicted one.
         device: where the model runs.
         batch_size: images per forward and backward pass.
+        multilabel: per-label sigmoid probabilities (:func:`grad_cam`).
 
     Returns:
         ``(explanations, errors)``: one :class:`Explanation` per source (``None`` where it could not be
@@ -161,7 +166,7 @@ def explain_images(
             chunk = [(i, x) for (i, _), x in zip(chunk, batch)]
         batch = batch.to(device)
         chosen = None if targets is None else [int(targets[i]) for i, _ in chunk]
-        probs, cams = grad_cam(model, batch, chosen)
+        probs, cams = grad_cam(model, batch, chosen, multilabel=multilabel)
         for row, (i, x) in enumerate(chunk):
             seen = ((x * std_t + mean_t).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
             target = int(probs[row].argmax()) if chosen is None else chosen[row]
@@ -228,6 +233,8 @@ def write_explanations(
     target: str | None = None,
     device: str | torch.device = "cpu",
     batch_size: int = 16,
+    thresholds: Sequence[float] | None = None,
+    temperatures: Sequence[float] | None = None,
 ) -> list[dict[str, Any]]:
     """Grad-CAM overlays of image files, written into ``out_dir``.
 
@@ -245,6 +252,11 @@ def write_explanations(
         target: the class to explain for every image; default each image's predicted class.
         device: where the model runs.
         batch_size: images per forward and backward pass.
+        thresholds: a multi-label checkpoint's per-label thresholds: probabilities are then sigmoids, the default
+            label explained is the most probable one, and each record lists ``labels``, those at or above their
+            thresholds.
+        temperatures: a calibrated multi-label checkpoint's per-label temperatures, applied to the probabilities
+            (its thresholds are on that scale).
 
     Returns:
         The records of ``explanations.json``.
@@ -258,7 +270,8 @@ def write_explanations(
         raise FinetuneError(f"unknown class {target!r} (the checkpoint's classes: {shown})")
     targets = None if target is None else [list(classes).index(target)] * len(sources)
     explanations, errors = explain_images(model, sources, eval_transform(preprocessing), mean=preprocessing["mean"],
-                                   std=preprocessing["std"], targets=targets, device=device, batch_size=batch_size)
+                                   std=preprocessing["std"], targets=targets, device=device, batch_size=batch_size,
+                                   multilabel=thresholds is not None)
     if len(errors) == len(sources):
         first = min(errors)
         raise FinetuneError(f"none of the {len(sources)} image(s) could be read (first: {sources[first]}: {errors[first]})")
@@ -269,13 +282,19 @@ def write_explanations(
             records.append({"path": str(source), "predicted": None, "probability": None, "explained": None,
                             "explained_probability": None, "overlay": None, "error": errors[i]})
             continue
-        predicted = int(e.probabilities.argmax())
+        probs = e.probabilities
+        if temperatures is not None:  # sigmoid(logit / T) from sigmoid(logit)
+            p = np.clip(probs.astype(np.float64), 1e-12, 1 - 1e-12)
+            probs = 1 / (1 + np.exp(-np.log(p / (1 - p)) / np.asarray(temperatures)))
+        predicted = int(probs.argmax())
         name = f"{i:04d}-{_safe_stem(source)}.png"
         picture = e.overlay()
         atomic_write_bytes(out / name, encode(picture, size=None, format="PNG"))
-        record = {"path": str(source), "predicted": classes[predicted], "probability": float(e.probabilities[predicted]),
-                  "explained": classes[e.target], "explained_probability": float(e.probabilities[e.target]),
+        record = {"path": str(source), "predicted": classes[predicted], "probability": float(probs[predicted]),
+                  "explained": classes[e.target], "explained_probability": float(probs[e.target]),
                   "overlay": name, "error": None}
+        if thresholds is not None:
+            record["labels"] = [classes[c] for c in np.argsort(-probs, kind="stable") if probs[c] >= thresholds[c]]
         records.append(record)
         figures.append(
             f'<figure title="{escape(source)}"><img class="heat-map" alt="{escape(source)}" '

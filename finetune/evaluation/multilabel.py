@@ -100,7 +100,10 @@ def tune_thresholds(y_true, y_prob) -> dict[str, Any]:
     maximises micro F1.
 
     A label's candidates are its own predicted probabilities (scikit-learn's ``precision_recall_curve``); of
-    equal F1, the highest threshold wins (fewer false positives). A label without a positive here keeps 0.5.
+    equal F1, the highest wins (fewer false positives). The threshold returned is halfway between that probability
+    and the next lower one seen (half of it where none is lower): it predicts exactly the same on these images, with
+    the widest margin on both sides, so a prediction at the boundary does not flip with rounding (float32 against
+    float64, or a calibration's rescaling). A label without a positive here keeps 0.5.
 
     Returns:
         ``{"per_class": [C floats], "global": float, "f1": [C floats] (each label's F1 at its threshold),
@@ -125,7 +128,8 @@ def _best_f1(truth: np.ndarray, prob: np.ndarray) -> tuple[float, float]:
     precision, recall = precision[:-1], recall[:-1]  # the last point has no threshold
     f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
     best = np.flatnonzero(f1 >= f1.max() - 1e-12)[-1]  # thresholds ascend: the last of the best is the highest
-    return float(thresholds[best]), float(f1[best])
+    below = thresholds[best - 1] if best else 0.0
+    return float((below + thresholds[best]) / 2), float(f1[best])
 
 
 def confused_label_pairs(y_true, y_prob, *, class_names: Sequence[str], thresholds=None,
@@ -143,3 +147,29 @@ def confused_label_pairs(y_true, y_prob, *, class_names: Sequence[str], threshol
                          "of_false_positives": count / int(false_positive[:, a].sum())})
     rows.sort(key=lambda r: (-r["count"], r["predicted"], r["present"]))
     return rows[:limit]
+
+
+def binary_calibration_error(y_true, y_prob, bins: int = 15) -> float:
+    """The mean over labels of each label's expected calibration error as a binary problem: the sample-weighted
+    gap between the frequency of the label and its mean predicted probability over ``bins`` equal-width bins."""
+    y_true, y_prob = _check(y_true, y_prob)
+    which = np.clip(np.ceil(y_prob * bins).astype(np.int64) - 1, 0, bins - 1)
+    errors = []
+    for c in range(y_true.shape[1]):
+        gap = sum((which[:, c] == b).sum() * abs(y_true[which[:, c] == b, c].mean() - y_prob[which[:, c] == b, c].mean())
+                  for b in np.unique(which[:, c]))
+        errors.append(gap / len(y_true))
+    return float(np.mean(errors))
+
+
+def binary_log_loss(y_true, y_prob) -> float:
+    """Mean binary cross-entropy over every image and label, probabilities clipped at 1e-12."""
+    y_true, y_prob = _check(y_true, y_prob)
+    p = np.clip(y_prob, 1e-12, 1 - 1e-12)
+    return float(-(y_true * np.log(p) + (1 - y_true) * np.log(1 - p)).mean())
+
+
+def label_calibration(y_true, before, after) -> dict[str, float]:
+    """ECE (per label, averaged) and binary log loss of uncalibrated and calibrated multi-label probabilities."""
+    return {"ece_before": binary_calibration_error(y_true, before), "ece_after": binary_calibration_error(y_true, after),
+            "loss_before": binary_log_loss(y_true, before), "loss_after": binary_log_loss(y_true, after)}

@@ -172,3 +172,37 @@ def reliability_png(y_true: np.ndarray, curves: Sequence[tuple[str, np.ndarray]]
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return figure_png(fig, dpi=_DPI)
+
+
+def pr_curves_png(y_true: np.ndarray, y_prob: np.ndarray, names: Sequence[str], thresholds: Sequence[float],
+                  columns: int = 5) -> bytes:
+    """Per-label precision-recall curves of a multi-label evaluation (scikit-learn's ``precision_recall_curve``),
+    a grid of small plots titled with each label's AP, the dot marking its operating point at ``thresholds``; a
+    label without a positive gets an empty plot saying so."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
+    count = len(names)
+    columns = min(columns, max(count, 1))
+    rows = -(-count // columns)
+    fig = Figure(figsize=(2.6 * columns, 2.4 * rows))
+    for c, name in enumerate(names):
+        ax = fig.add_subplot(rows, columns, c + 1)
+        ax.set(xlim=(0, 1), ylim=(0, 1.02))
+        ax.tick_params(labelsize=7)
+        if not y_true[:, c].any():
+            ax.set_title(f"{name}: no positive", fontsize=8)
+            continue
+        precision, recall, _ = precision_recall_curve(y_true[:, c], y_prob[:, c])
+        ax.plot(recall, precision, lw=1.2)
+        chosen = y_prob[:, c] >= thresholds[c]
+        hits = int((chosen & (y_true[:, c] == 1)).sum())
+        ax.plot([hits / y_true[:, c].sum()], [hits / chosen.sum() if chosen.any() else 1.0], "o", color="C3", ms=4)
+        ax.set_title(f"{name}: AP {average_precision_score(y_true[:, c], y_prob[:, c]):.3f}", fontsize=8)
+        ax.grid(alpha=0.3)
+        if c % columns == 0:
+            ax.set_ylabel("precision", fontsize=7)
+        if c >= count - columns:
+            ax.set_xlabel("recall", fontsize=7)
+    fig.tight_layout()
+    return figure_png(fig, dpi=_DPI)

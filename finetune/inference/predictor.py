@@ -42,7 +42,7 @@ from finetune.data import (
 from finetune.data.device_decode import device_decoding
 from finetune.data.transforms import normalizer_of
 from finetune.errors import FinetuneError
-from finetune.inference.temperature import meta_temperature, scaled
+from finetune.inference.temperature import meta_temperature, meta_temperatures, scaled, sigmoid
 from finetune.inference.tta import VIEWS, TtaModel, TtaTransform
 from finetune.models.checkpoint import load_checkpoint
 
@@ -90,6 +90,8 @@ class Predictor:
         thresholds: a multi-label checkpoint's per-label thresholds (tuned on validation at the end of training):
             the model's outputs are then per-label sigmoid probabilities, and an image's labels are those at or
             above their thresholds.
+        temperatures: a calibrated multi-label checkpoint's per-label temperatures (``finetune calibrate``): each
+            logit is divided by its label's before the sigmoid.
 
     Attributes:
         model: the ``nn.Module``.
@@ -97,7 +99,7 @@ class Predictor:
         preprocessing: as given.
         transform: the eval pipeline, ``transform(image=uint8_rgb_array)["image"]`` → 3×H×W tensor.
         device: the ``torch.device``.
-        temperature: as given.
+        temperature, thresholds, temperatures: as given (arrays, or None).
     """
 
     def __init__(
@@ -109,7 +111,9 @@ class Predictor:
         device: str | torch.device = "cpu",
         temperature: float = 1.0,
         thresholds: Sequence[float] | None = None,
+        temperatures: Sequence[float] | None = None,
     ):
+        self.temperatures = None if temperatures is None else np.asarray(temperatures, dtype=np.float64)
         self.thresholds = None if thresholds is None else np.asarray(thresholds, dtype=np.float64)
         if self.thresholds is not None and len(self.thresholds) != len(classes):
             raise FinetuneError(f"{len(self.thresholds)} thresholds for {len(classes)} classes")
@@ -130,7 +134,7 @@ class Predictor:
         if meta.get("task") == "multilabel" and thresholds is None:
             thresholds = [0.5] * len(meta["classes"])
         return cls(model, classes=meta["classes"], preprocessing=meta["preprocessing"], device=device,
-                   temperature=meta_temperature(meta), thresholds=thresholds)
+                   temperature=meta_temperature(meta), thresholds=thresholds, temperatures=meta_temperatures(meta))
 
     def predict(
         self,
@@ -194,7 +198,7 @@ class Predictor:
         indices, logits, errors = predict_probabilities(
             self.model, sources, self.transform, device=self.device, batch_size=batch_size, num_workers=num_workers,
             logits=True)
-        probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+        probs = sigmoid(logits, self.temperatures)
         cut = self.thresholds if threshold is None else np.full(len(self.classes), float(threshold))
         results = [Prediction(path=_path_of(s), error=errors.get(i)) for i, s in enumerate(sources)]
         for row, i in enumerate(indices):

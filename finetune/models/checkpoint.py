@@ -317,10 +317,3 @@ def run_folder_of(checkpoint: str | Path) -> Optional[Path]:
     checkpoint = Path(checkpoint)
     run_dir = checkpoint.parent.parent
     return run_dir if checkpoint.parent.name == "checkpoints" and (run_dir / "metrics.csv").is_file() else None
-
-
-def refuse_multilabel(meta: dict[str, Any], command: str) -> None:
-    """One line for a command that does not handle multi-label checkpoints yet (train, predict do)."""
-    if meta.get("task") == "multilabel":
-        raise FinetuneError(f"{command} of multi-label checkpoints is not in this version yet (finetune predict "
-                            "applies their thresholds; the run's eval/metrics.json holds their test metrics)")

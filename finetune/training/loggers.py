@@ -38,7 +38,7 @@ from finetune._io import atomic_write_text
 from finetune.config import resolved_dict
 
 EPOCH_KEYS = ("epoch", "stage", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1",
-              "val_balanced_acc", "images_per_s", "seconds")
+              "val_balanced_acc", "images_per_s", "seconds", "val_map")
 """The per-epoch values logged: the columns of ``metrics.csv``."""
 
 IMAGES = ("training_curves.png", "eval/confusion_matrix.png", "eval/confusion_matrix_normalized.png")

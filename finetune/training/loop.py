@@ -128,7 +128,8 @@ def train_one_epoch(
             targets = labels
             if mix is not None:
                 inputs, targets = mix(inputs, labels)
-                labels = targets.argmax(1)  # the dominant class, for the accuracy
+                # the dominant class, for the accuracy; multi-hot: the labels mixed in at half weight or more
+                labels = targets.argmax(1) if labels.ndim == 1 else (targets >= 0.5).to(targets.dtype)
             window = min(accumulation, n_batches - step + step % accumulation)  # micro-batches in this update
             # DDP: only the micro-batch that ends an update all-reduces gradients
             sync = contextlib.nullcontext() if boundary or not hasattr(model, "no_sync") else model.no_sync()

@@ -14,18 +14,19 @@ import numpy as np
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from finetune._io import atomic_write_bytes, atomic_write_text, csv_text
+from finetune._io import atomic_write_bytes, atomic_write_text
 from finetune.evaluation import evaluate
-from finetune.evaluation.calibrate import calibrate_checkpoint
-from finetune.evaluation.multilabel import confused_label_pairs, multilabel_metrics, tune_thresholds
+from finetune.evaluation.calibrate import calibrate_checkpoint, calibrate_multilabel_checkpoint
+from finetune.evaluation.multilabel import tune_thresholds
+from finetune.evaluation.multilabel_evaluator import evaluate_multilabel
 from finetune.evaluation.plots import figure_png
-from finetune.inference.temperature import meta_temperature
+from finetune.inference.temperature import meta_temperature, meta_temperatures, sigmoid
 from finetune.inference.predictor import eval_transform, predict_probabilities
 from finetune.models.checkpoint import META_FILE, load_checkpoint, read_meta, write_json_atomic
 
 METRIC_COLUMNS = [
     "stage", "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1",
-    "val_balanced_acc", "images_per_s", "seconds",
+    "val_balanced_acc", "images_per_s", "seconds", "val_map",
 ]
 
 
@@ -67,10 +68,17 @@ def epoch_row(*, stage: int, epoch: int, lr: float, totals: list[float], seconds
         "images_per_s": totals[2] / seconds if seconds else 0.0,
         "seconds": seconds,
         "updates": updates,
+        **({"val_map": val["map"]} if "map" in val else {}),  # multi-label: macro mAP (val_acc: subset accuracy)
     }
 
 
 def log_epoch(where: str, row: dict[str, Any], best: bool) -> None:
+    if "val_map" in row:  # multi-label: its selection metric, and subset accuracy for "acc"
+        logging.getLogger("finetune").info(
+            "%s: train loss %.4f | val loss %.4f mAP %.4f macro-F1 %.4f subset acc %.4f | %.0f img/s%s", where,
+            row["train_loss"], row["val_loss"], row["val_map"], row["val_macro_f1"], row["val_acc"],
+            row["images_per_s"], " | best" if best else "")
+        return
     logging.getLogger("finetune").info(
         "%s: train loss %.4f acc %.4f | val loss %.4f acc %.4f macro-F1 %.4f | %.0f img/s%s", where, row["train_loss"],
         row["train_acc"], row["val_loss"], row["val_acc"], row["val_macro_f1"], row["images_per_s"],
@@ -102,15 +110,20 @@ def plot_training_curves(history: list[dict[str, Any]], path: Path) -> None:
     ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
-    ax_acc.plot(epochs, [r["train_acc"] for r in history], "o-", label="train")
-    ax_acc.plot(epochs, [r["val_acc"] for r in history], "o-", label="val")
+    multilabel = bool(history) and "val_map" in history[-1]
+    if multilabel:  # its accuracy is subset accuracy; mAP is what selects
+        ax_acc.plot(epochs, [r["val_map"] for r in history], "o-", label="val mAP")
+        ax_acc.plot(epochs, [r["val_acc"] for r in history], "o-", label="val subset accuracy")
+    else:
+        ax_acc.plot(epochs, [r["train_acc"] for r in history], "o-", label="train")
+        ax_acc.plot(epochs, [r["val_acc"] for r in history], "o-", label="val")
     ax_acc.plot(epochs, [r["val_macro_f1"] for r in history], "s--", label="val macro-F1")
     for prev, row in zip(history, history[1:]):
         if row["stage"] != prev["stage"]:
             for ax in (ax_loss, ax_acc):
                 ax.axvline(prev["epoch"] + 0.5, color="grey", lw=0.8, ls=":")
     ax_loss.set(title="loss", xlabel="epoch")
-    ax_acc.set(title="accuracy", xlabel="epoch")
+    ax_acc.set(title="mAP and accuracy" if multilabel else "accuracy", xlabel="epoch")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -161,39 +174,41 @@ def evaluate_test(run_dir: Path, items: list[tuple[Path, int]], *, device, batch
 
 
 def finish_multilabel(run_dir: Path, val_items: list, test_items: list, *, device, batch_size: int, num_workers,
-                      amp_dtype) -> dict[str, Any]:
+                      amp_dtype, calibrate: bool = False) -> dict[str, Any]:
     """The end of a multi-label run: per-label thresholds (and a global one) that maximise F1 on the validation
-    split, written into ``checkpoints/best``, then the test split evaluated at them into ``run_dir/eval``
-    (``metrics.json``, ``per_class.csv``). Returns the summary's ``thresholds`` and ``test``."""
+    split, written into ``checkpoints/best``; with ``calibrate``, per-label temperatures fitted on the same split
+    (the thresholds moved to their scale); then the test split evaluated at them into ``run_dir/eval``
+    (:func:`~finetune.evaluation.multilabel_evaluator.evaluate_multilabel`). Returns the summary's
+    ``thresholds``, ``calibration`` and ``test``."""
     folder = run_dir / "checkpoints" / "best"
     model, meta = load_checkpoint(folder, map_location=device)
     model.eval()
-
-    def sigmoid_of(items):
-        indices, logits, _ = predict_probabilities(model, [str(p) for p, _ in items], eval_transform(meta["preprocessing"]),
-                                                   device=device, batch_size=batch_size, num_workers=num_workers,
-                                                   amp_dtype=amp_dtype, logits=True)
-        return np.stack([items[i][1] for i in indices]).astype(np.int64), 1 / (1 + np.exp(-logits.astype(np.float64)))
-
-    targets, probs = sigmoid_of(val_items)
-    tuned = tune_thresholds(targets, probs)
+    indices, logits, _ = predict_probabilities(model, [str(p) for p, _ in val_items], eval_transform(meta["preprocessing"]),
+                                               device=device, batch_size=batch_size, num_workers=num_workers,
+                                               amp_dtype=amp_dtype, logits=True)
+    targets = np.stack([val_items[i][1] for i in indices]).astype(np.int64)
+    tuned = tune_thresholds(targets, sigmoid(logits))
     meta = read_meta(folder)
     meta.update(task="multilabel", thresholds=[float(t) for t in tuned["per_class"]], threshold=tuned["global"])
+    meta.pop("temperatures", None)
     write_json_atomic(folder / META_FILE, meta)
-    logging.getLogger("finetune").info("multi-label thresholds tuned on %d val images: global %.3f, per label %s",
-                                       len(targets), tuned["global"], ", ".join(f"{t:.2f}" for t in tuned["per_class"]))
+    log = logging.getLogger("finetune")
+    log.info("multi-label thresholds tuned on %d val images: global %.3f, per label %s", len(targets), tuned["global"],
+             ", ".join(f"{t:.2f}" for t in tuned["per_class"]))
     out: dict[str, Any] = {"thresholds": {"per_class": meta["thresholds"], "global": meta["threshold"],
                                           "val_f1": tuned["f1"]}}
+    if calibrate:
+        out["calibration"] = calibrate_multilabel_checkpoint(folder, val_items, device=device, batch_size=batch_size,
+                                                             num_workers=num_workers, amp_dtype=amp_dtype)
+        log.info("calibration: per-label temperatures %s, val ECE %.4f -> %.4f",
+                 ", ".join(f"{t:.2f}" for t in out["calibration"]["temperatures"]), out["calibration"]["ece_before"],
+                 out["calibration"]["ece_after"])
     if test_items:
-        targets, probs = sigmoid_of(test_items)
-        metrics = multilabel_metrics(targets, probs, class_names=meta["classes"], thresholds=meta["thresholds"])
-        metrics["confused_pairs"] = confused_label_pairs(targets, probs, class_names=meta["classes"],
-                                                         thresholds=meta["thresholds"])
-        eval_dir = run_dir / "eval"
-        eval_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(eval_dir / "metrics.json", metrics)
-        columns = ["class", "ap", "precision", "recall", "f1", "support", "tp", "fp", "fn", "tn", "threshold"]
-        atomic_write_text(eval_dir / "per_class.csv", csv_text(columns, [[r[c] for c in columns] for r in metrics["per_class"]]))
+        model, meta = load_checkpoint(folder, map_location=device)
+        metrics = evaluate_multilabel(model, test_items, class_names=meta["classes"], preprocessing=meta["preprocessing"],
+                                      out_dir=run_dir / "eval", thresholds=meta["thresholds"],
+                                      temperatures=meta_temperatures(meta), device=str(device), batch_size=batch_size,
+                                      num_workers=num_workers, run_dir=run_dir, amp_dtype=amp_dtype)
         out["test"] = {"map": metrics["map_macro"], "map_micro": metrics["map_micro"],
                        "accuracy": metrics["subset_accuracy"], "macro_f1": metrics["f1_macro"],
                        "f1_micro": metrics["f1_micro"], "hamming_loss": metrics["hamming_loss"],
@@ -208,8 +223,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"best: epoch {summary['best_epoch']}, val {bm['name']} {bm['value']:.4f}")
     if "test" in summary:
         t = summary["test"]
-        lines.append(f"test: accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f}"
-                     + (f"; with {t['tta']['views']} TTA: accuracy {t['tta']['accuracy']:.4f}" if "tta" in t else ""))
+        if "map" in t:
+            lines.append(f"test: mAP {t['map']:.4f} (micro {t['map_micro']:.4f}), micro-F1 {t['f1_micro']:.4f}, "
+                         f"subset accuracy {t['accuracy']:.4f}, Hamming loss {t['hamming_loss']:.4f}")
+        else:
+            lines.append(f"test: accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f}"
+                         + (f"; with {t['tta']['views']} TTA: accuracy {t['tta']['accuracy']:.4f}" if "tta" in t else ""))
     lines.append(f"best checkpoint: {summary['best_checkpoint']}")
     return "\n".join(lines)
 

@@ -233,10 +233,7 @@ class Runner:
                 seed=cfg.seed, batch_size=cfg.eval_batch_size,
                 num_workers=auto_workers(data.num_workers, self.dist.local_world_size), channels_last=cfg.channels_last)
         mix = stage_mixer(as_plain(stage.mixup), as_plain(cfg.mixup), input_size=self.preprocessing["input_size"],
-                          num_classes=len(self.classes))
-        if mix is not None and self.task == "multilabel":
-            raise FinetuneError("Mixup/CutMix (training.mixup) mixes single-label targets; for multi-label data turn "
-                                "it off (training.mixup: null), or use an input size below 160 px with mixup: auto")
+                          num_classes=len(self.classes), multilabel=self.task == "multilabel")
         return stage_inputs(self.model, eval_model or self._eval_model(), cached=cached, image_loader=loader, mix=mix,
                             batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
                             dist=self.dist)
@@ -287,7 +284,7 @@ class Runner:
         if self.task == "multilabel":
             if best and self.is_main:
                 test = self.items("test") if self.recipe.output.evaluate_test and "test" in self.manifest.splits() else []
-                summary.update(finish_multilabel(run_dir, self.items("val"), test, **run))
+                summary.update(finish_multilabel(run_dir, self.items("val"), test, calibrate=ev.calibrate, **run))
         elif best and self.is_main and ev.calibrate:  # on the val split, before the test evaluation, which uses it
             summary["calibration"] = calibrate_best(run_dir, self.items("val"), **run)
         if (self.task != "multilabel" and best and self.recipe.output.evaluate_test and "test" in self.manifest.splits()

@@ -123,10 +123,7 @@ def test_a_bad_labels_csv_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_auditing_a_labels_csv_is_refused_in_one_line_for_now(tmp_path, capsys):
-    csv_path = _write(tmp_path / "photos", [("a.png", "x"), ("b.png", "y")])
-    out = tmp_path / "audit"
-    code = main(["data", "audit", str(csv_path), "--out", str(out), "--pretrained", "none", "--backbone", "test_resnet"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and err.count("\n") == 0 and "multi-label labels CSV" in err
-    assert not out.exists()
+def test_a_labels_csv_of_test_images_only_reads_for_evaluation(tmp_path):
+    csv_path = _write(tmp_path, [("a.png", "x", "test"), ("b.png", "y", "test")], header="path,labels,split")
+    table = read_labels_csv(csv_path)
+    assert table.splits() == ["test"] and table.classes == ["x", "y"]

@@ -41,12 +41,13 @@ def test_a_label_without_positives_is_left_out_of_the_macro_map_and_counted():
 
 
 def test_thresholds_maximise_f1_on_a_case_with_a_known_answer():
-    """Label 0: positives score 0.7 and 0.8, negatives 0.1-0.3 and one at 0.75: best F1 (0.8) at 0.7, not 0.5.
-    Label 1: positives at 0.2 and 0.25, negatives below 0.15: its best threshold is 0.2 (F1 1.0)."""
-    prob = np.array([[0.7, 0.2], [0.8, 0.25], [0.1, 0.1], [0.2, 0.05], [0.3, 0.12], [0.75, 0.0]])
+    """Label 0: positives score 0.7 and 0.8, negatives 0.1, 0.2, 0.6 and 0.75: best F1 (0.8) for a threshold in
+    (0.6, 0.7], so 0.65 (the middle), not 0.5 (F1 0.67). Label 1: positives at 0.2 and 0.25, negatives at 0.12 and
+    below: F1 1.0 in (0.12, 0.2], so 0.16."""
+    prob = np.array([[0.7, 0.2], [0.8, 0.25], [0.1, 0.1], [0.2, 0.05], [0.6, 0.12], [0.75, 0.0]])
     y = np.array([[1, 1], [1, 1], [0, 0], [0, 0], [0, 0], [0, 0]])
     tuned = tune_thresholds(y, prob)
-    assert tuned["per_class"] == pytest.approx([0.7, 0.2])
+    assert tuned["per_class"] == pytest.approx([0.65, 0.16])
     assert tuned["f1"] == pytest.approx([0.8, 1.0])
     at_tuned = multilabel_metrics(y, prob, class_names=["a", "b"], thresholds=tuned["per_class"])
     at_half = multilabel_metrics(y, prob, class_names=["a", "b"])

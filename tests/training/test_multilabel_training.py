@@ -99,7 +99,11 @@ def test_a_labels_csv_trains_with_bce_on_multi_hot_targets_and_tunes_thresholds_
         logits = predictor.model(torch.stack([cpu(image=load_image(p))["image"] for p, _ in val])).double()
     probs = torch.sigmoid(logits).numpy()
     expected = tune_thresholds(np.stack([y for _, y in val]).astype(int), probs)["per_class"]
-    np.testing.assert_allclose(meta["thresholds"], expected, rtol=1e-4, atol=1e-5)
+    # calibrated (evaluation.calibrate, the default): the same logit cuts, read on the temperature-scaled sigmoid
+    from finetune.inference.temperature import rescale_thresholds
+
+    assert len(meta["temperatures"]) == DIGITS
+    np.testing.assert_allclose(meta["thresholds"], rescale_thresholds(expected, meta["temperatures"]), rtol=1e-4, atol=1e-5)
 
     # predict returns every label at or above its threshold; --threshold overrides them
     paths = [str(p) for p, _ in val[:6]]
@@ -119,34 +123,40 @@ def test_a_labels_csv_trains_with_bce_on_multi_hot_targets_and_tunes_thresholds_
     assert test["num_samples"] == summary["test"]["num_samples"] > 0
     assert 0 <= test["map_macro"] <= 1 and [r["threshold"] for r in test["per_class"]] == meta["thresholds"]
 
-    # the commands that do not handle multi-label checkpoints yet say so in one line, writing nothing
-    capsys.readouterr()
-    data = mosaic_recipe["data"]["root"]
-    for argv, written in ((["eval", str(tmp_path / "run"), "--data", data, "--out", str(tmp_path / "ev")], tmp_path / "ev"),
-                          (["export", str(tmp_path / "run"), "--format", "torchscript", "--out", str(tmp_path / "m.pt")],
-                           tmp_path / "m.pt")):
-        assert main(argv) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and "multi-label checkpoints is not in this version yet" in err
-        assert not written.exists()
 
 
-def test_multi_label_refuses_the_class_balanced_sampler_and_mixup_in_one_line(mosaic_recipe, tmp_path):
+def test_multi_label_refuses_the_class_balanced_sampler_in_one_line(mosaic_recipe, tmp_path):
     from finetune.errors import FinetuneError
 
     sampler = copy.deepcopy(mosaic_recipe)
     sampler["data"]["balance"] = "sampler"
-    with pytest.raises(FinetuneError, match="balance: sampler"):
+    with pytest.raises(FinetuneError, match="balance: sampler") as raised:
         _runner(sampler, tmp_path / "a")
+    assert "\n" not in str(raised.value)
+
+
+def test_multi_label_mixup_trains_on_mixed_multi_hot_targets(mosaic_recipe, tmp_path, monkeypatch):
+    seen = []
+    real = runner_module.train_one_epoch
+
+    def spy(module, loader, optimizer, loss_fn, **kwargs):
+        inputs, labels = next(iter(loader))[:2]
+        seen.append(kwargs["mix"](inputs.clone(), labels)[1])
+        return real(module, loader, optimizer, loss_fn, **kwargs)
+
+    monkeypatch.setattr(runner_module, "train_one_epoch", spy)
     mixed = copy.deepcopy(mosaic_recipe)
-    mixed["training"]["mixup"] = {"mixup_alpha": 0.2}
+    mixed["training"]["mixup"] = {"mixup_alpha": 0.4, "cutmix_alpha": 0.0}
     mixed["stages"] = [{"name": "all", "epochs": 1, "train": "all"}]
     runner = _runner(mixed, tmp_path / "b")
     try:
-        with pytest.raises(FinetuneError, match="Mixup/CutMix"):
-            runner.train()
+        runner.train()
     finally:
         runner.cleanup()
+    (targets,) = seen
+    assert targets.shape[1] == DIGITS and targets.dtype == torch.float32
+    assert ((targets > 0) & (targets < 1)).any()  # mixed, not multi-hot
+    assert (targets.sum(1) >= 1 - 1e-6).all()  # each row a blend of two label sets of 1-3 labels
 
 
 def test_single_label_runs_keep_cross_entropy_and_accuracy_selection(tiny_recipe, tmp_path):
@@ -157,3 +167,45 @@ def test_single_label_runs_keep_cross_entropy_and_accuracy_selection(tiny_recipe
         assert "task" not in runner._meta()
     finally:
         runner.cleanup()
+
+
+@pytest.mark.slow
+def test_an_interrupted_multilabel_run_resumes_to_the_same_weights_metrics_and_thresholds(mosaic_recipe, tmp_path,
+                                                                                           monkeypatch):
+    from finetune.models.checkpoint import read_weights
+    from finetune.training.runner import run_training
+
+    raw = copy.deepcopy(mosaic_recipe)
+    raw["stages"] = [{"name": "head", "epochs": 1, "train": "head"}, {"name": "all", "epochs": 2, "train": "all"}]
+    raw["training"].update(mixup={"mixup_alpha": 0.4, "cutmix_alpha": 0.0}, ema=0.9)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_training(parse_recipe(raw), raw, run_dir=full, quiet=True)
+
+    class Interrupted(Exception):
+        pass
+
+    save = Runner.save_checkpoint
+    calls = []
+
+    def save_then_die(self, optimizer):
+        save(self, optimizer)
+        calls.append(1)
+        if len(calls) == 2:  # after the first epoch of the "all" stage, mixing and EMA under way
+            raise Interrupted
+
+    with monkeypatch.context() as m:
+        m.setattr(Runner, "save_checkpoint", save_then_die)
+        with pytest.raises(Interrupted):
+            run_training(parse_recipe(raw), raw, run_dir=resumed, quiet=True)
+    assert main(["train", "--resume", str(resumed), "--quiet"]) == 0
+
+    def rows(run):
+        with open(run / "metrics.csv") as f:
+            return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in csv.DictReader(f)]
+
+    assert len(rows(full)) == 3 and rows(resumed) == rows(full) and rows(full)[0]["val_map"]
+    for which in ("last", "best"):
+        a, b = read_weights(full / "checkpoints" / which), read_weights(resumed / "checkpoints" / which)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), which
+    meta = [json.loads((run / "checkpoints" / "best" / "checkpoint.json").read_text()) for run in (full, resumed)]
+    assert meta[0]["thresholds"] == meta[1]["thresholds"] and meta[0]["temperatures"] == meta[1]["temperatures"]
