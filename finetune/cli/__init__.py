@@ -14,7 +14,7 @@ from finetune._version import __version__
 from finetune.errors import FinetuneError, one_line
 
 # Sub-command modules, in the order `finetune --help` lists them.
-COMMANDS = ("train", "validate", "lr-find", "eval", "calibrate", "predict", "explain", "export", "benchmark", "data",
+COMMANDS = ("train", "validate", "lr-find", "eval", "calibrate", "predict", "explain", "export", "push", "benchmark", "data",
             "models")
 
 

@@ -65,7 +65,8 @@ def export_model(
 
     Args:
         checkpoint: the checkpoint or run folder.
-        format: ``onnx``, ``torchscript`` or ``safetensors``.
+        format: ``onnx``, ``torchscript``, ``safetensors``, or ``hub``: a model folder in timm's Hugging Face Hub
+            layout (:func:`finetune.deploy.hub.export_hub`; ``out`` is then the folder).
         out: the model file to write; by default next to the checkpoint folder, named after it
             (``checkpoints/best`` → ``checkpoints/best.onnx``, ``best.int8.onnx`` quantised). The JSON goes to
             `metadata_path` of it (``best.onnx.json``).
@@ -83,8 +84,14 @@ def export_model(
             ``out`` is then left as it was).
     """
 
+    if format == "hub":
+        if quantize or calibration_images:
+            raise FinetuneError("--quantize is for --format onnx; a hub folder holds the fp32 weights")
+        from finetune.deploy.hub import export_hub
+
+        return export_hub(checkpoint, out)
     if format not in FORMATS:
-        raise FinetuneError(f"unknown export format {format!r} (expected one of: {', '.join(FORMATS)})")
+        raise FinetuneError(f"unknown export format {format!r} (expected one of: {', '.join([*FORMATS, 'hub'])})")
     if quantize not in (None, "int8"):
         raise FinetuneError(f"unknown quantisation {quantize!r} (expected int8)")
     if quantize and format != "onnx":

@@ -36,6 +36,7 @@ from finetune._version import __version__
 from finetune.errors import FinetuneError, one_line, short_repr
 from finetune.models import create_model
 from finetune.models.factory import check_backbone_kwargs
+from finetune.models.hub_format import hub_state_dict, is_hub_meta
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -199,7 +200,16 @@ def read_weights(folder: str | Path, device: str | torch.device = "cpu") -> dict
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint folder for ``path``: the folder itself, a run folder's ``checkpoints/best``, or the
-    ``.old`` copy left if a crash interrupted a swap."""
+    ``.old`` copy left if a crash interrupted a swap. ``local-dir:DIR`` is the hub-format folder ``DIR``, and
+    ``hf-hub:OWNER/NAME[@REVISION]`` one on the Hugging Face Hub, fetched into its local cache
+    (:mod:`finetune.models.hub_format`)."""
+    text = str(path)
+    if text.startswith("local-dir:"):
+        path = text[len("local-dir:"):]
+    elif text.startswith("hf-hub:"):
+        from finetune.models.hub_format import download_hub_model
+
+        path = download_hub_model(text[len("hf-hub:"):])
     path = Path(path)
     for candidate in (path, path / "checkpoints" / "best"):
         if (candidate / META_FILE).is_file():
@@ -261,7 +271,14 @@ def load_weights(folder: str | Path, model: torch.nn.Module, description: str,
     """Load ``folder/model.safetensors`` into ``model``, refusing a missing or unreadable file and weights
     whose names or shapes differ from the model's (``description`` names the model in the message)."""
     path = Path(folder) / WEIGHTS_FILE
-    state = read_weights(folder, map_location)
+    meta = None
+    if (Path(folder) / "config.json").is_file():  # perhaps a hub-format folder: its weights are under timm's names
+        meta = read_meta(folder)
+    hub = meta is not None and is_hub_meta(meta)
+    if hub:
+        state = hub_state_dict(folder, meta, map_location)
+    else:
+        state = read_weights(folder, map_location)
     expected = model.state_dict()
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
@@ -269,7 +286,7 @@ def load_weights(folder: str | Path, model: torch.nn.Module, description: str,
     if wrong:
         k = wrong[0]
         detail = f"{k} is {list(state[k].shape)} in the file, {list(expected[k].shape)} in the model"
-    elif missing and not unexpected and not (Path(folder) / FROZEN_FILE).exists():
+    elif missing and not unexpected and not hub and not (Path(folder) / FROZEN_FILE).exists():
         # a checkpoint that split its weights: the missing ones were in the other file
         raise FinetuneError(f"{Path(folder) / FROZEN_FILE} is missing: {len(missing)} weights of the model "
                             f"({description}), e.g. {missing[0]}, are not in {WEIGHTS_FILE} (a checkpoint "
