@@ -256,8 +256,13 @@ class StageConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: Optional[int] = Field(None, ge=1)  # default: 2 × batch_size (validation, test, features)
+    # "auto": per stage, the largest batch that fits auto_batch_fraction of the GPU's memory (training/auto_batch.py);
+    # 32 on the CPU
+    batch_size: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = 32
+    auto_batch_fraction: float = Field(0.85, gt=0, le=1)
+    auto_batch_max: int = Field(1024, ge=1)  # the largest batch auto may choose
+    # default: 2 × batch_size (validation, test, features); 64 with batch_size auto
+    eval_batch_size: Optional[int] = Field(None, ge=1)
     # micro-batches per optimizer update; a last partial window of an epoch also updates (with the mean
     # gradient of its micro-batches). Schedules are sized and stepped in updates.
     accumulation: int = Field(1, ge=1)
@@ -303,7 +308,7 @@ class TrainingConfig(_Section):
     def _eval_batch_size(self):
         # resolved once, here: every evaluation of a run (validation, test, feature extraction) takes it
         if self.eval_batch_size is None:
-            self.eval_batch_size = 2 * self.batch_size
+            self.eval_batch_size = 2 * (32 if self.batch_size == "auto" else self.batch_size)
         return self
 
     @model_validator(mode="after")

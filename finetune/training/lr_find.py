@@ -91,7 +91,7 @@ def _sweep(runner, stage, start_lr: float, end_lr: float, num_updates: int, smoo
 
     def loader(split: str, *, train: bool):
         return image_loader(runner.dataset(split, train=train), train=train, balance=data.balance == "sampler", seed=cfg.seed,
-                            batch_size=cfg.batch_size, num_workers=data.num_workers, dist=runner.dist,
+                            batch_size=runner.train_batch, num_workers=data.num_workers, dist=runner.dist,
                             device=runner.device)
 
     inputs = runner.stage_inputs(stage, is_head_only(trainable), loader, eval_model=model)

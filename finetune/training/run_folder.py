@@ -25,12 +25,13 @@ from finetune._io import atomic_write_text, ensure_folder, recover_dir
 from finetune.config import resolve_raw
 from finetune.errors import FinetuneError, first_line
 from finetune.models.checkpoint import META_FILE, read_meta
+from finetune.training.auto_batch import RECORD_FILE  # batch_size auto's record (a fresh run searches again)
 
 log = logging.getLogger("finetune")
 
 STATE_FILE = "training_state.pt"
 RUN_FILES = ("recipe.yaml", "manifest.csv", "bad_files.csv", "metrics.csv", "per_class_recall.csv",
-             "training_curves.png", "summary.json")
+             "training_curves.png", "summary.json", RECORD_FILE)
 RUN_FOLDERS = ("checkpoints", "eval")
 SETUP_DIR = ".setup.tmp"
 # what a resumed run's recipe may change (key paths, or prefixes ending in "."): how it runs, not what it

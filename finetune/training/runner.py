@@ -31,6 +31,7 @@ from finetune._workers import auto_workers
 from finetune.features.cache import stage_features
 from finetune.training.loaders import (StageInputs, as_plain, feature_key_parts, image_loader, run_manifest, split_dataset,
                                       stage_inputs, train_pipeline, uses_feature_cache)
+from finetune.training import auto_batch
 from finetune.training.mixing import stage_mixer
 from finetune.training.loop import make_grad_scaler, reduce_epoch, train_one_epoch, updates_per_epoch, validate
 from finetune.training.optim import make_loss, stage_optimizer
@@ -62,6 +63,8 @@ class Runner:
         self.state, self.resume_optimizer = RunState(), None  # restored by load_checkpoint
         self._items: dict[str, list[tuple[Path, int]]] = {}
         self._datasets: dict[tuple[str, bool], Any] = {}
+        # the current stage's training batch (training.batch_size, or what auto resolved to: stage_inputs)
+        self.train_batch = self.cfg.batch_size if self.cfg.batch_size != "auto" else auto_batch.DEFAULT_BATCH
         self._created: Optional[list[Path]] = None  # folders a fresh run's setup created (rank 0)
         self.loggers = RunLogger([])  # experiment tracking (training.loggers), opened by train()
 
@@ -234,9 +237,56 @@ class Runner:
                 num_workers=auto_workers(data.num_workers, self.dist.local_world_size), channels_last=cfg.channels_last)
         mix = stage_mixer(as_plain(stage.mixup), as_plain(cfg.mixup), input_size=self.preprocessing["input_size"],
                           num_classes=len(self.classes), multilabel=self.task == "multilabel")
+        self.train_batch = self._train_batch(cached is not None)
         return stage_inputs(self.model, eval_model or self._eval_model(), cached=cached, image_loader=loader, mix=mix,
-                            batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                            batch_size=self.train_batch, eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
                             dist=self.dist)
+
+    def _train_batch(self, cached: bool) -> int:
+        """The current stage's training batch: ``training.batch_size``, or for ``auto`` the one recorded in the run
+        folder (a resumed run), else the one :mod:`~finetune.training.auto_batch` finds (rank 0 searches; every
+        rank takes its result), recorded."""
+        cfg, index = self.cfg, self.state.stage_index
+        if cfg.batch_size != "auto":
+            return cfg.batch_size
+        recorded = auto_batch.recorded_batches(self.run_dir)
+        if index in recorded:
+            return recorded[index]
+        if self.device.type != "cuda":
+            batch, how = auto_batch.DEFAULT_BATCH, "the default on the CPU"
+        else:
+            batch = self._search_batch(cached) if self.is_main else None
+            how = (f"the largest that fits {cfg.auto_batch_fraction:.0%} of the GPU's memory "
+                   f"({'cached features' if cached else 'images'}; the learning rate is not scaled with it)")
+        batch = ddp.broadcast_object(batch, self.dist)
+        if self.is_main:
+            auto_batch.record_batch(self.run_dir, index, batch)
+        log.info("stage %d: batch_size auto -> %d, %s", index, batch, how)
+        return batch
+
+    def _search_batch(self, cached: bool) -> int:
+        module = self.model.head if cached else self.model
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        shape = (self.model.num_features,) if cached else tuple(self.preprocessing["input_size"])
+        channels_last = self.cfg.channels_last and not cached
+
+        def example(batch: int) -> torch.Tensor:
+            x = torch.randn(batch, *shape, device=self.device)
+            return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}  # BatchNorm statistics
+        mode = module.training
+        module.train()
+        try:
+            fits = auto_batch.memory_fits(module, trainable, example, fraction=self.cfg.auto_batch_fraction,
+                                          device=self.device, amp_dtype=self.amp_dtype)
+            maximum = min(self.cfg.auto_batch_max, max(1, len(self.items("train")) // self.dist.world_size))
+            return auto_batch.search_batch_size(fits, maximum=maximum)
+        finally:
+            with torch.no_grad():
+                for name, b in module.named_buffers():
+                    b.copy_(buffers[name])
+            module.train(mode)
 
     def _eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
@@ -245,7 +295,7 @@ class Runner:
         cfg = self.cfg
         return image_loader(self.dataset(split, train=train), train=train,
                             balance=self.recipe.data.balance == "sampler", seed=cfg.seed,
-                            batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+                            batch_size=self.train_batch if train else cfg.eval_batch_size,
                             num_workers=self.recipe.data.num_workers, dist=self.dist, device=self.device)
 
     def _validate(self, inputs: StageInputs) -> dict[str, Any]:

@@ -186,7 +186,7 @@ def test_feature_cache_key_holds_the_augmentation_preset(tiny_recipe, monkeypatc
         recipe = parse_recipe(raw)
         runner = SimpleNamespace(cfg=recipe.training, recipe=recipe, model=model, items=lambda split: [], dataset=lambda split, train: None,
                                  train_transform=None, eval_transform=None, preprocessing={"input_size": [3, 32, 32]},
-                                 dist=ddp.DistInfo(), device=torch.device("cpu"), amp_dtype=None, classes=[0, 1, 2], task="single",
+                                 dist=ddp.DistInfo(), device=torch.device("cpu"), amp_dtype=None, classes=[0, 1, 2], task="single", _train_batch=lambda cached: 8,
                                  _eval_model=lambda: model)
         inputs = runner_module.Runner.stage_inputs(runner, recipe.stages[0], True, lambda split, train: [])
         assert inputs.module is model and inputs.mix is None  # the fake cache declined: images, unmixed
