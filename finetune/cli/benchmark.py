@@ -24,9 +24,10 @@ def add_parser(subparsers) -> None:
                     "PyTorch compiled (torch.compile), ONNX Runtime fp32 and int8 (dynamic quantisation), "
                     "the backends taking turns on the same random batch. Prints a table; --json writes it all.",
     )
-    p.add_argument("model", nargs="+", metavar="CHECKPOINT|MODEL.onnx",
-                   help="checkpoint or run folder, and/or its .onnx exports (fp32, int8); what is not given is "
-                        "exported from the checkpoint (an .onnx names the one it came from)")
+    p.add_argument("model", nargs="+", metavar="CHECKPOINT|MODEL.onnx|OPENVINO_DIR",
+                   help="checkpoint or run folder, and/or its .onnx exports (fp32, int8) and OpenVINO export "
+                        "folders (rows openvino fp32/int8); what is not given of the ONNX ones is exported from the "
+                        "checkpoint (an export names the one it came from)")
     p.add_argument("--batch", type=batch_sizes, default=[1, 32], metavar="B[,B...]",
                    help="batch sizes (default 1,32)")
     p.add_argument("--threads", type=positive_int, metavar="N",

@@ -19,10 +19,10 @@ def add_parser(subparsers) -> None:
         description="Evaluate a checkpoint on labelled images and write metrics.json, per_class.csv, "
                     "confusion_matrix.csv/.png, most_confused.csv, misclassified.csv and report.html.",
     )
-    p.add_argument("checkpoint", metavar="CHECKPOINT|MODEL.onnx",
+    p.add_argument("checkpoint", metavar="CHECKPOINT|MODEL.onnx|OPENVINO_DIR",
                    help="checkpoint folder (or a run folder: its best checkpoint), or a model `finetune export "
-                        "--format onnx` wrote (run with onnxruntime; its accuracy is compared with the fp32 "
-                        "checkpoint it came from)")
+                        "--format onnx` wrote (run with onnxruntime), or the folder `--format openvino` wrote (run "
+                        "with OpenVINO); its accuracy is compared with the fp32 checkpoint it came from")
     p.add_argument("--data", required=True, metavar="ROOT|MANIFEST", help="image folder or manifest CSV")
     p.add_argument("--split", default="test", choices=("train", "val", "test", "all"), help=SPLIT_HELP)
     p.add_argument("--out", metavar="DIR",
@@ -53,7 +53,9 @@ def run(args) -> int:
     from finetune.evaluation import align_classes, evaluate
     from finetune._device import resolve_device
 
-    if Path(args.checkpoint).suffix == ".onnx":
+    from finetune.deploy.openvino import is_openvino_folder
+
+    if Path(args.checkpoint).suffix == ".onnx" or is_openvino_folder(args.checkpoint):
         return run_onnx(args)
     if args.reference:
         from finetune.errors import FinetuneError
@@ -140,8 +142,11 @@ def run_onnx(args) -> int:
     from finetune.deploy.onnx import OnnxModel, read_onnx_info
     from finetune.inference.predictor import eval_transform, predict_probabilities, resolve_device
 
+    from finetune.deploy.openvino import OpenVINOModel, is_openvino_folder, read_openvino_info
+
     path = Path(args.checkpoint)
-    info = read_onnx_info(path)
+    openvino = is_openvino_folder(path)
+    info = read_openvino_info(path) if openvino else read_onnx_info(path)
     reference = args.reference or info.get("source_checkpoint")
     if reference and not args.reference and not Path(reference).exists():
         reference = None  # exported elsewhere: nothing to compare with unless --reference is given
@@ -150,7 +155,7 @@ def run_onnx(args) -> int:
     out = Path(args.out) if args.out else path.with_name(f"{path.stem}-eval-{args.split}")
     check_output(out, folder=True)
     device = resolve_device(args.device)
-    model = OnnxModel(path, device=device.type)
+    model = OpenVINOModel(path) if openvino else OnnxModel(path, device=device.type)
     meta = read_meta(folder) if folder else info
     if folder and list(meta["classes"]) != list(info["classes"]):
         raise FinetuneError(f"{path} and the reference checkpoint {folder} have different classes")
@@ -176,7 +181,7 @@ def run_onnx(args) -> int:
         device="cpu", batch_size=args.batch_size, num_workers=args.num_workers, run_dir=run_dir, labels=labels,
         progress=True, tta=args.tta,
         details={
-            "model": f"{path} ({info['backbone']} + {info['head']['name']} head, ONNX"
+            "model": f"{path} ({info['backbone']} + {info['head']['name']} head, {'OpenVINO' if openvino else 'ONNX'}"
                      + (f" {quantization['dtype']} {quantization['method']})" if quantization else ")"),
             "data": str(args.data), "split": args.split,
             "classes evaluated": f"{len(mapping)} of {len(info['classes'])}",

@@ -15,13 +15,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT|MODEL.onnx",
                    help="checkpoint folder (or a run folder: its best checkpoint); with --quantize also an fp32 "
                         ".onnx finetune exported")
-    p.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors", "hub"),
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript", "safetensors", "hub", "openvino"),
                    help="onnx (dynamic batch; run with onnxruntime), torchscript (torch.jit, which PyTorch "
                         "deprecates), safetensors (weights only, rebuilt with finetune.models.create_model), or hub: "
                         "a folder in timm's Hugging Face Hub layout (config.json, model.safetensors, a model card "
                         "README.md) that timm.create_model('local-dir:DIR', pretrained=True) loads (a linear head as timm's own "
                         "classifier; other heads: finetune.load('local-dir:DIR'), timm the backbone); upload it "
-                        "with `finetune push`")
+                        "with `finetune push`), or openvino: a folder of OpenVINO IR (model.xml/.bin, model.json; "
+                        "pip install 'finetune[openvino]'); with --quantize int8, NNCF's accuracy-controlled int8")
     p.add_argument("--out", metavar="PATH",
                    help="model file (default: beside the checkpoint folder, e.g. checkpoints/best.onnx, "
                         "checkpoints/best.int8.onnx with --quantize); for hub, the folder (default checkpoints/best-hub)")
@@ -31,6 +32,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--calibration", type=positive_int, metavar="N",
                    help="static int8 quantisation: calibrate activation ranges on N images of the training "
                         "split, spread over the classes (e.g. 256)")
+    p.add_argument("--max-drop", type=float, default=0.01, metavar="D",
+                   help="--format openvino --quantize int8: the largest drop in top-1 agreement with the fp32 model "
+                        "on a validation sample of the train split that NNCF's search may leave (default 0.01)")
     p.add_argument("--data", metavar="ROOT|MANIFEST",
                    help="where the calibration images are (default: the data the checkpoint's run trained on)")
     p.set_defaults(func=run)
@@ -43,9 +47,20 @@ def run(args) -> int:
 
     if (args.calibration or args.data) and not args.quantize:
         raise FinetuneError("--calibration and --data choose the images of static int8 quantisation: add --quantize int8")
-    images = quantization_images(args.checkpoint, args.calibration, args.data) if args.calibration else ()
+    if not 0 < args.max_drop < 1:
+        raise FinetuneError(f"--max-drop must be between 0 and 1, got {args.max_drop}")
+    validation: list = []
+    if args.format == "openvino" and args.quantize:
+        # NNCF's search needs a validation sample too: both from the train split, disjoint
+        both = quantization_images(args.checkpoint, 2 * (args.calibration or 150), args.data)
+        images, validation = both[0::2], both[1::2]
+    else:
+        images = quantization_images(args.checkpoint, args.calibration, args.data) if args.calibration else ()
     path = export_model(args.checkpoint, format=args.format, out=args.out, quantize=args.quantize,
-                        calibration_images=images)
+                        calibration_images=images, validation_images=validation, max_drop=args.max_drop)
+    if args.format == "openvino":
+        print(f"wrote {path}/ (model.xml, model.bin, model.json)" + (" (int8, NNCF accuracy control)" if args.quantize else ""))
+        return 0
     if args.format == "hub":
         print(f"wrote {path}/ (config.json, model.safetensors, README.md; load with "
               f"timm.create_model('local-dir:{path}', pretrained=True) or finetune.load('local-dir:{path}'))")

@@ -24,6 +24,7 @@ import torch
 
 from finetune.deploy.export import export_model
 from finetune.deploy.onnx import OnnxModel, read_onnx_info
+from finetune.deploy.openvino import OpenVINOModel, is_openvino_folder, read_openvino_info
 from finetune.errors import FinetuneError, first_line
 from finetune.models.checkpoint import load_checkpoint, resolve_checkpoint
 
@@ -43,7 +44,8 @@ def benchmark(
     """Time every backend on one model: a checkpoint (or run folder) and/or its ``.onnx`` exports.
 
     Args:
-        sources: a checkpoint or run folder, ``.onnx`` exports of one model (fp32 and/or int8), or both.
+        sources: a checkpoint or run folder, ``.onnx`` exports of one model (fp32 and/or int8), OpenVINO export
+            folders of it (rows ``openvino fp32``/``openvino int8``, on the CPU), or several of these.
         batches: batch sizes to time.
         threads: CPU threads for PyTorch and ONNX Runtime (None: each library's default).
         iterations: timed calls per backend and batch size.
@@ -54,7 +56,8 @@ def benchmark(
         ``{"sources", "checkpoint", "input_size", "threads", "iterations", "rows", "int8_speedup"}``; each row
         holds ``backend``, ``device``, ``batch``, ``status`` (``ok`` or why it could not run),
         ``latency_ms`` (``median``, ``p90``) and ``images_per_s``; ``int8_speedup`` maps
-        ``"DEVICE/BATCH"`` to ONNX Runtime fp32's median latency over int8's (dynamic, else static).
+        ``"DEVICE/BATCH"`` to ONNX Runtime fp32's median latency over int8's (dynamic, else static), and
+        ``"DEVICE/BATCH/openvino int8"`` to it over a given OpenVINO int8 export's.
     """
 
     if not batches or min(batches) < 1 or iterations < 1:
@@ -65,8 +68,14 @@ def benchmark(
     sources = [Path(sources)] if isinstance(sources, (str, os.PathLike)) else [Path(s) for s in sources]
     given_onnx: dict[str, Path] = {}
     checkpoints, info = [], None
+    given_openvino: dict[str, Path] = {}
     for source in sources:
-        if source.suffix == ".onnx":
+        if is_openvino_folder(source):
+            info = read_openvino_info(source)
+            given_openvino["openvino int8" if info.get("quantization") else "openvino fp32"] = source
+            if info.get("source_checkpoint") and Path(info["source_checkpoint"]).exists():
+                checkpoints.append(info["source_checkpoint"])
+        elif source.suffix == ".onnx":
             info = read_onnx_info(source)
             method = (info.get("quantization") or {}).get("method")
             given_onnx[{None: "onnxruntime fp32", "dynamic": "onnxruntime int8"}.get(method, "onnxruntime int8 static")] = source
@@ -95,6 +104,9 @@ def benchmark(
             rows = []
             for device in devices:
                 runners = _runners(model, onnx_files, device, threads, why_no_checkpoint, OnnxModel)
+                for name, folder in given_openvino.items():  # rows only for the exports given
+                    runners[name] = (OpenVINOModel(folder, threads=threads) if device == "cpu" else
+                                     "unavailable: OpenVINO exports run on the CPU here")
                 for batch in batches:
                     rows += _time_backends(runners, device, batch, input_size, iterations, warmup)
     finally:
@@ -107,6 +119,9 @@ def benchmark(
             int8 = int8 or _row(rows, "onnxruntime int8 static", device, batch)
             if fp32 and int8:
                 speedup[f"{device}/{batch}"] = fp32["latency_ms"]["median"] / int8["latency_ms"]["median"]
+            openvino = _row(rows, "openvino int8", device, batch)
+            if fp32 and openvino:
+                speedup[f"{device}/{batch}/openvino int8"] = fp32["latency_ms"]["median"] / openvino["latency_ms"]["median"]
     return {
         "sources": [str(s) for s in sources], "checkpoint": str(checkpoint) if checkpoint else None, "input_size": input_size,
         "threads": threads or torch.get_num_threads(), "iterations": iterations, "rows": rows,
@@ -129,8 +144,9 @@ def format_table(result: dict[str, Any]) -> str:
     text = ["  ".join(cell.ljust(w) if i < 2 or i == 6 else cell.rjust(w) for i, (cell, w) in
                       enumerate(zip(line, widths))).rstrip() for line in lines]
     for key, value in result["int8_speedup"].items():
-        device, batch = key.split("/")
-        text.append(f"int8 speed-up over ONNX Runtime fp32 ({device}, batch {batch}): {value:.2f}x")
+        device, batch, *which = key.split("/")
+        text.append(f"{which[0] if which else 'int8'} speed-up over ONNX Runtime fp32 ({device}, batch {batch}): "
+                    f"{value:.2f}x")
     return "\n".join(text)
 
 

@@ -60,6 +60,8 @@ def export_model(
     out: str | os.PathLike | None = None,
     quantize: str | None = None,
     calibration_images: Sequence[str | os.PathLike] = (),
+    validation_images: Sequence[str | os.PathLike] = (),
+    max_drop: float = 0.01,
 ) -> Path:
     """Export the model of a checkpoint folder (or a run folder's best checkpoint).
 
@@ -74,6 +76,9 @@ def export_model(
             are given, else dynamic.
         calibration_images: images (typically a sample of the training split) whose activation ranges
             calibrate static quantisation.
+        validation_images: ``openvino`` int8: another sample of the training split on which NNCF's accuracy
+            control keeps the int8 model's top-1 agreement with fp32 within ``max_drop``
+            (:mod:`finetune.deploy.openvino`).
 
     Returns:
         The model file written.
@@ -90,12 +95,16 @@ def export_model(
         from finetune.deploy.hub import export_hub
 
         return export_hub(checkpoint, out)
+    if format == "openvino":
+        return _export_openvino(checkpoint, out, quantize=quantize, calibration_images=calibration_images,
+                                validation_images=validation_images, max_drop=max_drop)
     if format not in FORMATS:
-        raise FinetuneError(f"unknown export format {format!r} (expected one of: {', '.join([*FORMATS, 'hub'])})")
+        raise FinetuneError(f"unknown export format {format!r} (expected one of: "
+                            f"{', '.join([*FORMATS, 'hub', 'openvino'])})")
     if quantize not in (None, "int8"):
         raise FinetuneError(f"unknown quantisation {quantize!r} (expected int8)")
     if quantize and format != "onnx":
-        raise FinetuneError(f"--quantize int8 needs --format onnx (onnxruntime quantises it), not {format}")
+        raise FinetuneError(f"--quantize int8 needs --format onnx (onnxruntime) or openvino (NNCF), not {format}")
     if calibration_images and not quantize:
         raise FinetuneError("calibration images are for static int8 quantisation: add --quantize int8")
     from_onnx = Path(checkpoint).suffix == ".onnx"
@@ -143,6 +152,36 @@ def export_model(
         writer = {"onnx": _write_onnx, "torchscript": _write_torchscript, "safetensors": _write_safetensors}[format]
     atomic_write(out, lambda tmp: writer(model, example, info, tmp))
     atomic_write_text(sidecar, json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def _export_openvino(checkpoint, out, *, quantize, calibration_images, validation_images, max_drop) -> Path:
+    """An OpenVINO export folder (:mod:`finetune.deploy.openvino`), written atomically."""
+    from finetune._io import write_dir_atomic
+    from finetune.deploy.openvino import FILES, write_openvino
+
+    if quantize and not calibration_images:
+        raise FinetuneError("OpenVINO int8 is static: it needs calibration images from the train split (--calibration N)")
+    folder = resolve_checkpoint(checkpoint)
+    out = Path(out) if out is not None else folder.with_name(folder.name + ("-openvino-int8" if quantize else "-openvino"))
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"--out {out} is a file; an OpenVINO export is a folder")
+    if out.is_dir() and any(p.name not in FILES for p in out.iterdir()):
+        raise FinetuneError(f"--out {out} holds files that are not an OpenVINO export's; the export replaces the whole "
+                            "folder: give a new folder")
+    model, meta = load_checkpoint(folder, map_location="cpu")
+    info = export_info(meta, format="openvino", filename="model.xml", source=folder)
+    example = torch.randn(2, *meta["preprocessing"]["input_size"])
+    temperature = meta_temperature(meta)
+    if meta.get("task") == "multilabel":
+        model = _multilabel_export(model, meta, info, "openvino")
+    elif temperature != 1.0:
+        info["temperature"] = temperature
+        model = TemperatureScaled(model, temperature)
+        info["output"]["description"] += f" (already divided by the calibration temperature {temperature:.6g})"
+    write_dir_atomic(out, lambda tmp: write_openvino(_write_onnx, model, example, info, tmp,
+                                                     calibration_images=calibration_images if quantize else (),
+                                                     validation_images=validation_images, max_drop=max_drop))
     return out
 
 
