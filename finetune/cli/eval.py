@@ -102,19 +102,10 @@ def run(args) -> int:
 
 def run_multilabel(args, model, meta, folder, run_dir, out, device) -> int:
     """`finetune eval` of a multi-label checkpoint: mAP, per-label tables and the report at its thresholds."""
-    from finetune.data.multilabel import labels_like_run, targets_for
-    from finetune.errors import FinetuneError
     from finetune.evaluation.multilabel_evaluator import evaluate_multilabel
     from finetune.inference.temperature import meta_temperatures
 
-    if args.tta or args.allow_subset:
-        raise FinetuneError(f"{'--tta' if args.tta else '--allow-subset'} is for single-label checkpoints; this one "
-                            "is multi-label")
-    table = labels_like_run(args.data, _recipe_data(meta), run_dir and run_dir / "manifest.csv")
-    splits = table.splits() if args.split == "all" else [args.split]
-    items = targets_for(table, splits, meta["classes"])
-    if not items:
-        raise FinetuneError(f"no images in the {args.split} split of {args.data} (splits: {', '.join(table.splits())})")
+    items = _multilabel_items(args, meta, meta["classes"], run_dir)
     metrics = evaluate_multilabel(
         model, items, class_names=meta["classes"], preprocessing=meta["preprocessing"], out_dir=out,
         thresholds=meta.get("thresholds"), temperatures=meta_temperatures(meta), device=device,
@@ -213,21 +204,12 @@ def run_onnx_multilabel(args, model, info, meta, folder, run_dir, out, device) -
     import torch
     from sklearn.metrics import average_precision_score
 
-    from finetune.data.multilabel import labels_like_run, targets_for
-    from finetune.errors import FinetuneError
     from finetune.evaluation.multilabel_evaluator import evaluate_multilabel
     from finetune.inference.predictor import eval_transform, predict_probabilities
     from finetune.inference.temperature import meta_temperatures, sigmoid
     from finetune.models.checkpoint import load_checkpoint, write_json_atomic
 
-    if args.tta or args.allow_subset:
-        raise FinetuneError(f"{'--tta' if args.tta else '--allow-subset'} is for single-label models; this one is "
-                            "multi-label")
-    table = labels_like_run(args.data, _recipe_data(meta), run_dir and run_dir / "manifest.csv")
-    splits = table.splits() if args.split == "all" else [args.split]
-    items = targets_for(table, splits, info["classes"])
-    if not items:
-        raise FinetuneError(f"no images in the {args.split} split of {args.data} (splits: {', '.join(table.splits())})")
+    items = _multilabel_items(args, meta, info["classes"], run_dir)
     ref = None
     if folder:  # the checkpoint on the same images first, at its own (calibrated) probabilities
         fp32, _ = load_checkpoint(folder, map_location=device)
@@ -261,6 +243,23 @@ def run_onnx_multilabel(args, model, info, meta, folder, run_dir, out, device) -
     print(line)
     print(f"wrote {out}/ (open {out / 'report.html'})")
     return 0
+
+
+def _multilabel_items(args, meta: dict, classes: list, run_dir) -> list:
+    """The ``(path, multi-hot target)`` images of ``--split`` for a multi-label model, refusing the single-label
+    options."""
+    from finetune.data.multilabel import labels_like_run, targets_for
+    from finetune.errors import FinetuneError
+
+    if args.tta or args.allow_subset:
+        raise FinetuneError(f"{'--tta' if args.tta else '--allow-subset'} is for single-label models; this one is "
+                            "multi-label")
+    table = labels_like_run(args.data, _recipe_data(meta), run_dir and run_dir / "manifest.csv")
+    splits = table.splits() if args.split == "all" else [args.split]
+    items = targets_for(table, splits, classes)
+    if not items:
+        raise FinetuneError(f"no images in the {args.split} split of {args.data} (splits: {', '.join(table.splits())})")
+    return items
 
 
 def _recipe_data(meta: dict) -> dict:

@@ -134,23 +134,9 @@ def evaluate(
         check_mode(tta)
     device = torch.device(device)
     model = model.to(device).eval()
-    wrap = None
-    if progress:
-
-        def wrap(loader):
-            return tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not sys.stderr.isatty())
-
-    indices, logits, errors = predict_probabilities(
-        model, paths, eval_transform(preprocessing), device=device, batch_size=batch_size,
-        num_workers=num_workers, amp_dtype=amp_dtype, progress=wrap, logits=True,
-    )
-    unreadable = [(paths[i], errors[i]) for i in sorted(errors)]
-    if unreadable:
-        logger.warning("left out %d unreadable image(s), e.g. %s: %s", len(unreadable), *unreadable[0])
-    if not len(indices):
-        raise FinetuneError(f"none of the {len(paths)} images could be read (e.g. {unreadable[0][0]}: {unreadable[0][1]})")
-    if logits.shape[1] != len(class_names):
-        raise FinetuneError(f"the model gives {logits.shape[1]} outputs for {len(class_names)} classes")
+    indices, logits, unreadable = evaluation_logits(model, paths, preprocessing, outputs=len(class_names),
+                                                    device=device, batch_size=batch_size, num_workers=num_workers,
+                                                    amp_dtype=amp_dtype, progress=progress)
     y_true = targets[indices]
     probs = softmax(logits, temperature)
     metrics = classification_metrics(y_true, probs, class_names=class_names, labels=labels)
@@ -167,7 +153,7 @@ def evaluate(
             TtaModel(scaled(model, temperature)), [paths[i] for i in indices],
             TtaTransform(eval_transform(preprocessing), tta), device=device,
             batch_size=max(1, batch_size // VIEWS[tta]),  # a forward pass over the views of these images
-            num_workers=num_workers, amp_dtype=amp_dtype, progress=wrap,
+            num_workers=num_workers, amp_dtype=amp_dtype, progress=_progress_bar(progress),
         )
         tta_metrics = classification_metrics(y_true[tta_indices], tta_probs, class_names=class_names, labels=labels)
         metrics["tta"] = {"views": tta, **{k: tta_metrics[k] for k in HEADLINE_KEYS}}
@@ -314,6 +300,40 @@ def _most_confident_correct(
         for r in hits[np.argsort(-probs[hits, c], kind="stable")][:CORRECT_PER_CLASS]:
             rows.append({"path": paths[indices[r]], "true": name, "predicted": name, "confidence": float(probs[r, c])})
     return rows
+
+
+def _progress_bar(enabled: bool):
+    """A tqdm wrapper of the evaluation's batches on a terminal, or None."""
+    if not enabled:
+        return None
+
+    def wrap(loader):
+        return tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not sys.stderr.isatty())
+
+    return wrap
+
+
+def evaluation_logits(model: nn.Module, paths: Sequence[str], preprocessing: Mapping[str, Any], *, outputs: int,
+                      device: torch.device, batch_size: int, num_workers, amp_dtype, progress: bool, what: str = "classes"
+                      ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+    """The logits of every readable image (an evaluation's forward pass, with its progress bar): ``(indices of the
+    images read, logits, (path, reason) of the unreadable ones)``.
+
+    Raises:
+        FinetuneError: no image could be read, or the model gives other than ``outputs`` outputs.
+    """
+    indices, logits, errors = predict_probabilities(
+        model, paths, eval_transform(preprocessing), device=device, batch_size=batch_size,
+        num_workers=num_workers, amp_dtype=amp_dtype, progress=_progress_bar(progress), logits=True,
+    )
+    unreadable = [(paths[i], errors[i]) for i in sorted(errors)]
+    if unreadable:
+        logger.warning("left out %d unreadable image(s), e.g. %s: %s", len(unreadable), *unreadable[0])
+    if not len(indices):
+        raise FinetuneError(f"none of the {len(paths)} images could be read (e.g. {unreadable[0][0]}: {unreadable[0][1]})")
+    if logits.shape[1] != outputs:
+        raise FinetuneError(f"the model gives {logits.shape[1]} outputs for {outputs} {what}")
+    return indices, logits, unreadable
 
 
 def _add_heatmaps(

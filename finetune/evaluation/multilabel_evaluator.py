@@ -24,22 +24,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from finetune._io import atomic_write_bytes, check_output, csv_text, ensure_folder
 from finetune.errors import FinetuneError
-from finetune.evaluation.evaluator import _add_heatmaps, _run_history, thumbnail
+from finetune.evaluation.evaluator import _add_heatmaps, _run_history, evaluation_logits, thumbnail
 from finetune.evaluation.multilabel import confused_label_pairs, label_calibration, multilabel_metrics
 from finetune.evaluation.plots import pr_curves_png
 from finetune.evaluation.report import _details, _figure, _training, data_uri, escape, html_page
-from finetune.inference.predictor import eval_transform, predict_probabilities
 from finetune.inference.temperature import sigmoid
 
 logger = logging.getLogger(__name__)
@@ -100,23 +97,9 @@ def evaluate_multilabel(
         raise FinetuneError(f"multi-hot targets must have {len(class_names)} columns (the model's labels)")
     device = torch.device(device)
     model = model.to(device).eval()
-    wrap = None
-    if progress:
-
-        def wrap(loader):
-            return tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not sys.stderr.isatty())
-
-    indices, logits, errors = predict_probabilities(
-        model, paths, eval_transform(preprocessing), device=device, batch_size=batch_size,
-        num_workers=num_workers, amp_dtype=amp_dtype, progress=wrap, logits=True,
-    )
-    unreadable = [(paths[i], errors[i]) for i in sorted(errors)]
-    if unreadable:
-        logger.warning("left out %d unreadable image(s), e.g. %s: %s", len(unreadable), *unreadable[0])
-    if not len(indices):
-        raise FinetuneError(f"none of the {len(paths)} images could be read (e.g. {unreadable[0][0]}: {unreadable[0][1]})")
-    if logits.shape[1] != len(class_names):
-        raise FinetuneError(f"the model gives {logits.shape[1]} outputs for {len(class_names)} labels")
+    indices, logits, unreadable = evaluation_logits(model, paths, preprocessing, outputs=len(class_names),
+                                                    device=device, batch_size=batch_size, num_workers=num_workers,
+                                                    amp_dtype=amp_dtype, progress=progress, what="labels")
     y_true = targets[indices]
     probs = sigmoid(logits, temperatures)
     names = list(class_names)
