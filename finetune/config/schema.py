@@ -111,6 +111,8 @@ def parse_bytes(value: Union[int, str]) -> int:
 
 
 class DataConfig(_Section):
+    # single-label (a class per image) or multi-label (a labels CSV); auto: as the data is. Set, it is checked
+    task: Literal["auto", "single", "multilabel"] = "auto"
     root: Optional[str] = None  # an image folder (pre-split or one folder to split), or a manifest CSV
     # A split manifest CSV instead of splitting root; its paths are relative to root, or without root to the
     # CSV's own folder (where `finetune data split ROOT --out ROOT/split.csv` puts it).

@@ -94,6 +94,11 @@ class Runner:
         self.classes = list(self.manifest.classes)
         # multi-label data (a labels CSV) trains with BCE/ASL, validates by mAP, and tunes thresholds at the end
         self.task = getattr(self.manifest, "task", "single")
+        if data.task != "auto" and data.task != self.task:
+            raise FinetuneError(f"data.task: {data.task}, but {data.manifest or data.root} is "
+                                + ("a labels CSV (multi-label data)" if self.task == "multilabel" else
+                                   "single-label data (a class per image); multi-label data is a labels CSV "
+                                   "(path,labels)"))
         self.select = cfg.select
         if self.task == "multilabel":
             if data.balance == "sampler":

@@ -248,3 +248,18 @@ def test_train_labels_misuse_is_one_line(argv, message, tmp_path, monkeypatch, c
     assert main(["train", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and message in err
+
+
+def test_int8_export_and_benchmark_of_a_multilabel_checkpoint(trained, tmp_path):
+    from finetune.deploy.benchmark import benchmark
+
+    run_dir, labels = trained
+    out = tmp_path / "m.int8.onnx"
+    assert main(["export", str(run_dir), "--format", "onnx", "--quantize", "int8", "--calibration", "8",
+                 "--data", labels, "--out", str(out)]) == 0
+    info = json.loads(out.with_name(out.name + ".json").read_text())
+    assert info["task"] == "multilabel" and info["output"]["name"] == "probabilities"
+    assert info["quantization"]["method"] == "static" and info["quantization"]["calibration_images"] == 8
+    result = benchmark([run_dir], batches=[2], iterations=2, warmup=1, devices=["cpu"])
+    assert {r["backend"] for r in result["rows"] if r["status"] == "ok"} >= {"pytorch eager", "onnxruntime fp32",
+                                                                           "onnxruntime int8"}

@@ -209,3 +209,28 @@ def test_an_interrupted_multilabel_run_resumes_to_the_same_weights_metrics_and_t
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), which
     meta = [json.loads((run / "checkpoints" / "best" / "checkpoint.json").read_text()) for run in (full, resumed)]
     assert meta[0]["thresholds"] == meta[1]["thresholds"] and meta[0]["temperatures"] == meta[1]["temperatures"]
+
+
+@pytest.mark.parametrize("task, data, message", [
+    ("single", "labels", "data.task: single, but"),
+    ("multilabel", "folder", "data.task: multilabel, but"),
+])
+def test_data_task_set_against_the_data_is_one_line(task, data, message, mosaic_recipe, tiny_recipe, tmp_path):
+    from finetune.errors import FinetuneError
+
+    raw = copy.deepcopy(mosaic_recipe if data == "labels" else tiny_recipe)
+    raw["data"]["task"] = task
+    with pytest.raises(FinetuneError, match=message) as raised:
+        _runner(raw, tmp_path / "run")
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "run" / "recipe.yaml").exists()
+
+
+def test_data_task_set_as_the_data_is_trains(mosaic_recipe, tmp_path):
+    raw = copy.deepcopy(mosaic_recipe)
+    raw["data"]["task"] = "multilabel"
+    runner = _runner(raw, tmp_path / "run")
+    try:
+        assert runner.task == "multilabel"
+    finally:
+        runner.cleanup()
