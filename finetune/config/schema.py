@@ -260,7 +260,7 @@ class StageConfig(_Section):
 class TrainingConfig(_Section):
     # "auto": per stage, the largest batch that fits auto_batch_fraction of the GPU's memory (training/auto_batch.py);
     # 32 on the CPU
-    batch_size: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = 32
+    batch_size: Union[int, Literal["auto"]] = 32
     auto_batch_fraction: float = Field(0.85, gt=0, le=1)
     auto_batch_max: int = Field(1024, ge=1)  # the largest batch auto may choose
     # default: 2 × batch_size (validation, test, features); 64 with batch_size auto
@@ -305,6 +305,18 @@ class TrainingConfig(_Section):
     # where metrics also go: csv (the run folder's metrics.csv and plots) is always written; tensorboard
     # (RUN_DIR/tensorboard) and mlflow ($MLFLOW_TRACKING_URI, else RUN_DIR/mlruns) are optional extras
     loggers: list[Logger] = Field(default_factory=lambda: ["csv"])
+
+    @field_validator("batch_size", mode="before")
+    @classmethod
+    def _batch_size(cls, value):
+        # one message for both forms (a union would report one error per member)
+        if value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("Input should be a whole number (an integer of 1 or more) or 'auto'")
+        if value < 1:
+            raise ValueError("Input should be an integer of 1 or more, or 'auto'")
+        return value
 
     @model_validator(mode="after")
     def _eval_batch_size(self):
