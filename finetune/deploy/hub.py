@@ -56,7 +56,6 @@ def export_hub(checkpoint: str | os.PathLike, out: str | os.PathLike | None = No
     net = timm_model if classifier else model.backbone
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
     hub_meta = {**read_meta(folder), "layout": LAYOUT, "hub": {"classifier": classifier}}
-    hub_meta.pop("best_state", None)
     card = model_card(meta, folder, classifier=classifier)
 
     def write(tmp: Path) -> None:

@@ -43,18 +43,8 @@ def calibrate_checkpoint(
     Raises:
         FinetuneError: no items, or none readable.
     """
-    if not items:
-        raise FinetuneError("nothing to calibrate on: no images")
-    folder = resolve_checkpoint(checkpoint)
-    device = torch.device(device)
-    model, meta = load_checkpoint(folder, map_location=device)
-    targets = np.array([int(t) for _, t in items], dtype=np.int64)
-    indices, logits, _ = predict_probabilities(
-        model, [str(p) for p, _ in items], eval_transform(meta["preprocessing"]), device=device,
-        batch_size=batch_size, num_workers=num_workers, amp_dtype=amp_dtype, logits=True)
-    if not len(indices):
-        raise FinetuneError(f"none of the {len(items)} calibration images could be read")
-    labels = targets[indices]
+    folder, logits, labels = _calibration_logits(checkpoint, items, device=device, batch_size=batch_size,
+                                                 num_workers=num_workers, amp_dtype=amp_dtype)
     temperature = fit_temperature(logits, labels)
     before, after = softmax(logits), softmax(logits, temperature)
     set_temperature(folder, temperature)
@@ -96,6 +86,26 @@ def calibrate_multilabel_checkpoint(
     Raises:
         FinetuneError: no items, or none readable.
     """
+    folder, logits, labels = _calibration_logits(checkpoint, items, device=device, batch_size=batch_size,
+                                                 num_workers=num_workers, amp_dtype=amp_dtype)
+    temperatures = fit_label_temperatures(logits, labels)
+    meta = read_meta(folder)
+    previous = meta_temperatures(meta)
+    thresholds = np.asarray(meta.get("thresholds") or [0.5] * len(meta["classes"]), dtype=np.float64)
+    meta.update(temperatures=[float(t) for t in temperatures],
+                thresholds=[float(t) for t in rescale_thresholds(thresholds, temperatures, previous)])
+    write_json_atomic(folder / META_FILE, meta)
+    return {"temperatures": meta["temperatures"], **label_calibration(labels, sigmoid(logits), sigmoid(logits, temperatures)),
+            "num_samples": int(len(labels))}
+
+
+def _calibration_logits(checkpoint, items, *, device, batch_size: int, num_workers, amp_dtype
+                        ) -> tuple[Path, np.ndarray, np.ndarray]:
+    """``(checkpoint folder, raw logits of the readable items, their targets)``: class indices, or multi-hot rows.
+
+    Raises:
+        FinetuneError: no items, or none readable.
+    """
     if not items:
         raise FinetuneError("nothing to calibrate on: no images")
     folder = resolve_checkpoint(checkpoint)
@@ -107,13 +117,4 @@ def calibrate_multilabel_checkpoint(
         batch_size=batch_size, num_workers=num_workers, amp_dtype=amp_dtype, logits=True)
     if not len(indices):
         raise FinetuneError(f"none of the {len(items)} calibration images could be read")
-    labels = targets[indices]
-    temperatures = fit_label_temperatures(logits, labels)
-    meta = read_meta(folder)
-    previous = meta_temperatures(meta)
-    thresholds = np.asarray(meta.get("thresholds") or [0.5] * len(meta["classes"]), dtype=np.float64)
-    meta.update(temperatures=[float(t) for t in temperatures],
-                thresholds=[float(t) for t in rescale_thresholds(thresholds, temperatures, previous)])
-    write_json_atomic(folder / META_FILE, meta)
-    return {"temperatures": meta["temperatures"], **label_calibration(labels, sigmoid(logits), sigmoid(logits, temperatures)),
-            "num_samples": int(len(labels))}
+    return folder, logits, targets[indices]

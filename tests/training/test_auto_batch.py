@@ -43,14 +43,8 @@ def test_the_search_refuses_when_not_even_one_sample_fits():
         search_batch_size(fits, maximum=64)
 
 
-def _auto_recipe(tiny_recipe):
-    raw = copy.deepcopy(tiny_recipe)
-    raw["training"]["batch_size"] = "auto"
-    raw["stages"] = [{"name": "head", "epochs": 1, "train": "head"}, {"name": "all", "epochs": 1, "train": "all"}]
-    return raw
-
-
-def test_auto_resolves_to_the_default_on_the_cpu_per_stage_and_is_recorded(tiny_recipe, tmp_path, monkeypatch):
+def _spy_batch_sizes(monkeypatch) -> list:
+    """The batch size of each stage's training loader, in the order the stages train."""
     from finetune.training import runner as runner_module
 
     sizes = []
@@ -61,6 +55,18 @@ def test_auto_resolves_to_the_default_on_the_cpu_per_stage_and_is_recorded(tiny_
         return real(module, loader, optimizer, loss_fn, **kwargs)
 
     monkeypatch.setattr(runner_module, "train_one_epoch", spy)
+    return sizes
+
+
+def _auto_recipe(tiny_recipe):
+    raw = copy.deepcopy(tiny_recipe)
+    raw["training"]["batch_size"] = "auto"
+    raw["stages"] = [{"name": "head", "epochs": 1, "train": "head"}, {"name": "all", "epochs": 1, "train": "all"}]
+    return raw
+
+
+def test_auto_resolves_to_the_default_on_the_cpu_per_stage_and_is_recorded(tiny_recipe, tmp_path, monkeypatch):
+    sizes = _spy_batch_sizes(monkeypatch)
     raw = _auto_recipe(tiny_recipe)
     recipe = parse_recipe(raw)
     assert recipe.training.eval_batch_size == 2 * auto_batch.DEFAULT_BATCH
@@ -75,20 +81,11 @@ def test_auto_resolves_to_the_default_on_the_cpu_per_stage_and_is_recorded(tiny_
 
 
 def test_a_resumed_run_trains_with_the_recorded_batches(tiny_recipe, tmp_path, monkeypatch):
-    from finetune.training import runner as runner_module
-
     raw = _auto_recipe(tiny_recipe)
     runner = Runner(parse_recipe(raw), raw, run_dir=tmp_path / "run", resume=False, quiet=True)
     runner.setup()
     (tmp_path / "run" / auto_batch.RECORD_FILE).write_text(json.dumps({"0": 5, "1": 3}))
-    sizes = []
-    real = runner_module.train_one_epoch
-
-    def spy(module, loader, optimizer, loss_fn, **kwargs):
-        sizes.append(loader.batch_size)
-        return real(module, loader, optimizer, loss_fn, **kwargs)
-
-    monkeypatch.setattr(runner_module, "train_one_epoch", spy)
+    sizes = _spy_batch_sizes(monkeypatch)
     try:
         runner.train()
     finally:
