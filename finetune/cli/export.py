@@ -33,8 +33,10 @@ def add_parser(subparsers) -> None:
                    help="static int8 quantisation: calibrate activation ranges on N images of the training "
                         "split, spread over the classes (e.g. 256)")
     p.add_argument("--max-drop", type=float, default=0.01, metavar="D",
-                   help="--format openvino --quantize int8: the largest drop in top-1 agreement with the fp32 model "
-                        "on a validation sample of the train split that NNCF's search may leave (default 0.01)")
+                   help="static int8 (--format onnx --calibration N, or --format openvino): the largest drop in top-1 "
+                        "agreement with the fp32 model, on a validation sample of the train split, that the search "
+                        "may leave (onnx: layer groups back to fp32, most costly first; openvino: NNCF's accuracy "
+                        "control; default 0.01)")
     p.add_argument("--data", metavar="ROOT|MANIFEST",
                    help="where the calibration images are (default: the data the checkpoint's run trained on)")
     p.set_defaults(func=run)
@@ -50,10 +52,12 @@ def run(args) -> int:
     if not 0 < args.max_drop < 1:
         raise FinetuneError(f"--max-drop must be between 0 and 1, got {args.max_drop}")
     validation: list = []
-    if args.format == "openvino" and args.quantize:
-        # NNCF's search needs a validation sample too: both from the train split, disjoint
-        both = quantization_images(args.checkpoint, 2 * (args.calibration or 150), args.data)
-        images, validation = both[0::2], both[1::2]
+    if args.quantize and (args.format == "openvino" or args.calibration):
+        # the accuracy searches (NNCF's, finetune.deploy.sensitivity's) need a validation sample too: both from the
+        # train split, disjoint; quantization_sample's order goes round the classes, so both halves cover them
+        n = args.calibration or 150
+        both = quantization_images(args.checkpoint, 2 * n, args.data)
+        images, validation = both[:n], both[n:]
     else:
         images = quantization_images(args.checkpoint, args.calibration, args.data) if args.calibration else ()
     path = export_model(args.checkpoint, format=args.format, out=args.out, quantize=args.quantize,

@@ -26,7 +26,8 @@ from finetune.deploy.export import export_model
 from finetune.deploy.onnx import OnnxModel, read_onnx_info
 from finetune.deploy.openvino import OpenVINOModel, is_openvino_folder, read_openvino_info
 from finetune.errors import FinetuneError, first_line
-from finetune.models.checkpoint import load_checkpoint, resolve_checkpoint
+from finetune.models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
+from finetune.models.hub_format import is_hub_folder
 
 BACKENDS = ("pytorch eager", "pytorch compiled", "onnxruntime fp32", "onnxruntime int8")
 """The rows of every benchmark; a statically quantised .onnx given adds ``onnxruntime int8 static``."""
@@ -40,6 +41,7 @@ def benchmark(
     iterations: int = 20,
     warmup: int = 2,
     devices: Optional[Sequence[str]] = None,
+    aa: bool = False,
 ) -> dict[str, Any]:
     """Time every backend on one model: a checkpoint (or run folder) and/or its ``.onnx`` exports.
 
@@ -51,13 +53,19 @@ def benchmark(
         iterations: timed calls per backend and batch size.
         warmup: untimed calls first (torch.compile compiles in its first).
         devices: ``cpu`` and/or ``cuda`` (default: the CPU, and the GPU when there is one).
+        aa: add ``onnxruntime fp32 (A/A)``, a second session of the same fp32 model timed in the same turns: its
+            latency ratio to the first (``aa_ratio``) is how far two identical models differ here, the spread to
+            read the speed-ups against.
 
     Returns:
         ``{"sources", "checkpoint", "input_size", "threads", "iterations", "rows", "int8_speedup"}``; each row
         holds ``backend``, ``device``, ``batch``, ``status`` (``ok`` or why it could not run),
         ``latency_ms`` (``median``, ``p90``) and ``images_per_s``; ``int8_speedup`` maps
         ``"DEVICE/BATCH"`` to ONNX Runtime fp32's median latency over int8's (dynamic, else static), and
-        ``"DEVICE/BATCH/openvino int8"`` to it over a given OpenVINO int8 export's.
+        ``"DEVICE/BATCH/openvino int8"`` to it over a given OpenVINO int8 export's; with ``aa``, ``aa_ratio``
+        maps ``"DEVICE/BATCH"`` to the first fp32 session's median latency over the second's. A hub-format
+        folder (``finetune export --format hub``) given adds ``hub folder (finetune.load)`` and, for a linear
+        head, ``hub folder (plain timm)``: ``timm.create_model("local-dir:DIR", pretrained=True)``.
     """
 
     if not batches or min(batches) < 1 or iterations < 1:
@@ -69,8 +77,11 @@ def benchmark(
     given_onnx: dict[str, Path] = {}
     checkpoints, info = [], None
     given_openvino: dict[str, Path] = {}
+    hub_folder = None
     for source in sources:
-        if is_openvino_folder(source):
+        if source.is_dir() and is_hub_folder(source):
+            hub_folder = source
+        elif is_openvino_folder(source):
             info = read_openvino_info(source)
             given_openvino["openvino int8" if info.get("quantization") else "openvino fp32"] = source
             if info.get("source_checkpoint") and Path(info["source_checkpoint"]).exists():
@@ -107,12 +118,17 @@ def benchmark(
                 for name, folder in given_openvino.items():  # rows only for the exports given
                     runners[name] = (OpenVINOModel(folder, threads=threads) if device == "cpu" else
                                      "unavailable: OpenVINO exports run on the CPU here")
+                if aa and not isinstance(runners.get("onnxruntime fp32"), (str, type(None))):
+                    runners["onnxruntime fp32 (A/A)"] = OnnxModel(onnx_files["onnxruntime fp32"], threads=threads,
+                                                                  device=device)
+                if hub_folder is not None:
+                    runners.update(_hub_runners(hub_folder, device))
                 for batch in batches:
                     rows += _time_backends(runners, device, batch, input_size, iterations, warmup)
     finally:
         torch.set_num_threads(previous_threads)
 
-    speedup = {}
+    speedup, aa_ratio = {}, {}
     for device in devices:
         for batch in batches:
             fp32, int8 = (_row(rows, b, device, batch) for b in ("onnxruntime fp32", "onnxruntime int8"))
@@ -122,10 +138,13 @@ def benchmark(
             openvino = _row(rows, "openvino int8", device, batch)
             if fp32 and openvino:
                 speedup[f"{device}/{batch}/openvino int8"] = fp32["latency_ms"]["median"] / openvino["latency_ms"]["median"]
+            second = _row(rows, "onnxruntime fp32 (A/A)", device, batch)
+            if fp32 and second:
+                aa_ratio[f"{device}/{batch}"] = fp32["latency_ms"]["median"] / second["latency_ms"]["median"]
     return {
         "sources": [str(s) for s in sources], "checkpoint": str(checkpoint) if checkpoint else None, "input_size": input_size,
         "threads": threads or torch.get_num_threads(), "iterations": iterations, "rows": rows,
-        "int8_speedup": speedup,
+        "int8_speedup": speedup, **({"aa_ratio": aa_ratio} if aa else {}),
     }
 
 
@@ -190,6 +209,32 @@ def _runners(model, onnx_files: dict[str, Path], device: str, threads: Optional[
                 continue
         session = onnx_model(path, threads=threads, device=device)
         runners[name] = session
+    return runners
+
+
+def _hub_runners(folder: Path, device: str) -> dict[str, Any]:
+    """The hub folder as finetune loads it, and (a linear head) as plain timm does."""
+    import timm
+
+    from finetune.models.hub_format import timm_classifier
+
+    def eager(module):
+        module = module.to(device).eval()
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+        def run(x):
+            with torch.inference_mode():
+                out = module(x)
+            sync()
+            return out
+        return run
+
+    runners: dict[str, Any] = {"hub folder (finetune.load)": eager(load_checkpoint(folder)[0])}
+    if timm_classifier(read_meta(folder)):
+        runners["hub folder (plain timm)"] = eager(timm.create_model(f"local-dir:{folder}", pretrained=True))
+    else:
+        runners["hub folder (plain timm)"] = ("unavailable: not a linear head: plain timm loads the backbone "
+                                              "only (the model card says so)")
     return runners
 
 

@@ -17,7 +17,9 @@ first where calibrated), with ``task: multilabel`` and the per-label ``threshold
   with onnxruntime: dynamically (the default: the weights of the linear layers, MatMul/Gemm, in int8,
   their activations quantised on the fly; convolutions stay fp32, which onnxruntime runs faster than its
   dynamic ConvInteger) or statically (every supported op, weights per channel and activations in int8, QDQ
-  format, activation ranges calibrated on ``calibration_images`` at the 99.999th percentile).
+  format, activation ranges calibrated on ``calibration_images`` at the 99.999th percentile), the layer groups
+  whose quantisation costs most kept in fp32 until the top-1 agreement with fp32 on ``validation_images`` is
+  within ``max_drop`` (:mod:`finetune.deploy.sensitivity`).
 * ``torchscript``: ``torch.jit.trace``; the JSON is also stored in the archive as ``extra/finetune.json``.
   The traced module is checked against the eager model on another batch size before it is written.
   PyTorch deprecates TorchScript in favour of ``torch.export``; prefer ``onnx`` for new deployments.
@@ -76,9 +78,10 @@ def export_model(
             are given, else dynamic.
         calibration_images: images (typically a sample of the training split) whose activation ranges
             calibrate static quantisation.
-        validation_images: ``openvino`` int8: another sample of the training split on which NNCF's accuracy
-            control keeps the int8 model's top-1 agreement with fp32 within ``max_drop``
-            (:mod:`finetune.deploy.openvino`).
+        validation_images: static int8: another sample of the training split on which the search keeps the
+            int8 model's top-1 agreement with fp32 within ``max_drop``: onnx, layer groups returned to fp32
+            (:mod:`finetune.deploy.sensitivity`); openvino, NNCF's accuracy control (:mod:`finetune.deploy.openvino`).
+        max_drop: that budget (an absolute drop in agreement, 0.01: one decision in a hundred).
 
     Returns:
         The model file written.
@@ -147,7 +150,8 @@ def export_model(
         }
 
         def writer(model, example, info, path):
-            _write_int8_onnx(model, example, info, path, calibration_images, meta["preprocessing"])
+            _write_int8_onnx(model, example, info, path, calibration_images, meta["preprocessing"],
+                             validation_images, max_drop)
     else:
         writer = {"onnx": _write_onnx, "torchscript": _write_torchscript, "safetensors": _write_safetensors}[format]
     atomic_write(out, lambda tmp: writer(model, example, info, tmp))

@@ -25,7 +25,7 @@ from finetune._version import __version__
 from finetune.errors import FinetuneError, first_line
 from finetune.models.checkpoint import META_FILE, load_checkpoint, read_meta, resolve_checkpoint, run_folder_of
 from finetune.models.hub_format import (CARD_FILE, CONFIG_FILE, HEAD_FILE, LAYOUT, LINEAR_HEAD, WEIGHTS_FILE,
-                                        is_hub_meta)
+                                        is_hub_folder)
 
 FILES = (CONFIG_FILE, WEIGHTS_FILE, HEAD_FILE, META_FILE, CARD_FILE)
 """What a hub-format folder may hold (and all that ``finetune push`` uploads)."""
@@ -83,18 +83,11 @@ def _check_out(out: Path) -> None:
         raise FinetuneError(f"--out {out} is a file; give a folder for the hub-format model")
     if out.is_dir() and any(out.iterdir()):
         others = sorted(p.name for p in out.iterdir() if p.name not in FILES)
-        earlier = (out / META_FILE).is_file() and _is_hub_folder(out)
+        earlier = (out / META_FILE).is_file() and is_hub_folder(out)
         if others or not earlier:
             raise FinetuneError(f"--out {out} holds files that are not an earlier hub export "
                                 f"({', '.join(others[:3]) or 'no hub checkpoint.json'}); the export replaces the "
                                 "whole folder: give a new folder")
-
-
-def _is_hub_folder(path: Path) -> bool:
-    try:
-        return is_hub_meta(read_meta(path))
-    except FinetuneError:
-        return False
 
 
 def _as_timm_classifier(model, meta: dict[str, Any], example: torch.Tensor, expected: torch.Tensor
@@ -228,7 +221,7 @@ def push_folder(folder: str | os.PathLike, repo: str, *, private: bool = False) 
     from huggingface_hub import HfApi, get_token  # lazy: only this command talks to the Hub
 
     folder = Path(folder)
-    if not (folder / META_FILE).is_file() or not _is_hub_folder(folder) or not (folder / CONFIG_FILE).is_file():
+    if not (folder / META_FILE).is_file() or not is_hub_folder(folder) or not (folder / CONFIG_FILE).is_file():
         raise FinetuneError(f"{folder} is not a hub-format model folder: make one with "
                             "`finetune export CHECKPOINT --format hub --out DIR`")
     read_meta(folder)

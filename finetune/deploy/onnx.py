@@ -19,6 +19,7 @@ from finetune.data.decode import ImageDecodeError, load_image
 from finetune.data.multilabel import labels_like_run
 from finetune.data.prepare import split_like_run
 from finetune.data.transforms import preprocessing_transform
+from finetune.deploy import sensitivity
 from finetune.errors import FinetuneError, first_line
 from finetune.models.checkpoint import read_meta, resolve_checkpoint, run_folder_of
 
@@ -52,18 +53,19 @@ def _write_onnx(model: torch.nn.Module, example: torch.Tensor, info: dict[str, A
 
 
 def _write_int8_onnx(model: torch.nn.Module | Path, example: torch.Tensor | None, info: dict[str, Any], path: Path,
-                     calibration_images: Sequence[str | os.PathLike], preprocessing: dict[str, Any]) -> None:
+                     calibration_images: Sequence[str | os.PathLike], preprocessing: dict[str, Any],
+                     validation_images: Sequence[str | os.PathLike] = (), max_drop: float = 0.01) -> None:
     """The fp32 ONNX export (of ``model``, or the file ``model``), pre-processed (shape inference, graph
-    optimisation) and quantised to int8."""
+    optimisation) and quantised to int8: dynamically without ``calibration_images``; statically with them, and
+    with ``validation_images`` (another sample of the train split) the layer groups whose quantisation costs
+    most go back to fp32 until the top-1 agreement with fp32 on them is within ``max_drop``
+    (:mod:`finetune.deploy.sensitivity`; ``info["quantization"]`` records the search)."""
     try:
         import onnx  # lazy: optional (finetune[export])
         from onnxruntime.quantization import (  # lazy: optional (finetune[export])
-            CalibrationMethod,
-            QuantFormat,
             QuantType,
             quant_pre_process,
             quantize_dynamic,
-            quantize_static,
         )
     except ImportError as e:
         raise FinetuneError(f"int8 export needs onnxruntime ({e}): pip install 'finetune[export]'") from None
@@ -76,11 +78,8 @@ def _write_int8_onnx(model: torch.nn.Module | Path, example: torch.Tensor | None
         try:
             quant_pre_process(str(fp32), str(prepared))
             if calibration_images:
-                reader = _QuantizationReader(calibration_images, preprocessing)
-                # percentile calibration: on the quickstart it lost 4.8 points of test accuracy, min-max 6.3
-                quantize_static(str(prepared), str(quantized), reader, quant_format=QuantFormat.QDQ,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                                calibrate_method=CalibrationMethod.Percentile)
+                _quantize_static(prepared, quantized, Path(tmp), info, calibration_images, preprocessing,
+                                 validation_images, max_drop)
             else:
                 # the linear layers only (the head; a ViT's blocks): onnxruntime's dynamic ConvInteger ran the
                 # quickstart's CNN 8-14x slower than fp32 convolutions and lost 7 points of accuracy
@@ -97,6 +96,58 @@ def _write_int8_onnx(model: torch.nn.Module | Path, example: torch.Tensor | None
         path.write_bytes(proto.SerializeToString())  # by Python: a full disk raises OSError
 
 
+def _quantize_static(prepared: Path, quantized: Path, tmp: Path, info: dict[str, Any], calibration_images,
+                     preprocessing: dict[str, Any], validation_images, max_drop: float) -> None:
+    """Static int8 of ``prepared`` into ``quantized``, with the sensitivity search where ``validation_images``
+    are given. The activation ranges are calibrated once (onnxruntime's calibration cache) and reused by every
+    candidate of the search."""
+    import onnx  # lazy: optional (finetune[export])
+    import onnxruntime
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    proto = onnx.load(str(prepared))
+    for i, node in enumerate(proto.graph.node):  # nodes_to_exclude matches names: every node needs one
+        if not node.name:
+            node.name = f"finetune_{node.op_type}_{i}"
+    onnx.save(proto, str(prepared))
+    groups = sensitivity.layer_groups(proto.graph)
+    reader = _QuantizationReader(calibration_images, preprocessing)
+    cache = tmp / "activation_ranges.json"
+
+    def quantise(excluded: Sequence[str], out: Path) -> None:
+        # percentile calibration: with everything in int8 it lost 1.5 points less than min-max on the quickstart
+        quantize_static(str(prepared), str(out), reader, quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        calibrate_method=CalibrationMethod.Percentile, nodes_to_exclude=list(excluded),
+                        calibration_cache_path=str(cache))
+
+    validation = _QuantizationReader(validation_images, preprocessing).arrays if validation_images else []
+    if not validation:  # no search: every supported op in int8
+        quantise([], quantized)
+        info["quantization"].update(search="none (no validation images)", fp32_groups=[])
+        return
+
+    def outputs(model_path: Path) -> np.ndarray:
+        session = onnxruntime.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        name = session.get_outputs()[0].name
+        return np.concatenate([session.run([name], {"input": np.stack(validation[i:i + 32])})[0]
+                               for i in range(0, len(validation), 32)])
+
+    reference = sensitivity.decisions(outputs(prepared), info)
+    candidate = tmp / "candidate.onnx"
+
+    def agreement(kept: frozenset[str]) -> float:
+        quantise(sensitivity.exclusions(groups, sorted(kept)), candidate)
+        return sensitivity.agreement(sensitivity.decisions(outputs(candidate), info), reference)
+
+    kept, reached, trace = sensitivity.search_fp32_groups(groups, agreement, max_drop)
+    quantise(sensitivity.exclusions(groups, kept), quantized)
+    info["quantization"].update(
+        search="layer-group sensitivity (finetune.deploy.sensitivity)", max_drop=max_drop,
+        validation_images=len(validation), fp32_groups=kept, agreement_with_fp32=reached,
+        groups={g: len(members) for g, members in groups.items()}, trace=trace)
+
+
 class _QuantizationReader:
     """onnxruntime's ``CalibrationDataReader``: the quantisation sample's images, preprocessed as for evaluation, in
     batches of 16 (unreadable ones left out)."""
@@ -111,6 +162,7 @@ class _QuantizationReader:
                 continue
         if not arrays:
             raise FinetuneError(f"none of the {len(images)} calibration images could be read")
+        self.arrays = arrays
         self.batches = iter([{"input": np.stack(arrays[i:i + 16])} for i in range(0, len(arrays), 16)])
 
     def get_next(self):

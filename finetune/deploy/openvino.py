@@ -29,6 +29,7 @@ import torch
 from finetune._io import read_text_file
 from finetune.data.decode import ImageDecodeError, load_image
 from finetune.data.transforms import preprocessing_transform
+from finetune.deploy.sensitivity import decisions
 from finetune.errors import FinetuneError, first_line
 
 XML, BIN, JSON = "model.xml", "model.bin", "model.json"
@@ -109,12 +110,6 @@ def _arrays(paths: Sequence[str | os.PathLike], preprocessing: dict[str, Any]) -
     return out
 
 
-def _decisions(outputs: np.ndarray, info: dict[str, Any]) -> np.ndarray:
-    if info.get("task") == "multilabel":
-        return outputs >= np.asarray(info["thresholds"])
-    return outputs.argmax(axis=1)
-
-
 def _quantize(ov, ov_model, info: dict[str, Any], calibration_images, validation_images, max_drop: float):
     try:
         import nncf  # lazy: optional (finetune[openvino])
@@ -126,11 +121,11 @@ def _quantize(ov, ov_model, info: dict[str, Any], calibration_images, validation
     if not calibration or not validation:
         raise FinetuneError("OpenVINO int8 needs readable calibration and validation images from the train split")
     reference = ov.Core().compile_model(ov_model, "CPU", FP32)
-    expected = [_decisions(reference(x)[0], info) for x in validation]
+    expected = [decisions(reference(x)[0], info) for x in validation]
     items = list(zip(validation, expected))
 
     def agreement(compiled, data) -> float:
-        agree = [np.mean(_decisions(compiled(x)[0], info) == ref) for x, ref in data]
+        agree = [np.mean(decisions(compiled(x)[0], info) == ref) for x, ref in data]
         return float(np.mean(agree))
 
     try:

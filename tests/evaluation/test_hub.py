@@ -200,3 +200,26 @@ def test_push_refuses_in_one_line_and_sends_nothing(case, runs, tmp_path, monkey
     assert "\n" not in err and not sent
     assert {"no token": "no Hugging Face token", "offline": "nothing was committed",
             "not a hub folder": "is not a hub-format model folder", "bad repo": "OWNER/NAME"}[case] in err
+
+
+@pytest.mark.parametrize("head", ["linear", "spinal"])
+def test_benchmark_times_the_hub_folder_as_finetune_and_plain_timm_load_it(runs, tmp_path, head):
+    from finetune.deploy.benchmark import benchmark
+
+    out = _export(runs[head], tmp_path / "hub")
+    result = benchmark([runs[head], out], batches=[2], iterations=2, warmup=1, devices=["cpu"], aa=True)
+    rows = {r["backend"]: r for r in result["rows"]}
+    assert result["checkpoint"] == str(runs[head] / "checkpoints" / "best")  # the run, not the folder
+    assert rows["hub folder (finetune.load)"]["status"] == "ok"
+    if head == "linear":
+        assert rows["hub folder (plain timm)"]["status"] == "ok"
+    else:
+        assert rows["hub folder (plain timm)"]["status"].startswith("unavailable: not a linear head")
+    # the A/A row: a second session of the same fp32 model, its ratio to the first reported
+    assert rows["onnxruntime fp32 (A/A)"]["status"] == "ok" and set(result["aa_ratio"]) == {"cpu/2"}
+    assert result["aa_ratio"]["cpu/2"] == pytest.approx(
+        rows["onnxruntime fp32"]["latency_ms"]["median"] / rows["onnxruntime fp32 (A/A)"]["latency_ms"]["median"])
+    # without a hub folder or aa: no such rows
+    plain = {r["backend"] for r in benchmark(runs[head], batches=[2], iterations=1, warmup=1,
+                                             devices=["cpu"])["rows"]}
+    assert not any(b.startswith("hub folder") or "A/A" in b for b in plain)

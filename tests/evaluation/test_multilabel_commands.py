@@ -263,3 +263,20 @@ def test_int8_export_and_benchmark_of_a_multilabel_checkpoint(trained, tmp_path)
     result = benchmark([run_dir], batches=[2], iterations=2, warmup=1, devices=["cpu"])
     assert {r["backend"] for r in result["rows"] if r["status"] == "ok"} >= {"pytorch eager", "onnxruntime fp32",
                                                                            "onnxruntime int8"}
+
+
+def test_multilabel_defaults_are_one_stage_at_a_constant_lr_with_a_linear_head(tmp_path):
+    from finetune.cli import train as train_cli
+    from finetune.config import parse_recipe
+
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,labels\na.png,cat\nb.png,dog;cat\n")
+    raw = train_cli.default_recipe(str(labels), "test_resnet", None, "false")
+    recipe = parse_recipe(raw)  # a valid recipe
+    (stage,) = recipe.stages
+    assert (stage.name, stage.epochs, stage.train, stage.batchnorm) == ("all", 12, "all", "train")
+    assert raw["stages"][0]["optimizer"]["lr"] == 2e-3 and raw["schedule"] == {"name": "constant"}
+    assert recipe.training.ema is None and raw["model"]["head"] == "linear"
+    # single-label data keeps the staged defaults and the spinal head
+    single = train_cli.default_recipe(str(tmp_path / "folder"), "test_resnet", None, "false")
+    assert [s["name"] for s in single["stages"]] == ["head", "all"] and single["model"]["head"] == "spinal"

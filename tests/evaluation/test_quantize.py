@@ -124,3 +124,81 @@ def test_benchmark_times_every_backend_and_writes_json(exported, tmp_path, capsy
     assert result["checkpoint"] == read_onnx_info(exported["fp32"])["source_checkpoint"]
     table = capsys.readouterr().out
     assert "pytorch compiled" in table and "int8 speed-up over ONNX Runtime fp32 (cpu, batch 2)" in table
+
+
+def test_sensitivity_search_keeps_in_fp32_the_group_whose_quantisation_is_made_to_hurt():
+    from finetune.deploy.sensitivity import search_fp32_groups
+
+    cost = {"stem": 0.004, "depthwise": 0.05, "head": 0.0, "blocks 1/2": 0.002, "blocks 2/2": 0.0}
+    asked = []
+
+    def agreement(kept):  # a fake evaluation: each quantised group costs its share of agreement
+        asked.append(set(kept))
+        return 1.0 - sum(c for g, c in cost.items() if g not in kept)
+
+    kept, reached, trace = search_fp32_groups(cost, agreement, max_drop=0.01)
+    assert kept == ["depthwise"] and reached == pytest.approx(1.0 - 0.006)
+    # all int8 first, then each group alone back in fp32, then the greedy additions (one: depthwise was measured)
+    assert asked[0] == set() and asked[1:6] == [{g} for g in cost] and len(asked) == 6
+    assert [t["fp32_groups"] for t in trace] == [[], *[[g] for g in cost]]
+    # a tighter budget needs the next most costly group too
+    kept, reached, _ = search_fp32_groups(cost, agreement, max_drop=0.005)
+    assert kept == ["depthwise", "stem"] and reached == pytest.approx(1.0 - 0.002)
+
+
+def test_sensitivity_search_stops_at_all_int8_when_within_budget_and_fails_in_one_line_when_never():
+    from finetune.deploy.sensitivity import search_fp32_groups
+
+    calls = []
+    kept, reached, trace = search_fp32_groups(["stem", "head"], lambda kept: calls.append(kept) or 0.995, 0.01)
+    assert (kept, reached, len(calls)) == ([], 0.995, 1)
+    with pytest.raises(FinetuneError, match=r"every\s+layer group \(stem, head\) in fp32, over --max-drop 0.01") as e:
+        search_fp32_groups(["stem", "head"], lambda kept: 0.9, 0.01)
+    assert "\n" not in str(e.value)
+
+
+def test_layer_groups_of_an_efficientnet_export_find_stem_depthwise_and_head(exported):
+    from onnxruntime.quantization import quant_pre_process
+
+    from finetune.deploy.sensitivity import layer_groups
+
+    prepared = exported["fp32"].with_name("prepared-for-groups.onnx")
+    quant_pre_process(str(exported["fp32"]), str(prepared))
+    graph = onnx.load(str(prepared)).graph
+    groups = layer_groups(graph)
+    nodes = {n.name: n for n in graph.node}
+    assert {"stem", "depthwise", "head", "blocks 1/4"} <= set(groups), groups
+    members = [name for g in groups.values() for name in g]
+    assert len(members) == len(set(members))  # disjoint
+    first_conv = next(n for n in graph.node if n.op_type == "Conv")
+    assert groups["stem"] == [first_conv.name]
+    group_of = lambda node: next(a.i for a in node.attribute if a.name == "group")  # noqa: E731
+    assert all(nodes[n].op_type == "Conv" and group_of(nodes[n]) > 1 for n in groups["depthwise"])
+    assert any(nodes[n].op_type in ("Gemm", "MatMul") for n in groups["head"])
+    assert not any(nodes[n].op_type == "GlobalAveragePool" for n in groups["head"])
+
+
+def test_static_int8_keeps_the_groups_the_search_returns_in_fp32(checkpoint, images, monkeypatch, tmp_path):
+    """The search's answer reaches the written graph: a made-to-hurt head stays fp32, the rest is int8."""
+    from finetune.deploy import sensitivity
+    from finetune.deploy.onnx import quantization_images
+
+    real = sensitivity.search_fp32_groups
+
+    def hurt_head(groups, agreement, max_drop):  # the head's quantisation made to cost 5 points
+        return real(groups, lambda kept: min(agreement(kept), 1.0 if "head" in kept else 0.95), max_drop)
+
+    monkeypatch.setattr(sensitivity, "search_fp32_groups", hurt_head)
+    both = quantization_images(checkpoint, 24, images)
+    out = export_model(checkpoint, format="onnx", quantize="int8", out=tmp_path / "m.int8.onnx",
+                       calibration_images=both[0::2], validation_images=both[1::2], max_drop=0.01)
+    q = read_onnx_info(out)["quantization"]
+    assert q["fp32_groups"][0] == "head" and q["agreement_with_fp32"] >= 0.99
+    assert q["trace"][0] == {"fp32_groups": [], "agreement": pytest.approx(q["trace"][0]["agreement"])}
+    graph = onnx.load(str(out)).graph
+    # a quantised op's weight arrives through a DequantizeLinear; the head's Gemm reads its fp32 weight directly
+    produced_by_dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    gemms = [n for n in graph.node if n.op_type in ("Gemm", "MatMul")]
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert gemms and all(n.input[1] not in produced_by_dq for n in gemms)
+    assert sum(n.input[1] in produced_by_dq for n in convs) >= len(convs) // 2
