@@ -281,8 +281,8 @@ def table(caption: str, columns: list[str], rows: list[list[Any]]) -> dict[str, 
     return {"caption": caption, "columns": columns, "rows": rows}
 
 
-def render_results(out: Path) -> str:
-    """Regenerate ``<out>/RESULTS.md`` from every ``<out>/results/*.json``."""
+def render_results(out: Path, write: bool = True) -> str:
+    """Regenerate ``<out>/RESULTS.md`` from every ``<out>/results/*.json`` (``write=False``: only return it)."""
     docs = [json.loads(p.read_text()) for p in sorted((Path(out) / "results").glob("*.json"))]
     docs.sort(key=lambda d: (_order(d["name"]), d["name"]))
     lines = [
@@ -303,7 +303,8 @@ def render_results(out: Path) -> str:
     for doc in docs:
         lines += _section(doc)
     text = "\n".join(lines).rstrip() + "\n"
-    (Path(out) / "RESULTS.md").write_text(text)
+    if write:
+        (Path(out) / "RESULTS.md").write_text(text)
     return text
 
 

@@ -13,7 +13,7 @@ Arms:
 * ``defaults (linear)``, ``defaults (spinal)``: ``finetune train --data labels.csv --backbone tf_efficientnet_lite0
   --pretrained offline --set data.input_size=64`` (``--head spinal`` for the second; linear is the multi-label
   default): the multi-label defaults (one stage training
-  everything, 12 epochs, constant lr 2e-3, BatchNorm in train mode, no EMA), BCE, mAP selection, per-label
+  everything, 12 epochs, constant lr 2e-3 (linear head) or 1e-3 (spinal), BatchNorm in train mode, no EMA), BCE, mAP selection, per-label
   thresholds tuned on val and per-label temperatures;
 * ``staged schedule (single-label defaults, spinal)``: the same with the single-label staged defaults instead (head
   stage on cached features, then everything with layer decay, frozen BatchNorm statistics, an EMA), the evidence

@@ -337,3 +337,9 @@ def test_recipes(tmp_path, digits):
     assert set(results["fewshot"]) == {"fewshot spinal", "fewshot plain"}  # --tiny: the spinal head only
     plain = results["full"]["plain"]["runs"][0]
     assert plain["epochs_trained"] >= 1 and 0 <= plain["test_accuracy"] <= 1
+
+
+def test_results_md_is_what_render_results_makes_of_the_committed_json():
+    """RESULTS.md is generated: a hand edit, or a JSON changed without regenerating it, fails here."""
+    common = load_script("_common.py")
+    assert (BENCH_DIR / "RESULTS.md").read_text() == common.render_results(BENCH_DIR, write=False)

@@ -203,9 +203,13 @@ def test_push_refuses_in_one_line_and_sends_nothing(case, runs, tmp_path, monkey
 
 
 @pytest.mark.parametrize("head", ["linear", "spinal"])
-def test_benchmark_times_the_hub_folder_as_finetune_and_plain_timm_load_it(runs, tmp_path, head):
+def test_benchmark_times_the_hub_folder_as_finetune_and_plain_timm_load_it(runs, tmp_path, head, monkeypatch):
     from finetune.deploy.benchmark import benchmark
 
+    def no_compile(*args, **kwargs):  # its row is not what this test is about, and compiling takes most of its time
+        raise RuntimeError("not in this test")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
     out = _export(runs[head], tmp_path / "hub")
     result = benchmark([runs[head], out], batches=[2], iterations=2, warmup=1, devices=["cpu"], aa=True)
     rows = {r["backend"]: r for r in result["rows"]}

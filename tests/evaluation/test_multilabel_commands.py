@@ -277,6 +277,8 @@ def test_multilabel_defaults_are_one_stage_at_a_constant_lr_with_a_linear_head(t
     assert (stage.name, stage.epochs, stage.train, stage.batchnorm) == ("all", 12, "all", "train")
     assert raw["stages"][0]["optimizer"]["lr"] == 2e-3 and raw["schedule"] == {"name": "constant"}
     assert recipe.training.ema is None and raw["model"]["head"] == "linear"
+    spinal = train_cli.default_recipe(str(labels), "test_resnet", "spinal", "false")
+    assert spinal["model"]["head"] == "spinal" and spinal["stages"][0]["optimizer"]["lr"] == 1e-3
     # single-label data keeps the staged defaults and the spinal head
     single = train_cli.default_recipe(str(tmp_path / "folder"), "test_resnet", None, "false")
     assert [s["name"] for s in single["stages"]] == ["head", "all"] and single["model"]["head"] == "spinal"
