@@ -75,24 +75,25 @@ def measure(run: Path, data: Optional[str], tmp: Path, *, calibration: int, batc
     import timm
     import torch
 
-    from finetune.cli.eval import load_manifest
+    from finetune.data.prepare import split_like_run
     from finetune.deploy.benchmark import benchmark
     from finetune.deploy.export import export_model
     from finetune.deploy.onnx import OnnxModel, quantization_images, read_onnx_info
     from finetune.deploy.openvino import OpenVINOModel, read_openvino_info
     from finetune.inference.predictor import eval_transform, predict_probabilities
-    from finetune.models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
+    from finetune.models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint, run_folder_of
     from finetune.models.hub_format import timm_classifier
 
     checkpoint = resolve_checkpoint(run)
     meta = read_meta(checkpoint)
-    manifest = load_manifest(data or meta["recipe"]["data"]["root"], meta, run)
+    run_dir = run_folder_of(checkpoint)
+    manifest = split_like_run(data or meta["recipe"]["data"]["root"], meta["recipe"]["data"],
+                              run_dir and run_dir / "manifest.csv")
     test = manifest.items("test")
     paths, truth = [str(p) for p, _ in test], np.array([label for _, label in test])
     both = quantization_images(checkpoint, 2 * calibration, data)
     calib, judge = both[:calibration], both[calibration:]
-    out = tmp / run.name
-    out.mkdir()
+    out = Path(tempfile.mkdtemp(prefix="exports-", dir=tmp))
     exports = {
         "onnxruntime fp32": dict(format="onnx", out=out / "fp32.onnx"),
         "onnxruntime int8": dict(format="onnx", quantize="int8", out=out / "int8.onnx"),
