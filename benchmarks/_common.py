@@ -292,9 +292,11 @@ def render_results(out: Path, write: bool = True) -> str:
         "regenerates this file; do not edit it by hand). Run one from the repository root, e.g.",
         "`python benchmarks/bench_step.py`; `--tiny` is the seconds-long smoke setting the tests use.",
         "",
-        "The machine is shared with other work, so absolute speeds move with its load. Every claim is a",
-        "ratio of variants measured side by side in the same run (interleaved rounds, medians); the load",
-        "average at the start and end of each benchmark is given with it.",
+        "The machine is shared with other work, so absolute speeds move with its load: speed claims are",
+        "ratios of variants measured in the same run. A section says \"side by side\" only where its variants",
+        "ran interleaved (A B B A ..., medians) and gives an A/A spread where it has one; a single run or seed",
+        "has no spread to judge small differences by. The load average at the start and end of each",
+        "benchmark is given with it.",
         "",
     ]
     lines += _machine_section(docs)
@@ -384,8 +386,8 @@ def _section(doc: dict[str, Any]) -> list[str]:
     loads = [x for x in (doc.get("load_average_start"), (m.get("load_average") or [None])[0]) if x is not None]
     if loads and max(loads) > (m.get("logical_cores") or 1):
         lines += [f"**The machine was loaded by other work (load average up to {max(loads)} on "
-                  f"{m.get('logical_cores')} cores)**: absolute times are inflated and noisier; the side-by-side "
-                  "ratios are what to read.", ""]
+                  f"{m.get('logical_cores')} cores)**: absolute times are inflated and noisier; the ratios "
+                  "within the run are what to read.", ""]
     lines += [f"- {line}" for line in doc["summary"]]
     lines.append("")
     for t in doc["tables"]:

@@ -113,13 +113,42 @@ def test_readme_quickstart_commands_run_as_shown(tmp_path, finetune_cli):
     explained = json.loads((tmp_path / "explain-digits" / "explanations.json").read_text())
     assert [r["predicted"] for r in explained] == ["3", "8"] and (tmp_path / "explain-digits" / "index.html").is_file()
     assert (tmp_path / "model.int8.onnx").stat().st_size < (tmp_path / "model.onnx").stat().st_size
-    assert json.loads((tmp_path / "benchmark.json").read_text())
+    run = tmp_path / "runs" / "quickstart"
+    # calibrate: the refitted temperature is in the checkpoint
+    temperature = json.loads((run / "checkpoints" / "best" / "checkpoint.json").read_text())["temperature"]
+    assert isinstance(temperature, float) and 0 < temperature != 1.0
+    # TTA: the same plain metrics as the plain eval of the same images, and the 2-view metrics beside them
+    tta = json.loads((run / "eval-tta" / "metrics.json").read_text())
+    plain = json.loads((run / "eval-again" / "metrics.json").read_text())
+    assert tta["accuracy"] == plain["accuracy"] and tta["tta"]["views"] == 2 and 0.9 <= tta["tta"]["accuracy"] <= 1
+    # int8: static with the search, within its budget on the train sample, and its test cost bounded
+    quantization = json.loads((tmp_path / "model.int8.onnx.json").read_text())["quantization"]
+    assert quantization["method"] == "static" and quantization["calibration_images"] == 256
+    assert quantization["agreement_with_fp32"] >= 1 - quantization["max_drop"]
+    int8_eval = json.loads((tmp_path / "model.int8.onnx-eval-test" / "metrics.json").read_text())
+    assert int8_eval["reference"]["checkpoint"] == str(run / "checkpoints" / "best")
+    assert int8_eval["reference"]["accuracy_delta"] >= -0.015, int8_eval["reference"]
+    # the benchmark: ONNX Runtime fp32 and the int8 export timed at both batch sizes
+    bench = json.loads((tmp_path / "benchmark.json").read_text())
+    timed = {(r["backend"], r["batch"]) for r in bench["rows"] if r["status"] == "ok"}
+    assert {("onnxruntime fp32", 1), ("onnxruntime fp32", 32), ("onnxruntime int8 static", 1),
+            ("onnxruntime int8 static", 32)} <= timed
+    assert set(bench["int8_speedup"]) == {"cpu/1", "cpu/32"} and all(v > 0 for v in bench["int8_speedup"].values())
 
 
 @pytest.mark.slow
 def test_readme_defaults_commands_run_as_shown(tmp_path, finetune_cli):
     run_chain("defaults", tmp_path, finetune_cli)
-    assert (tmp_path / "runs" / "defaults" / "checkpoints" / "best" / "model.safetensors").is_file()
+    run = tmp_path / "runs" / "defaults"
+    assert (run / "checkpoints" / "best" / "model.safetensors").is_file()
+    # few-shot: 10 training images per class, the staged defaults (head 3 epochs, then all 7)
+    with open(run / "manifest.csv", newline="") as f:
+        train = [r for r in csv.DictReader(f) if r["split"] == "train"]
+    assert len(train) == 100 and all(sum(r["class"] == c for r in train) == 10 for c in map(str, range(10)))
+    with open(run / "metrics.csv", newline="") as f:
+        stages = [int(r["stage"]) for r in csv.DictReader(f)]
+    assert stages == [0] * 3 + [1] * 7
+    assert json.loads((run / "summary.json").read_text())["test"]["accuracy"] > 0.5
 
 
 @pytest.mark.slow
@@ -128,5 +157,18 @@ def test_readme_data_commands_run_as_shown(tmp_path, finetune_cli):
     assert (tmp_path / "data" / "digits" / "split.csv").is_file()
     assert (tmp_path / "audit-digits" / "audit.html").is_file()
     assert (tmp_path / "runs" / "quick" / "checkpoints" / "best" / "model.safetensors").is_file()
-    assert any((tmp_path / "runs" / "quick" / "tensorboard").iterdir())
-    assert json.loads((tmp_path / "lr-find-quick" / "lr_find.json").read_text())
+    quick = tmp_path / "runs" / "quick"
+    # the --resume of the finished run added nothing: one row per epoch of the recipe (10 + 1, stage 2 at 0)
+    with open(quick / "metrics.csv", newline="") as f:
+        rows = [(r["stage"], r["epoch"]) for r in csv.DictReader(f)]
+    assert len(set(rows)) == len(rows) and [stage for stage, _ in rows] == ["0"] * 10 + ["1"], rows
+    # TensorBoard and MLflow both logged the epochs' validation metrics
+    events = b"".join(p.read_bytes() for p in (quick / "tensorboard").rglob("events.out.tfevents*"))
+    assert b"val" in events and b"loss" in events
+    metric_files = {p.name for p in (quick / "mlruns").rglob("metrics/*")}
+    assert any("val" in name for name in metric_files), metric_files
+    # lr-find: a sweep of at most the 60 updates asked for, increasing lrs, a suggestion inside the sweep
+    found = json.loads((tmp_path / "lr-find-quick" / "lr_find.json").read_text())
+    lrs = found["lrs"]
+    assert 10 <= len(lrs) == len(found["losses"]) <= 60 and lrs == sorted(lrs)
+    assert lrs[0] <= found["suggested_lr"] <= lrs[-1] and lrs[0] <= found["min_loss_lr"] <= lrs[-1]

@@ -2,7 +2,10 @@
 plus its labels."""
 from __future__ import annotations
 
-from finetune.cli import positive_int
+from finetune.cli import whole_number
+
+DEFAULT_CALIBRATION = 256
+"""Training images static int8 calibrates on, and as many again that its accuracy search judges on."""
 
 
 def add_parser(subparsers) -> None:
@@ -27,11 +30,14 @@ def add_parser(subparsers) -> None:
                    help="model file (default: beside the checkpoint folder, e.g. checkpoints/best.onnx, "
                         "checkpoints/best.int8.onnx with --quantize); for hub, the folder (default checkpoints/best-hub)")
     p.add_argument("--quantize", choices=("int8",),
-                   help="int8: quantise the ONNX model with onnxruntime for CPU deployment (dynamic unless "
-                        "--calibration is given); `finetune eval MODEL.onnx` states its accuracy cost")
-    p.add_argument("--calibration", type=positive_int, metavar="N",
-                   help="static int8 quantisation: calibrate activation ranges on N images of the training "
-                        "split, spread over the classes (e.g. 256)")
+                   help="int8 for CPU deployment: static (onnxruntime, or NNCF with --format openvino), the "
+                        "costliest layer groups kept in fp32 until within --max-drop; `finetune eval MODEL.onnx` "
+                        "states its accuracy cost")
+    p.add_argument("--calibration", type=whole_number(0), metavar="N",
+                   help=f"static int8: calibrate activation ranges on N images of the training split, spread over "
+                        f"the classes, and judge the accuracy search on N others (default {DEFAULT_CALIBRATION}); "
+                        f"--format onnx --calibration 0: dynamic int8 instead (the linear layers only, no images "
+                        f"needed)")
     p.add_argument("--max-drop", type=float, default=0.01, metavar="D",
                    help="static int8 (--format onnx --calibration N, or --format openvino): the largest drop in top-1 "
                         "agreement with the fp32 model, on a validation sample of the train split, that the search "
@@ -45,21 +51,23 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from finetune.errors import FinetuneError
     from finetune.deploy.export import export_model  # lazy: `finetune --help` imports no torch
-    from finetune.deploy.onnx import metadata_path, quantization_images
+    from finetune.deploy.onnx import metadata_path, quantization_images, read_onnx_info
 
-    if (args.calibration or args.data) and not args.quantize:
+    if (args.calibration is not None or args.data) and not args.quantize:
         raise FinetuneError("--calibration and --data choose the images of static int8 quantisation: add --quantize int8")
+    if args.calibration == 0 and args.format == "openvino":
+        raise FinetuneError("OpenVINO int8 is static: --calibration must be 1 or more")
     if not 0 < args.max_drop < 1:
         raise FinetuneError(f"--max-drop must be between 0 and 1, got {args.max_drop}")
     validation: list = []
-    if args.quantize and (args.format == "openvino" or args.calibration):
-        # the accuracy searches (NNCF's, finetune.deploy.sensitivity's) need a validation sample too: both from the
-        # train split, disjoint; quantization_sample's order goes round the classes, so both halves cover them
-        n = args.calibration or 150
+    images: tuple | list = ()
+    if args.quantize and args.calibration != 0 and args.format in ("onnx", "openvino"):
+        # static: the accuracy searches (NNCF's, finetune.deploy.sensitivity's) need a validation sample too, both
+        # from the train split, disjoint; quantization_sample's order goes round the classes, so both halves cover them
+        n = args.calibration or DEFAULT_CALIBRATION
         both = quantization_images(args.checkpoint, 2 * n, args.data)
+        n = n if len(both) >= 2 * n else max(1, len(both) // 2)  # a small train split: half and half
         images, validation = both[:n], both[n:]
-    else:
-        images = quantization_images(args.checkpoint, args.calibration, args.data) if args.calibration else ()
     path = export_model(args.checkpoint, format=args.format, out=args.out, quantize=args.quantize,
                         calibration_images=images, validation_images=validation, max_drop=args.max_drop)
     if args.format == "openvino":
@@ -69,7 +77,15 @@ def run(args) -> int:
         print(f"wrote {path}/ (config.json, model.safetensors, README.md; load with "
               f"timm.create_model('local-dir:{path}', pretrained=True) or finetune.load('local-dir:{path}'))")
         return 0
-    print(f"wrote {path} and {metadata_path(path)}"
-          + (f" (int8, {'static: ' + str(len(images)) + ' calibration images' if images else 'dynamic'})"
-             if args.quantize else ""))
+    done = ""
+    if args.quantize and images:
+        q = read_onnx_info(path)["quantization"]
+        done = f" (int8, static: {len(images)} calibration images"
+        if "agreement_with_fp32" in q:
+            done += (f"; top-1 agreement with fp32 {q['agreement_with_fp32']:.4f} on {q['validation_images']} "
+                     f"others, layer groups kept in fp32: {', '.join(q['fp32_groups']) or 'none'}")
+        done += ")"
+    elif args.quantize:
+        done = " (int8, dynamic: the linear layers)"
+    print(f"wrote {path} and {metadata_path(path)}{done}")
     return 0

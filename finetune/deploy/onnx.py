@@ -271,14 +271,16 @@ def quantization_images(checkpoint: str | os.PathLike, n: int, data: str | os.Pa
         if not Path(checkpoint).exists():
             if not data:
                 raise FinetuneError(f"static int8 quantisation needs the training images: the export's checkpoint "
-                                    f"{checkpoint} is not here; give --data ROOT|MANIFEST")
+                                    f"{checkpoint} is not here; give --data ROOT|MANIFEST (or, ONNX, --calibration 0: "
+                                    f"dynamic int8)")
             return quantization_sample(split_like_run(data, {}).items("train"), n)
     folder = resolve_checkpoint(checkpoint)
     recipe_data = (read_meta(folder).get("recipe") or {}).get("data") or {}
     data = data or recipe_data.get("root") or recipe_data.get("manifest")
     if not data or not Path(data).exists():
         raise FinetuneError(f"static int8 quantisation needs the training images: the checkpoint's data "
-                            f"({data or 'none recorded'}) is not here; give --data ROOT|MANIFEST")
+                            f"({data or 'none recorded'}) is not here; give --data ROOT|MANIFEST (or, ONNX, --calibration 0: "
+                            f"dynamic int8)")
     run_dir = run_folder_of(folder)
     if read_meta(folder).get("task") == "multilabel":  # per first label in turn
         table = labels_like_run(data, recipe_data, run_dir and run_dir / "manifest.csv")

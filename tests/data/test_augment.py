@@ -115,3 +115,24 @@ def test_every_op_of_a_preset_runs_at_any_magnitude(augment):
     for seed in range(400):
         transform.set_random_seed(seed)
         assert transform(image=image)["image"].shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize("preset", ["randaugment", "trivialaugment"])
+def test_the_magnitude_changes_the_augmented_images(tmp_path, preset):
+    """The magnitude reaches the ops: with the same seed (so the same ops are drawn for each image), images
+    augmented at magnitude 2 and at 9 differ, while two runs at one magnitude are equal. (Not "more change at a
+    larger magnitude": timm's Posterize and Solarize are strongest at low magnitudes.)"""
+    y, x = np.mgrid[0:40, 0:40]
+    items = []
+    for i in range(12):
+        image = np.stack([(x * 6 + i) % 256, y * 6, (x + y) * 3], axis=-1).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+        items.append((tmp_path / f"{i}.png", 0))
+
+    def run(magnitude: int):
+        return samples(items, {"preset": preset, "magnitude": magnitude,
+                               **({"num_ops": 2} if preset == "randaugment" else {})}, 0)
+
+    low, high = run(2), run(9)
+    assert all(torch.equal(a, b) for a, b in zip(high, run(9)))
+    assert sum(not torch.equal(a, b) for a, b in zip(low, high)) >= len(items) // 2

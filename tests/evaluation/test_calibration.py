@@ -96,6 +96,23 @@ def test_onnx_export_divides_the_logits_by_the_temperature(checkpoint, tmp_path)
     assert json.loads(metadata_path(path).read_text())["temperature"] == 2.5
 
 
+def test_torchscript_export_divides_the_logits_by_the_temperature(checkpoint, tmp_path):
+    from finetune.models.checkpoint import load_checkpoint
+    from finetune.deploy.export import export_model
+    from finetune.deploy.onnx import metadata_path
+
+    ckpt = shutil.copytree(checkpoint, tmp_path / "ckpt")
+    set_temperature(ckpt, 2.5)
+    path = export_model(ckpt, format="torchscript", out=tmp_path / "model.pt")
+    batch = torch.randn(3, 3, 32, 32)
+    model, _ = load_checkpoint(ckpt)
+    with torch.no_grad():
+        got, expected = torch.jit.load(str(path))(batch), model(batch)
+    torch.testing.assert_close(got, expected / 2.5, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, expected, atol=1e-3)  # divided, not the raw logits
+    assert json.loads(metadata_path(path).read_text())["temperature"] == 2.5
+
+
 def test_calibrate_command_stores_the_temperature(checkpoint, image_folder, tmp_path, capsys):
     ckpt = shutil.copytree(checkpoint, tmp_path / "ckpt")
 

@@ -19,11 +19,20 @@ def test_confusion_plot_grows_with_the_class_count():
     assert large[0] > 3 * small[0]
 
 
-def test_confusion_plot_draws_class_names_with_mathtext_characters_as_text():
+def test_confusion_plot_draws_class_names_with_mathtext_characters_as_text(monkeypatch):
     # Matplotlib would parse "$x^{$" as (broken) mathtext and raise ValueError.
+    from finetune.evaluation import plots
+
+    drawn = []
+    real = plots.figure_png
+    monkeypatch.setattr(plots, "figure_png", lambda fig, **kw: drawn.append(fig) or real(fig, **kw))
     png = confusion_matrix_png(np.array([[2, 1], [0, 3]]), ["$x^{$", "<b>&"], normalize=True)
 
     assert png.startswith(b"\x89PNG")
+    ax = drawn[0].axes[0]
+    for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        assert [t.get_text() for t in labels] == ["$x^{$", "<b>&"]  # the names verbatim
+        assert not any(t.get_parse_math() for t in labels)  # drawn as text, never parsed as mathtext
 
 
 def test_row_normalize_divides_rows_by_their_totals_and_keeps_empty_rows_zero():

@@ -55,7 +55,10 @@ def test_int8_export_is_smaller_int8_and_predicts_like_fp32(exported, images, pr
     info = read_onnx_info(int8)  # from the model's own metadata
     assert info["classes"] == ["cat", "dog", "fox"] and info["preprocessing"]["input_size"] == [3, 32, 32]
     assert info["quantization"]["method"] == kind
-    assert info["quantization"]["calibration_images"] == (12 if kind == "static" else 0)
+    # static: --calibration 12 of the 18 train images would leave 6 to judge on; a small split is halved instead
+    assert info["quantization"]["calibration_images"] == (9 if kind == "static" else 0)
+    if kind == "static":
+        assert info["quantization"]["validation_images"] == 9 and info["quantization"]["fp32_groups"] == []
     assert json.loads(metadata_path(int8).read_text()) == info
 
     transform = preprocessing_transform(preprocessing)
@@ -202,3 +205,24 @@ def test_static_int8_keeps_the_groups_the_search_returns_in_fp32(checkpoint, ima
     convs = [n for n in graph.node if n.op_type == "Conv"]
     assert gemms and all(n.input[1] not in produced_by_dq for n in gemms)
     assert sum(n.input[1] in produced_by_dq for n in convs) >= len(convs) // 2
+
+
+def test_quantize_int8_is_static_with_the_search_by_default_and_dynamic_with_calibration_zero(checkpoint, images,
+                                                                                               tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["export", str(checkpoint), "--format", "onnx", "--quantize", "int8", "--data", str(images),
+                 "--out", str(tmp_path / "default.onnx")]) == 0
+    out = capsys.readouterr().out
+    q = read_onnx_info(tmp_path / "default.onnx")["quantization"]
+    assert q["method"] == "static" and q["search"].startswith("layer-group sensitivity") and q["max_drop"] == 0.01
+    assert q["calibration_images"] + q["validation_images"] == 18  # the whole train split, 256 asked for each
+    assert f"agreement with fp32 {q['agreement_with_fp32']:.4f}" in out
+    assert main(["export", str(checkpoint), "--format", "onnx", "--quantize", "int8", "--calibration", "0",
+                 "--out", str(tmp_path / "dynamic.onnx")]) == 0
+    assert read_onnx_info(tmp_path / "dynamic.onnx")["quantization"]["method"] == "dynamic"
+    assert "(int8, dynamic" in capsys.readouterr().out
+    # OpenVINO int8 is static only
+    assert main(["export", str(checkpoint), "--format", "openvino", "--quantize", "int8", "--calibration", "0",
+                 "--out", str(tmp_path / "ov")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "OpenVINO int8 is static" in err and not (tmp_path / "ov").exists()

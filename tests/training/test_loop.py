@@ -51,10 +51,55 @@ def test_bf16_autocast_path_trains_on_cpu():
     assert changed and stats.updates == 4 and torch.isfinite(torch.tensor(stats.loss))
 
 
-def test_fp16_path_with_grad_scaler_unscales_before_clipping():
+def test_fp16_path_with_grad_scaler_trains_on_cpu():
     stats, scaler, changed = fit("fp16", clip_grad=0.5)
     assert scaler.is_enabled() and scaler.get_scale() > 0
     assert changed and stats.updates >= 1
+
+
+def test_grad_scaler_unscales_before_clipping(monkeypatch):
+    """The order of calls (unscale, clip, step) and what the clip sees: the true gradient, not the scaled one."""
+    torch.manual_seed(0)
+    model = create_model("test_resnet", 3, head="linear").eval()  # eval: the same gradient in both passes
+    (x, y, _), = batches(n=1)
+    true_norm = torch.nn.utils.get_total_norm(torch.autograd.grad(nn.functional.cross_entropy(model(x), y),
+                                                                  list(model.parameters())))
+    calls = []
+
+    class Scaler:  # a GradScaler's protocol with a known factor, recording its calls
+        factor = 1024.0
+
+        def scale(self, loss):
+            calls.append("scale")
+            return loss * self.factor
+
+        def unscale_(self, optimizer):
+            calls.append("unscale")
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.div_(self.factor)
+
+        def step(self, optimizer):
+            calls.append("step")
+            optimizer.step()
+
+        def update(self):
+            calls.append("update")
+
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def clip(params, max_norm, *args, **kwargs):
+        params = list(params)
+        calls.append(("clip", float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))))
+        return real_clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_one_epoch(model, [(x, y, 0)], opt, nn.CrossEntropyLoss(), device=torch.device("cpu"), amp_dtype=None,
+                    scaler=Scaler(), clip_grad=0.5, where="test")
+    assert [c if isinstance(c, str) else c[0] for c in calls] == ["scale", "unscale", "clip", "step", "update"]
+    assert calls[2][1] == pytest.approx(float(true_norm), rel=1e-4)  # unscaled: 1024x smaller than the scaled
 
 
 def test_accumulation_makes_one_optimizer_step_per_group_of_micro_batches():
