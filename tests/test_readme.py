@@ -86,26 +86,50 @@ def test_every_readme_command_belongs_to_a_chain_that_runs_it():
     assert any("model.int8.onnx" in c for c in chains["quickstart"])
 
 
-def run_chain(name: str, tmp_path: Path, finetune_cli) -> None:
-    """Run chain ``name``'s commands as shown, in README's order, in ``tmp_path`` (in this process: conftest's
-    ``finetune_cli``, the console script's ``main`` without a subprocess's imports)."""
-    (tmp_path / "recipes").symlink_to(REPO / "recipes")
+def run_chain(name: str, tmp_path: Path, finetune_cli, *, only: tuple[str, ...] = (),
+              skip: tuple[str, ...] = ()) -> None:
+    """Run chain ``name``'s commands as shown (``only`` those, or all but ``skip``), in README's order, in
+    ``tmp_path`` (in this process: conftest's ``finetune_cli``, the console script's ``main`` without a
+    subprocess's imports)."""
+    if not (tmp_path / "recipes").exists():
+        (tmp_path / "recipes").symlink_to(REPO / "recipes")
     env = {"FINETUNE_CACHE": str(tmp_path / "cache")}
     chain = readme_chains()[name]
     for command in readme_commands():
-        if command in chain or command.startswith(NEEDS.get(name, "\0")):
+        if (command in chain or command.startswith(NEEDS.get(name, "\0"))) and command not in skip \
+                and (not only or command in only):
             done = finetune_cli(*shlex.split(command)[1:], cwd=tmp_path, env=env)
             assert done.returncode == 0, f"`{command}` exited {done.returncode}:\n{done.stderr[-3000:]}"
             assert "Traceback" not in done.stderr, f"`{command}` printed a traceback:\n{done.stderr[-3000:]}"
 
 
+# The quickstart chain runs in two tests side by side: the full quickstart run (its >= 98% asserted), and every
+# command after it, as shown, on a short run of the same recipe in runs/quickstart (head stage, 1 epoch of the
+# next, as README's runs/quick): the tail no longer waits for the full run.
+SHORT_QUICKSTART = f"{QUICKSTART} --set stages.1.epochs=1 --set stages.2.epochs=0 --out runs/quickstart"
+
+
 @pytest.mark.slow
 def test_readme_quickstart_commands_run_as_shown(tmp_path, finetune_cli):
-    run_chain("quickstart", tmp_path, finetune_cli)
+    """The quickstart command itself, in full."""
+    run_chain("quickstart", tmp_path, finetune_cli, only=(QUICKSTART,))
     summary = json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())
     assert summary["test"]["accuracy"] >= 0.98  # README: "reaches at least 98% test accuracy"
     assert (tmp_path / "runs" / "quickstart" / "eval" / "report.html").is_file()
-    assert json.loads((tmp_path / "runs" / "quickstart" / "eval-again" / "metrics.json").read_text())["accuracy"] >= 0.98
+    metrics = json.loads((tmp_path / "runs" / "quickstart" / "eval" / "metrics.json").read_text())
+    assert metrics["accuracy"] == summary["test"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_readme_quickstart_tail_commands_run_as_shown(tmp_path, finetune_cli):
+    """Every command README runs on the quickstart's outputs, as shown, on a short run of the recipe."""
+    (tmp_path / "recipes").symlink_to(REPO / "recipes")
+    done = finetune_cli(*shlex.split(SHORT_QUICKSTART)[1:], cwd=tmp_path, env={"FINETUNE_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_chain("quickstart", tmp_path, finetune_cli, skip=(QUICKSTART,))
+    short = json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())["test"]["accuracy"]
+    again = json.loads((tmp_path / "runs" / "quickstart" / "eval-again" / "metrics.json").read_text())["accuracy"]
+    assert again == short and again >= 0.85  # the same checkpoint, split and images as the run's own test eval
     with open(tmp_path / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(list((tmp_path / "data" / "digits" / "3").glob("*.png")))
@@ -120,12 +144,12 @@ def test_readme_quickstart_commands_run_as_shown(tmp_path, finetune_cli):
     # TTA: the same plain metrics as the plain eval of the same images, and the 2-view metrics beside them
     tta = json.loads((run / "eval-tta" / "metrics.json").read_text())
     plain = json.loads((run / "eval-again" / "metrics.json").read_text())
-    assert tta["accuracy"] == plain["accuracy"] and tta["tta"]["views"] == 2 and 0.9 <= tta["tta"]["accuracy"] <= 1
+    assert tta["accuracy"] == plain["accuracy"] and tta["tta"]["views"] == "hflip" and 0.8 <= tta["tta"]["accuracy"] <= 1
     # int8: static with the search, within its budget on the train sample, and its test cost bounded
     quantization = json.loads((tmp_path / "model.int8.onnx.json").read_text())["quantization"]
     assert quantization["method"] == "static" and quantization["calibration_images"] == 256
     assert quantization["agreement_with_fp32"] >= 1 - quantization["max_drop"]
-    int8_eval = json.loads((tmp_path / "model.int8.onnx-eval-test" / "metrics.json").read_text())
+    int8_eval = json.loads((tmp_path / "model.int8-eval-test" / "metrics.json").read_text())
     assert int8_eval["reference"]["checkpoint"] == str(run / "checkpoints" / "best")
     assert int8_eval["reference"]["accuracy_delta"] >= -0.015, int8_eval["reference"]
     # the benchmark: ONNX Runtime fp32 and the int8 export timed at both batch sizes

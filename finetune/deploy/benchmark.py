@@ -26,8 +26,7 @@ from finetune.deploy.export import export_model
 from finetune.deploy.onnx import OnnxModel, read_onnx_info
 from finetune.deploy.openvino import OpenVINOModel, is_openvino_folder, read_openvino_info
 from finetune.errors import FinetuneError, first_line
-from finetune.models.checkpoint import load_checkpoint, read_meta, resolve_checkpoint
-from finetune.models.hub_format import is_hub_folder
+from finetune.models.checkpoint import is_hub_folder, load_checkpoint, read_meta, resolve_checkpoint
 
 BACKENDS = ("pytorch eager", "pytorch compiled", "onnxruntime fp32", "onnxruntime int8")
 """The rows of every benchmark; a statically quantised .onnx given adds ``onnxruntime int8 static``."""

@@ -23,9 +23,9 @@ from timm.models._hub import save_config_for_hf  # timm exports it only from _hu
 from finetune._io import write_dir_atomic
 from finetune._version import __version__
 from finetune.errors import FinetuneError, first_line
-from finetune.models.checkpoint import META_FILE, load_checkpoint, read_meta, resolve_checkpoint, run_folder_of
-from finetune.models.hub_format import (CARD_FILE, CONFIG_FILE, HEAD_FILE, LAYOUT, LINEAR_HEAD, WEIGHTS_FILE,
-                                        is_hub_folder)
+from finetune.models.checkpoint import (META_FILE, is_hub_folder, load_checkpoint, read_meta, resolve_checkpoint,
+                                       run_folder_of)
+from finetune.models.hub_format import (CARD_FILE, CONFIG_FILE, HEAD_FILE, LAYOUT, LINEAR_HEAD, WEIGHTS_FILE)
 
 FILES = (CONFIG_FILE, WEIGHTS_FILE, HEAD_FILE, META_FILE, CARD_FILE)
 """What a hub-format folder may hold (and all that ``finetune push`` uploads)."""

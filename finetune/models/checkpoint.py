@@ -334,3 +334,11 @@ def run_folder_of(checkpoint: str | Path) -> Optional[Path]:
     checkpoint = Path(checkpoint)
     run_dir = checkpoint.parent.parent
     return run_dir if checkpoint.parent.name == "checkpoints" and (run_dir / "metrics.csv").is_file() else None
+
+
+def is_hub_folder(path: str | Path) -> bool:
+    """A folder ``finetune export --format hub`` wrote (its checkpoint.json says layout hub)."""
+    try:
+        return is_hub_meta(read_meta(Path(path)))
+    except FinetuneError:
+        return False

@@ -43,16 +43,6 @@ def is_hub_meta(meta: dict[str, Any]) -> bool:
     return meta.get("layout") == LAYOUT
 
 
-def is_hub_folder(path: str | Path) -> bool:
-    """A folder ``finetune export --format hub`` wrote (its checkpoint.json says layout hub)."""
-    from finetune.models.checkpoint import read_meta
-
-    try:
-        return is_hub_meta(read_meta(Path(path)))
-    except FinetuneError:
-        return False
-
-
 def timm_classifier(meta: dict[str, Any]) -> str | None:
     """The timm name of the classifier that holds a linear head's weights (``fc``, ``head.fc``...), or None when
     the folder's model is backbone + finetune head."""
