@@ -130,8 +130,8 @@ def pytest_configure(config):
 
 # The longest tests, in the order a parallel run should start them: each worker takes two tests at first
 # (xdist), so the longest shares its worker with a short one.
-LONGEST = ("test_readme_quickstart_tail_commands", "test_readme_quickstart_commands", "test_readme_data_commands",
-           "test_quickstart_notebook", "test_readme_defaults_commands")
+LONGEST = ("test_readme_quickstart_commands", "test_readme_data_commands", "test_quickstart_notebook",
+           "test_readme_defaults_commands")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -103,33 +103,14 @@ def run_chain(name: str, tmp_path: Path, finetune_cli, *, only: tuple[str, ...] 
             assert "Traceback" not in done.stderr, f"`{command}` printed a traceback:\n{done.stderr[-3000:]}"
 
 
-# The quickstart chain runs in two tests side by side: the full quickstart run (its >= 98% asserted), and every
-# command after it, as shown, on a short run of the same recipe in runs/quickstart (head stage, 1 epoch of the
-# next, as README's runs/quick): the tail no longer waits for the full run.
-SHORT_QUICKSTART = f"{QUICKSTART} --set stages.1.epochs=1 --set stages.2.epochs=0 --out runs/quickstart"
-
-
 @pytest.mark.slow
 def test_readme_quickstart_commands_run_as_shown(tmp_path, finetune_cli):
-    """The quickstart command itself, in full."""
-    run_chain("quickstart", tmp_path, finetune_cli, only=(QUICKSTART,))
+    run_chain("quickstart", tmp_path, finetune_cli)
     summary = json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())
     assert summary["test"]["accuracy"] >= 0.98  # README: "reaches at least 98% test accuracy"
     assert (tmp_path / "runs" / "quickstart" / "eval" / "report.html").is_file()
-    metrics = json.loads((tmp_path / "runs" / "quickstart" / "eval" / "metrics.json").read_text())
-    assert metrics["accuracy"] == summary["test"]["accuracy"]
-
-
-@pytest.mark.slow
-def test_readme_quickstart_tail_commands_run_as_shown(tmp_path, finetune_cli):
-    """Every command README runs on the quickstart's outputs, as shown, on a short run of the recipe."""
-    (tmp_path / "recipes").symlink_to(REPO / "recipes")
-    done = finetune_cli(*shlex.split(SHORT_QUICKSTART)[1:], cwd=tmp_path, env={"FINETUNE_CACHE": str(tmp_path / "cache")})
-    assert done.returncode == 0, done.stderr[-3000:]
-    run_chain("quickstart", tmp_path, finetune_cli, skip=(QUICKSTART,))
-    short = json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())["test"]["accuracy"]
     again = json.loads((tmp_path / "runs" / "quickstart" / "eval-again" / "metrics.json").read_text())["accuracy"]
-    assert again == short and again >= 0.85  # the same checkpoint, split and images as the run's own test eval
+    assert again == summary["test"]["accuracy"]  # the same checkpoint, split and images as the run's own test eval
     with open(tmp_path / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(list((tmp_path / "data" / "digits" / "3").glob("*.png")))
@@ -144,7 +125,7 @@ def test_readme_quickstart_tail_commands_run_as_shown(tmp_path, finetune_cli):
     # TTA: the same plain metrics as the plain eval of the same images, and the 2-view metrics beside them
     tta = json.loads((run / "eval-tta" / "metrics.json").read_text())
     plain = json.loads((run / "eval-again" / "metrics.json").read_text())
-    assert tta["accuracy"] == plain["accuracy"] and tta["tta"]["views"] == "hflip" and 0.8 <= tta["tta"]["accuracy"] <= 1
+    assert tta["accuracy"] == plain["accuracy"] and tta["tta"]["views"] == "hflip" and 0.9 <= tta["tta"]["accuracy"] <= 1
     # int8: static with the search, within its budget on the train sample, and its test cost bounded
     quantization = json.loads((tmp_path / "model.int8.onnx.json").read_text())["quantization"]
     assert quantization["method"] == "static" and quantization["calibration_images"] == 256

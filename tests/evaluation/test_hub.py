@@ -202,28 +202,27 @@ def test_push_refuses_in_one_line_and_sends_nothing(case, runs, tmp_path, monkey
             "not a hub folder": "is not a hub-format model folder", "bad repo": "OWNER/NAME"}[case] in err
 
 
-@pytest.mark.parametrize("head", ["linear", "spinal"])
-def test_benchmark_times_the_hub_folder_as_finetune_and_plain_timm_load_it(runs, tmp_path, head, monkeypatch):
-    from finetune.deploy.benchmark import benchmark
+def test_benchmark_times_the_hub_folder_as_finetune_and_plain_timm_load_it(runs, tmp_path, monkeypatch):
+    from finetune.deploy.benchmark import _hub_runners, benchmark
 
     def no_compile(*args, **kwargs):  # its row is not what this test is about, and compiling takes most of its time
         raise RuntimeError("not in this test")
 
     monkeypatch.setattr(torch, "compile", no_compile)
-    out = _export(runs[head], tmp_path / "hub")
-    result = benchmark([runs[head], out], batches=[2], iterations=2, warmup=1, devices=["cpu"], aa=True)
+    out = _export(runs["linear"], tmp_path / "hub")
+    result = benchmark([runs["linear"], out], batches=[2], iterations=2, warmup=1, devices=["cpu"], aa=True)
     rows = {r["backend"]: r for r in result["rows"]}
-    assert result["checkpoint"] == str(runs[head] / "checkpoints" / "best")  # the run, not the folder
-    assert rows["hub folder (finetune.load)"]["status"] == "ok"
-    if head == "linear":
-        assert rows["hub folder (plain timm)"]["status"] == "ok"
-    else:
-        assert rows["hub folder (plain timm)"]["status"].startswith("unavailable: not a linear head")
+    assert result["checkpoint"] == str(runs["linear"] / "checkpoints" / "best")  # the run, not the folder
+    assert rows["hub folder (finetune.load)"]["status"] == rows["hub folder (plain timm)"]["status"] == "ok"
     # the A/A row: a second session of the same fp32 model, its ratio to the first reported
     assert rows["onnxruntime fp32 (A/A)"]["status"] == "ok" and set(result["aa_ratio"]) == {"cpu/2"}
     assert result["aa_ratio"]["cpu/2"] == pytest.approx(
         rows["onnxruntime fp32"]["latency_ms"]["median"] / rows["onnxruntime fp32 (A/A)"]["latency_ms"]["median"])
+    # a spinal head's folder: finetune loads it, plain timm only its backbone (the row says why)
+    spinal = _hub_runners(_export(runs["spinal"], tmp_path / "hub-spinal"), "cpu")
+    assert callable(spinal["hub folder (finetune.load)"])
+    assert spinal["hub folder (plain timm)"].startswith("unavailable: not a linear head")
     # without a hub folder or aa: no such rows
-    plain = {r["backend"] for r in benchmark(runs[head], batches=[2], iterations=1, warmup=1,
+    plain = {r["backend"] for r in benchmark(runs["linear"], batches=[2], iterations=1, warmup=1,
                                              devices=["cpu"])["rows"]}
     assert not any(b.startswith("hub folder") or "A/A" in b for b in plain)
