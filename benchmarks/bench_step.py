@@ -137,7 +137,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     wall = time.perf_counter() - wall
 
     r, aa = full["ratio"], full["noise_floor_ratio"]
-    verdict = "meets" if r["median"] >= TARGET else "misses"
+    # a verdict only where the A/A spread allows one: half the A/A range of per-round ratios is how far two
+    # identical loops differ here, so the median must clear the target by that much
+    spread = (aa["max"] - aa["min"]) / 2
+    if r["median"] - spread >= TARGET:
+        verdict = "meets"
+    elif r["median"] + spread < TARGET:
+        verdict = "misses"
+    else:
+        verdict = f"cannot judge (within half the A/A range, {spread:.3f}, of)"
     summary = [
         f"Full model ({full['config']}, batch {args.batch}, fp32, {args.threads} thread(s)): finetune/plain "
         f"throughput = {r['median']:.3f}x (median of {args.rounds} interleaved rounds, range "
