@@ -44,7 +44,7 @@ ONNX_ROWS = ("onnxruntime fp32", "onnxruntime int8", "onnxruntime int8 static")
 
 def resnet_recipe(quickstart: dict[str, Any], *, tiny: bool) -> dict[str, Any]:
     """resnet18 from random init with a linear head on the quickstart's data and split: one stage, everything."""
-    raw = {
+    return {
         "name": "digits-resnet18",
         "data": copy.deepcopy(quickstart["data"]),
         "model": {"backbone": "test_resnet" if tiny else "resnet18", "pretrained": False, "head": "linear"},
@@ -54,7 +54,6 @@ def resnet_recipe(quickstart: dict[str, Any], *, tiny: bool) -> dict[str, Any]:
                     "batchnorm": "train"}],
         "training": {"seed": 0},
     }
-    return raw
 
 
 def train(raw: dict[str, Any], run_dir: Path, cache: Path) -> Path:
@@ -159,6 +158,11 @@ def speedups(timing: dict[str, Any]) -> dict[str, dict[str, Optional[float]]]:
     return out
 
 
+def export_of(model: str) -> str:
+    """The export a model row of the accuracy table reads (both hub rows: the one hub folder)."""
+    return "hub folder" if model.startswith("hub folder") else model
+
+
 def verdict(speedup: Optional[float], drop: float, aa: Optional[float]) -> str:
     if speedup is None or aa is None:
         return "not measured"
@@ -243,10 +247,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             f"{label}: test split ({r['test_images']} images), accuracy, delta and top-1 agreement against the "
             "PyTorch checkpoint; size (MB) and export seconds of each export.",
             ["model", "MB", "test accuracy", "delta vs fp32", "agreement with fp32", "export s"],
-            [[name, round(r["sizes_mb"].get(name.split(" (")[0] if name.startswith("hub") else name, 0.0), 2) or "-",
-              a, a - base, r["agreement"][name],
-              round(r["export_seconds"].get(name.split(" (")[0] if name.startswith("hub") else name, 0.0), 1) or "-"]
-             for name, a in acc.items()]))
+            [[name, round(r["sizes_mb"].get(export_of(name), 0.0), 2) or "-", a, a - base, r["agreement"][name],
+              round(r["export_seconds"].get(export_of(name), 0.0), 1) or "-"] for name, a in acc.items()]))
         rows = []
         for row in r["benchmark"]["rows"]:
             if row["status"] != "ok":

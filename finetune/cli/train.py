@@ -11,8 +11,9 @@ DEFAULT_STAGES_HELP = (
     "(training.ema 0.999 with ema_warmup), a 0.7/0.15/0.15 split when the folder is not "
     "pre-split; augmentation and Mixup/CutMix chosen by input size (data.augment: auto, training.mixup: auto). "
     "Multi-label data (a labels CSV) gets one stage instead: 'all' (12 epochs, AdamW lr 2e-3 for the linear head, "
-    "1e-3 for the others, constant, everything, BatchNorm in train mode, no EMA) and the linear head unless --head says otherwise, which reached a higher val "
-    "mAP than the staged schedule and the spinal head on the multi-label benchmark (benchmarks/bench_multilabel.py)."
+    "1e-3 for the others, constant, everything, BatchNorm in train mode, no EMA) and the linear head unless --head "
+    "says otherwise, which reached a higher val mAP than the staged schedule and the spinal head on the multi-label "
+    "benchmark (benchmarks/bench_multilabel.py)."
 )
 
 
@@ -70,8 +71,8 @@ def multilabel_defaults(source: dict, name: str, backbone: str, head: str, pretr
         "model": {"backbone": backbone, "pretrained": yaml.safe_load(pretrained), "head": head},
         "optimizer": {"name": "adamw", "weight_decay": 0.05},
         "schedule": {"name": "constant"},
-        "stages": [{"name": "all", "epochs": 12, "train": "all", "optimizer": {"lr": 2e-3 if head == "linear" else 1e-3},
-                    "batchnorm": "train"}],
+        "stages": [{"name": "all", "epochs": 12, "train": "all", "batchnorm": "train",
+                    "optimizer": {"lr": 2e-3 if head == "linear" else 1e-3}}],
         "training": {"mixup": "auto"},
     }
 

@@ -178,21 +178,13 @@ def _runners(model, onnx_files: dict[str, Path], device: str, threads: Optional[
         runners["pytorch eager"] = runners["pytorch compiled"] = why_no_checkpoint
     else:
         eager = model.to(device).eval()
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-        def run_eager(x, module=eager):
-            with torch.inference_mode():
-                out = module(x)
-            sync()
-            return out
-
-        runners["pytorch eager"] = run_eager
+        runners["pytorch eager"] = _eager_runner(eager, device)
         try:
             compiled = torch.compile(eager)
         except Exception as e:  # torch.compile refuses some platforms up front
             runners["pytorch compiled"] = f"unavailable: {type(e).__name__}: {first_line(e)}"
         else:
-            runners["pytorch compiled"] = lambda x: run_eager(x, compiled)
+            runners["pytorch compiled"] = _eager_runner(compiled, device)
     for name in ("onnxruntime fp32", "onnxruntime int8", "onnxruntime int8 static"):
         path = onnx_files.get(name)
         if path is None and name.endswith("static"):
@@ -211,6 +203,18 @@ def _runners(model, onnx_files: dict[str, Path], device: str, threads: Optional[
     return runners
 
 
+def _eager_runner(module, device: str) -> Callable[[torch.Tensor], Any]:
+    """One batch through a PyTorch module, returning once the result is ready (the device synchronised)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run(x):
+        with torch.inference_mode():
+            out = module(x)
+        sync()
+        return out
+    return run
+
+
 def _hub_runners(folder: Path, device: str) -> dict[str, Any]:
     """The hub folder as finetune loads it, and (a linear head) as plain timm does."""
     import timm
@@ -218,15 +222,7 @@ def _hub_runners(folder: Path, device: str) -> dict[str, Any]:
     from finetune.models.hub_format import timm_classifier
 
     def eager(module):
-        module = module.to(device).eval()
-        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-        def run(x):
-            with torch.inference_mode():
-                out = module(x)
-            sync()
-            return out
-        return run
+        return _eager_runner(module.to(device).eval(), device)
 
     runners: dict[str, Any] = {"hub folder (finetune.load)": eager(load_checkpoint(folder)[0])}
     if timm_classifier(read_meta(folder)):

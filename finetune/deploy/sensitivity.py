@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
+
 from finetune.errors import FinetuneError
 
 QUANTISED_OPS = ("Conv", "Gemm", "MatMul")
@@ -105,8 +107,6 @@ def exclusions(groups: Mapping[str, Sequence[str]], kept: Iterable[str]) -> list
 def decisions(outputs, info: Mapping):
     """What a model decides from its ``outputs``: the top-1 class, or for a multi-label export (``info["task"]``)
     each label's decision at its threshold."""
-    import numpy as np
-
     if info.get("task") == "multilabel":
         return np.asarray(outputs) >= np.asarray(info["thresholds"])
     return np.asarray(outputs).argmax(axis=1)
@@ -114,6 +114,4 @@ def decisions(outputs, info: Mapping):
 
 def agreement(got, reference) -> float:
     """The share of decisions equal to the reference's: of images (top-1), or multi-label of (image, label) pairs."""
-    import numpy as np
-
     return float(np.mean(np.asarray(got) == np.asarray(reference)))
