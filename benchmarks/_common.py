@@ -3,6 +3,10 @@
 Every script writes ``<out>/results/<name>.json`` (default ``<out>`` is this folder) and then regenerates
 ``<out>/RESULTS.md`` from all JSON files there, so a script only ever replaces its own section.
 
+The GPU check's results live in their own folder, ``<out>/results/gpu/``: ``gpu.json`` (bench_gpu.py) and
+``gpu-tests.xml`` (the JUnit XML of the GPU tests), so publishing them is copying that folder, and the GPU
+section's pass count is read from that XML, never typed.
+
 A JSON result holds ``name``, ``title``, ``command``, ``created``, ``tiny``, ``wall_s``, ``machine``,
 ``settings``, ``summary`` (lines), ``tables`` (``caption``, ``columns``, ``rows``), ``notes`` (lines) and
 ``results`` (the raw numbers).
@@ -30,6 +34,10 @@ REPO_ROOT = BENCH_DIR.parent
 START_LOAD = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
 
 # section order in RESULTS.md; a result whose name is not listed goes last
+# results kept in a sub-folder of results/ (with the files that go with them)
+FOLDERS = {"gpu": "gpu"}
+GPU_TESTS_XML = "gpu-tests.xml"
+
 ORDER = ("dataset", "gpu", "step", "feature_cache", "extract_memory", "checkpoint", "data", "decode", "heads", "quickstart", "recipes", "head_accuracy", "audit",
          "export")
 
@@ -260,13 +268,35 @@ def write_result(out: Path, name: str, *, title: str, command: str, tiny: bool, 
         "notes": list(notes),
         "results": results,
     }
-    path = Path(out) / "results" / f"{name}.json"
+    path = result_path(out, name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
     render_results(Path(out))
     print("\n".join(summary))
     print(f"wrote {path} and {Path(out) / 'RESULTS.md'}")
     return path
+
+
+def result_path(out: Path, name: str) -> Path:
+    """Where result ``name`` is written: ``<out>/results/[<folder>/]<name>.json``."""
+    folder = FOLDERS.get(name)
+    return Path(out) / "results" / (f"{folder}/{name}.json" if folder else f"{name}.json")
+
+
+def junit_counts(path: Path) -> dict[str, Any]:
+    """Counts of a pytest JUnit XML file: tests, passed, failures, errors, skipped, time (s), and the suite's
+    name, timestamp and hostname (gpu_check.sh names the suite after the commit it ran)."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    n = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    n["passed"] = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+    n["time"] = float(suite.get("time", 0))
+    n.update({k: suite.get(k) for k in ("name", "timestamp", "hostname")})
+    n["failed"] = [case.get("classname", "") + "::" + case.get("name", "") for case in suite.iter("testcase")
+                   if case.find("failure") is not None or case.find("error") is not None]
+    return n
 
 
 def _json_default(value):
@@ -283,7 +313,16 @@ def table(caption: str, columns: list[str], rows: list[list[Any]]) -> dict[str, 
 
 def render_results(out: Path, write: bool = True) -> str:
     """Regenerate ``<out>/RESULTS.md`` from every ``<out>/results/*.json`` (``write=False``: only return it)."""
-    docs = [json.loads(p.read_text()) for p in sorted((Path(out) / "results").glob("*.json"))]
+    results = Path(out) / "results"
+    docs = []
+    paths = sorted(results.glob("*.json")) + sorted(p for folder in sorted(set(FOLDERS.values()))
+                                                    for p in (results / folder).glob("*.json"))
+    for p in paths:
+        doc = json.loads(p.read_text())
+        if doc["name"] == "gpu":
+            xml = p.parent / GPU_TESTS_XML
+            doc["_tests"] = junit_counts(xml) if xml.is_file() else None
+        docs.append(doc)
     docs.sort(key=lambda d: (_order(d["name"]), d["name"]))
     lines = [
         "# Benchmark results",
@@ -320,11 +359,11 @@ _GPU_PENDING = [
     "",
     "```bash",
     "benchmarks/gpu_check.sh gpu-check-out",
-    "cp gpu-check-out/results/gpu.json benchmarks/results/ && python benchmarks/_common.py   # this section, filled in",
+    "cp -r gpu-check-out/results/gpu benchmarks/results/ && python benchmarks/_common.py   # this section, filled in",
     "```",
     "",
 ]
-"""Shown until a GPU result (results/gpu.json from a real GPU) exists."""
+"""Shown until a GPU result (results/gpu/gpu.json from a real GPU) exists."""
 
 
 def _order(name: str) -> int:
@@ -398,9 +437,23 @@ def _section(doc: dict[str, Any]) -> list[str]:
         for row in t["rows"]:
             lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
         lines.append("")
+    if "_tests" in doc:
+        lines += _gpu_tests_lines(doc["_tests"])
     if doc["notes"]:
         lines += ["Notes:", ""] + [f"- {note}" for note in doc["notes"]] + [""]
     return lines
+
+
+def _gpu_tests_lines(n: Optional[dict[str, Any]]) -> list[str]:
+    """The GPU tests' outcome, read from the JUnit XML gpu_check.sh wrote beside gpu.json (None: there is none)."""
+    if n is None:
+        return ["No JUnit XML of the GPU tests (`results/gpu/gpu-tests.xml`) is committed beside these figures, "
+                "so no pass count is claimed for them.", ""]
+    lines = [f"GPU tests (`pytest -m gpu tests`, JUnit XML `results/gpu/gpu-tests.xml`, suite `{n['name']}`, "
+             f"{n['timestamp']} on {n['hostname']}): **{n['passed']} passed**, {n['failures']} failed, "
+             f"{n['errors']} errors, {n['skipped']} skipped of {n['tests']} in {n['time']:.0f} s.", ""]
+    lines += [f"- failed: `{name}`" for name in n["failed"]]
+    return lines + ([""] if n["failed"] else [])
 
 
 def _cell(value: Any) -> str:

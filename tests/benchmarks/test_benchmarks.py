@@ -7,7 +7,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import warnings
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -65,7 +67,7 @@ def load_script(name: str):
 def run_tiny(script: str, out: Path, *extra: str) -> dict:
     load_script(script).main(["--tiny", "--out", str(out), *extra])
     name = SCRIPTS[script][0]
-    doc = json.loads((out / "results" / f"{name}.json").read_text())
+    doc = json.loads(load_script("_common.py").result_path(out, name).read_text())
     assert doc["name"] == name and doc["tiny"] is True
     assert {"title", "command", "machine", "settings", "summary", "tables", "results"} <= set(doc)
     assert doc["summary"] and doc["tables"] and all(t["rows"] for t in doc["tables"])
@@ -202,6 +204,34 @@ def test_head_accuracy(tmp_path, digits):
     runs = doc["results"]["runs"]
     assert [r["seed"] for r in runs["spinal"]] == [r["seed"] for r in runs["linear"]] == [0, 1]
     assert {"mean", "std"} <= set(doc["results"]["difference"])
+    assert all(r["test_images"] == runs["spinal"][0]["test_images"] for r in runs["spinal"] + runs["linear"])
+    assert f"test split of {runs['spinal'][0]['test_images']} images" in doc["tables"][0]["caption"]
+
+
+def test_head_accuracy_few_shot_trains_on_n_images_per_class_in_its_own_section(tmp_path, digits, monkeypatch):
+    """--train-per-class N writes head_accuracy_fewshot (the full-data section stays) and each run trains on N
+    images of each class, the rest beyond val being the test split the table states."""
+    import finetune.training.runner as runner
+    from finetune.data import Manifest
+
+    sizes = []
+    real = runner.run_training
+
+    def spy(cfg, raw, **kw):
+        summary = real(cfg, raw, **kw)
+        counts = Manifest.read_csv(Path(kw["run_dir"]) / "manifest.csv").counts()
+        sizes.append((set(counts["train"].values()), sum(counts["test"].values()), summary["test"]["num_samples"]))
+        return summary
+
+    monkeypatch.setattr(runner, "run_training", spy)
+    bench = load_script("bench_head_accuracy.py")
+    bench.main(["--tiny", "--out", str(tmp_path), "--digits", str(digits), "--train-per-class", "3"])
+    doc = json.loads((tmp_path / "results" / "head_accuracy_fewshot.json").read_text())
+    assert doc["settings"]["train_per_class"] == 3 and "3 training images per class" in doc["title"]
+    assert len(sizes) == 4  # 2 seeds x 2 heads
+    test_images = doc["results"]["runs"]["spinal"][0]["test_images"]
+    assert all(size == ({3}, test_images, test_images) for size in sizes), sizes
+    assert "3 training images per class" in (tmp_path / "RESULTS.md").read_text()
 
 
 def test_results_md_keeps_every_section(tmp_path, digits):
@@ -343,3 +373,76 @@ def test_results_md_is_what_render_results_makes_of_the_committed_json():
     """RESULTS.md is generated: a hand edit, or a JSON changed without regenerating it, fails here."""
     common = load_script("_common.py")
     assert (BENCH_DIR / "RESULTS.md").read_text() == common.render_results(BENCH_DIR, write=False)
+
+
+def _literals(source: str) -> list[str]:
+    """The text a script can write: its string constants and the literal parts of its f-strings, longest
+    first (pieces under 8 characters left out: removing ``"the "`` from a note would hide what it says)."""
+    import ast
+
+    pieces = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            pieces.add(node.value)
+        elif isinstance(node, ast.JoinedStr):
+            pieces.update(v.value for v in node.values if isinstance(v, ast.Constant))
+    return sorted((p for p in pieces if len(p) >= 8), key=len, reverse=True)
+
+
+def _unscripted(text: str, literals: list[str]) -> Optional[str]:
+    """What of ``text`` reads as prose no literal of the script holds: after cutting out every literal,
+    a remainder with three words in a row (formatted values are numbers, names, at most two words), else None."""
+    import re
+
+    for piece in literals:
+        text = text.replace(piece, "\0")
+    for rest in text.split("\0"):
+        if re.search(r"[A-Za-z]{2,}( [a-z']{2,}){2,}", rest):
+            return rest
+    return None
+
+
+def test_every_line_of_a_result_is_text_its_script_writes():
+    """A note, summary line or table caption in results/ that no script writes (a hand edit) fails here: each
+    must be cut from the literals of the script its ``command`` names, formatted values aside (today's script,
+    or the script at the commit the result records, for a result older than a rewording)."""
+    common = load_script("_common.py")
+    shared = _literals((BENCH_DIR / "_common.py").read_text())
+    # the rule can fail: a sentence typed into a note is caught, the script's own note is not
+    own = _literals((BENCH_DIR / "bench_checkpoint.py").read_text())
+    assert _unscripted("The disk is the shared machine's; fsync times vary with other writers, so the share is "
+                       "the claim.", own) is None
+    assert _unscripted("Before that change, the same photos (commit c1260dc): streamed 1.21x.", own)
+    paths = sorted((BENCH_DIR / "results").glob("*.json")) + sorted((BENCH_DIR / "results").glob("*/*.json"))
+    assert common.result_path(BENCH_DIR, "gpu") in paths and len(paths) >= 15
+    bad, unverifiable = [], []
+    for path in paths:
+        doc = json.loads(path.read_text())
+        script = doc["command"].split()[1]
+        literals = _literals((BENCH_DIR.parent / script).read_text()) + shared
+        then = None  # the script at the commit measured, read only where today's has no such text
+        for kind, lines in (("notes", doc["notes"]), ("summary", doc["summary"]),
+                            ("caption", [t.get("caption") or "" for t in doc["tables"]])):
+            for line in lines:
+                if not (rest := _unscripted(line, literals)):
+                    continue
+                then = then if then is not None else _script_at(doc["code"]["commit"], script)
+                where = f"{path.name} {kind}: ...{rest.strip()[:80]}..."
+                if then == "":
+                    unverifiable.append(where)
+                elif _unscripted(line, _literals(then) + shared):
+                    bad.append(where)
+    assert not bad, "\n".join(bad)
+    if unverifiable:  # a shallow clone: the older script is not here to read
+        warnings.warn("not in today's scripts, and their commit is not in this clone: " + "; ".join(unverifiable))
+
+
+def _script_at(commit: Optional[str], script: str) -> str:
+    """``script``'s text at ``commit``, or "" where this clone doesn't have it (a shallow clone, no git)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "show", f"{commit}:{script}"], cwd=BENCH_DIR.parent, capture_output=True,
+                              text=True, check=True).stdout if commit else ""
+    except (OSError, subprocess.CalledProcessError):
+        return ""

@@ -358,5 +358,5 @@ def test_bench_gpu_measures_on_the_default_cuda_device(tmp_path, monkeypatch):
     results = bench_gpu.main(["--tiny", "--out", str(tmp_path)])
     train = results["train"]["test_resnet"]
     assert train["images_per_s"]["finetune"]["median"] > 0 and train["images_per_s"]["plain"]["median"] > 0
-    doc = json.loads((tmp_path / "results" / "gpu.json").read_text())
+    doc = json.loads((tmp_path / "results" / "gpu" / "gpu.json").read_text())
     assert doc["machine"]["gpu"] == torch.cuda.get_device_name(0)
