@@ -12,7 +12,8 @@ digits split in one stage (:func:`resnet_recipe`). For each, the exports ``finet
   (``--quantize int8 --calibration N``: static int8 with the layer-group sensitivity search,
   :mod:`finetune.deploy.sensitivity`, ``--max-drop 0.01``);
 * ``openvino fp32`` and ``openvino int8`` (``--format openvino [--quantize int8 --calibration N]``: NNCF's accuracy
-  control);
+  control); ``openvino int8 qat`` (``... --qat 2``: NNCF's int8 fine-tuned towards fp32 for 2 epochs over the
+  calibration images, :mod:`finetune.deploy.openvino`);
 * the hub folder (``--format hub``), loaded by ``finetune.load`` and, for the linear head, by plain timm.
 
 Calibration and search images are the CLI's: 2N images of the train split, class by class, the first N
@@ -40,6 +41,8 @@ import _common
 
 GOAL_SPEEDUP, GOAL_DROP = 1.5, 0.01
 ONNX_ROWS = ("onnxruntime fp32", "onnxruntime int8", "onnxruntime int8 static")
+OPENVINO_ROWS = ("openvino fp32", "openvino int8", "openvino int8 qat")
+QAT_EPOCHS = 2
 
 
 def resnet_recipe(quickstart: dict[str, Any], *, tiny: bool) -> dict[str, Any]:
@@ -101,6 +104,9 @@ def measure(run: Path, data: Optional[str], tmp: Path, *, calibration: int, batc
         "openvino fp32": dict(format="openvino", out=out / "openvino"),
         "openvino int8": dict(format="openvino", quantize="int8", out=out / "openvino-int8",
                               calibration_images=calib, validation_images=judge, max_drop=GOAL_DROP),
+        "openvino int8 qat": dict(format="openvino", quantize="int8", out=out / "openvino-qat",
+                                  calibration_images=calib, validation_images=judge, max_drop=GOAL_DROP,
+                                  qat_epochs=QAT_EPOCHS),
         "hub folder": dict(format="hub", out=out / "hub"),
     }
     files, seconds = {}, {}
@@ -113,7 +119,7 @@ def measure(run: Path, data: Optional[str], tmp: Path, *, calibration: int, batc
     model, _ = load_checkpoint(checkpoint)
     models = {"pytorch (checkpoint)": model.eval(),
               **{name: OnnxModel(files[name], threads=threads) for name in ONNX_ROWS},
-              **{name: OpenVINOModel(files[name], threads=threads) for name in ("openvino fp32", "openvino int8")},
+              **{name: OpenVINOModel(files[name], threads=threads) for name in OPENVINO_ROWS},
               "hub folder (finetune.load)": load_checkpoint(files["hub folder"])[0].eval()}
     linear = bool(timm_classifier(read_meta(files["hub folder"])))
     if linear:
@@ -134,13 +140,12 @@ def measure(run: Path, data: Optional[str], tmp: Path, *, calibration: int, batc
                                         for name in logits if name != "pytorch (checkpoint)"},
            "test_predictions_equal": {name: bool((predictions[name] == reference).all())
                                       for name in models if name.startswith("hub folder")}}
-    timing = benchmark([checkpoint, *(files[n] for n in (*ONNX_ROWS, "openvino fp32", "openvino int8",
-                                                         "hub folder"))],
+    timing = benchmark([checkpoint, *(files[n] for n in (*ONNX_ROWS, *OPENVINO_ROWS, "hub folder"))],
                        batches=batches, threads=threads, iterations=iterations, devices=["cpu"], aa=True)
     sizes = {name: (path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.iterdir()))
              / 2**20 for name, path in files.items()}
     quantization = {"onnxruntime int8 static": read_onnx_info(files["onnxruntime int8 static"])["quantization"],
-                    "openvino int8": read_openvino_info(files["openvino int8"])["quantization"]}
+                    **{n: read_openvino_info(files[n])["quantization"] for n in OPENVINO_ROWS[1:]}}
     return {"checkpoint": str(checkpoint), "backbone": meta["backbone"], "head": meta["head"]["name"],
             "input_px": meta["preprocessing"]["input_size"][1], "test_images": len(paths), "accuracy": accuracy,
             "agreement": {n: float((p == reference).mean()) for n, p in predictions.items()},
@@ -231,6 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         for name, what in (("onnxruntime int8 static", f"ONNX Runtime static int8 (fp32 groups: "
                                                         f"{', '.join(groups) or 'none'})"),
                            ("openvino int8", "OpenVINO int8 (NNCF accuracy control)"),
+                           ("openvino int8 qat", f"OpenVINO int8 (quantisation-aware, {QAT_EPOCHS} epochs)"),
                            ("onnxruntime int8", "ONNX Runtime dynamic int8")):
             s = ratios.get(f"{name}/{big}")
             parts.append(f"{what} {s if s is not None else float('nan'):.2f}x, accuracy {acc[name]:.4f} "
@@ -275,7 +281,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         args.out, "export", title="Deployment: int8 (ONNX Runtime, OpenVINO), OpenVINO and hub exports vs fp32",
         command=_common.command_line("bench_export.py", argv), tiny=args.tiny, wall_s=wall,
         settings={"threads": args.threads, "iterations": args.iterations, "batch": args.batch,
-                  "calibration": args.calibration, "max_drop": GOAL_DROP, "tiny": args.tiny},
+                  "calibration": args.calibration, "max_drop": GOAL_DROP, "qat_epochs": QAT_EPOCHS, "tiny": args.tiny},
         summary=summary, tables=tables, results=results, notes=notes,
     )
     return results

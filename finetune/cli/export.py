@@ -43,6 +43,11 @@ def add_parser(subparsers) -> None:
                         "agreement with the fp32 model, on a validation sample of the train split, that the search "
                         "may leave (onnx: layer groups back to fp32, most costly first; openvino: NNCF's accuracy "
                         "control; default 0.01)")
+    p.add_argument("--qat", type=whole_number(1), metavar="EPOCHS",
+                   help="--format openvino --quantize int8: quantisation-aware fine-tuning instead of post-training "
+                        "quantisation, for a model that cannot otherwise stay within --max-drop: NNCF's int8 model "
+                        "fine-tuned for EPOCHS passes over the calibration images to give the fp32 model's outputs "
+                        "(distillation, lr 1e-5); the export's JSON says which one ran")
     p.add_argument("--data", metavar="ROOT|MANIFEST",
                    help="where the calibration images are (default: the data the checkpoint's run trained on)")
     p.set_defaults(func=run)
@@ -57,6 +62,8 @@ def run(args) -> int:
         raise FinetuneError("--calibration and --data choose the images of static int8 quantisation: add --quantize int8")
     if args.calibration == 0 and args.format == "openvino":
         raise FinetuneError("OpenVINO int8 is static: --calibration must be 1 or more")
+    if args.qat and (args.format != "openvino" or not args.quantize):
+        raise FinetuneError("--qat (quantisation-aware fine-tuning) is for --format openvino --quantize int8")
     if not 0 < args.max_drop < 1:
         raise FinetuneError(f"--max-drop must be between 0 and 1, got {args.max_drop}")
     validation: list = []
@@ -69,9 +76,19 @@ def run(args) -> int:
         n = n if len(both) >= 2 * n else max(1, len(both) // 2)  # a small train split: half and half
         images, validation = both[:n], both[n:]
     path = export_model(args.checkpoint, format=args.format, out=args.out, quantize=args.quantize,
-                        calibration_images=images, validation_images=validation, max_drop=args.max_drop)
+                        calibration_images=images, validation_images=validation, max_drop=args.max_drop,
+                        qat_epochs=args.qat or 0)
     if args.format == "openvino":
-        print(f"wrote {path}/ (model.xml, model.bin, model.json)" + (" (int8, NNCF accuracy control)" if args.quantize else ""))
+        done = ""
+        if args.quantize:
+            import json
+
+            q = json.loads((path / "model.json").read_text(encoding="utf-8"))["quantization"]
+            done = (f" (int8, {q['method']}" + (f", {q['epochs']} epoch(s): agreement with fp32 "
+                                                f"{q['agreement_before_fine_tuning']:.4f} before fine-tuning,"
+                                                if "epochs" in q else ":")
+                    + f" {q['agreement_with_fp32']:.4f} on {q['validation_images']} training images)")
+        print(f"wrote {path}/ (model.xml, model.bin, model.json){done}")
         return 0
     if args.format == "hub":
         print(f"wrote {path}/ (config.json, model.safetensors, README.md; load with "

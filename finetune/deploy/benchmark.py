@@ -46,7 +46,8 @@ def benchmark(
 
     Args:
         sources: a checkpoint or run folder, ``.onnx`` exports of one model (fp32 and/or int8), OpenVINO export
-            folders of it (rows ``openvino fp32``/``openvino int8``, on the CPU), or several of these.
+            folders of it (rows ``openvino fp32``/``openvino int8``, ``openvino int8 qat`` for a quantisation-aware
+            one, on the CPU), or several of these.
         batches: batch sizes to time.
         threads: CPU threads for PyTorch and ONNX Runtime (None: each library's default).
         iterations: timed calls per backend and batch size.
@@ -82,7 +83,9 @@ def benchmark(
             hub_folder = source
         elif is_openvino_folder(source):
             info = read_openvino_info(source)
-            given_openvino["openvino int8" if info.get("quantization") else "openvino fp32"] = source
+            method = (info.get("quantization") or {}).get("method", "")
+            given_openvino["openvino fp32" if not method else
+                           "openvino int8 qat" if "quantization-aware" in method else "openvino int8"] = source
             if info.get("source_checkpoint") and Path(info["source_checkpoint"]).exists():
                 checkpoints.append(info["source_checkpoint"])
         elif source.suffix == ".onnx":

@@ -64,6 +64,7 @@ def export_model(
     calibration_images: Sequence[str | os.PathLike] = (),
     validation_images: Sequence[str | os.PathLike] = (),
     max_drop: float = 0.01,
+    qat_epochs: int = 0,
 ) -> Path:
     """Export the model of a checkpoint folder (or a run folder's best checkpoint).
 
@@ -82,6 +83,8 @@ def export_model(
             int8 model's top-1 agreement with fp32 within ``max_drop``: onnx, layer groups returned to fp32
             (:mod:`finetune.deploy.sensitivity`); openvino, NNCF's accuracy control (:mod:`finetune.deploy.openvino`).
         max_drop: that budget (an absolute drop in agreement, 0.01: one decision in a hundred).
+        qat_epochs: openvino int8: quantisation-aware fine-tuning for this many passes over the calibration images
+            instead of post-training quantisation (for a model the latter cannot bring within ``max_drop``).
 
     Returns:
         The model file written.
@@ -98,9 +101,11 @@ def export_model(
         from finetune.deploy.hub import export_hub
 
         return export_hub(checkpoint, out)
+    if qat_epochs and not (format == "openvino" and quantize):
+        raise FinetuneError("quantisation-aware fine-tuning (--qat) is for --format openvino --quantize int8")
     if format == "openvino":
         return _export_openvino(checkpoint, out, quantize=quantize, calibration_images=calibration_images,
-                                validation_images=validation_images, max_drop=max_drop)
+                                validation_images=validation_images, max_drop=max_drop, qat_epochs=qat_epochs)
     if format not in FORMATS:
         raise FinetuneError(f"unknown export format {format!r} (expected one of: "
                             f"{', '.join([*FORMATS, 'hub', 'openvino'])})")
@@ -159,7 +164,8 @@ def export_model(
     return out
 
 
-def _export_openvino(checkpoint, out, *, quantize, calibration_images, validation_images, max_drop) -> Path:
+def _export_openvino(checkpoint, out, *, quantize, calibration_images, validation_images, max_drop,
+                     qat_epochs=0) -> Path:
     """An OpenVINO export folder (:mod:`finetune.deploy.openvino`), written atomically."""
     from finetune._io import write_dir_atomic
     from finetune.deploy.openvino import FILES, write_openvino
@@ -185,7 +191,8 @@ def _export_openvino(checkpoint, out, *, quantize, calibration_images, validatio
         info["output"]["description"] += f" (already divided by the calibration temperature {temperature:.6g})"
     write_dir_atomic(out, lambda tmp: write_openvino(_write_onnx, model, example, info, tmp,
                                                      calibration_images=calibration_images if quantize else (),
-                                                     validation_images=validation_images, max_drop=max_drop))
+                                                     validation_images=validation_images, max_drop=max_drop,
+                                                     qat_epochs=qat_epochs))
     return out
 
 

@@ -96,7 +96,7 @@ def search_fp32_groups(groups: Iterable[str], agreement: Callable[[frozenset[str
             return kept, reached, trace
     raise FinetuneError(f"int8 stays {1.0 - reached:.3f} below the fp32 model's top-1 agreement even with every "
                         f"layer group ({', '.join(groups)}) in fp32, over --max-drop {max_drop}: export fp32, or try "
-                        f"--format openvino")
+                        f"--format openvino (with --qat 2: quantisation-aware fine-tuning)")
 
 
 def exclusions(groups: Mapping[str, Sequence[str]], kept: Iterable[str]) -> list[str]:
