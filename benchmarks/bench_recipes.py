@@ -185,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if path is not None and path.is_file():
             out = json.loads(path.read_text())
         else:
-            out = make()
+            out = {**make(), "code": _common.START_CODE}  # a folder may gather runs of several commits
             if path is not None:
                 path.write_text(json.dumps(out))
         arms.setdefault(arm, {})[seed] = out
@@ -299,6 +299,14 @@ def report(args, arms: dict[str, dict[int, dict[str, Any]]], wall: float) -> dic
             summary.append("10 images/class, heads under the defaults (test accuracy, mean over seeds): " + ", ".join(
                 f"{h} {_common.mean_std([r['test_accuracy'] for r in runs.values()])['mean']:.4f} "
                 f"(seeds {', '.join(map(str, sorted(runs)))})" for h, runs in heads.items()) + ".")
+    commits: dict[str, list[str]] = {}
+    for arm, runs in arms.items():
+        for seed, run_ in sorted(runs.items()):
+            commits.setdefault(_commit_label(run_.get("code") or {}), []).append(f"{arm} {seed}")
+    if len(commits) > 1 or (commits and next(iter(commits)) != _commit_label(_common.START_CODE)):
+        summary.append("Runs measured on other commits than this report's: " + "; ".join(
+            f"{commit}: {', '.join(runs)}" for commit, runs in commits.items()) + ".")
+    results["commits"] = commits
     results["settings"] = {"seeds": args.seeds, "parts": args.parts, "plain_lr": args.plain_lr,
                            "backbone": "test_resnet" if args.tiny else BACKBONE, "input_size": 32 if args.tiny else SIZE}
     _common.write_result(
@@ -314,6 +322,10 @@ def report(args, arms: dict[str, dict[int, dict[str, Any]]], wall: float) -> dic
                "measured just before it."],
     )
     return results
+
+
+def _commit_label(code: dict[str, Any]) -> str:
+    return (code.get("commit") or "not recorded") + ("+uncommitted" if code.get("dirty") else "")
 
 
 if __name__ == "__main__":

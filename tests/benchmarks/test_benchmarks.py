@@ -355,8 +355,18 @@ def test_extract_memory_child_takes_a_spec_longer_than_one_argument_may_be(tmp_p
     assert result["cache_mb"] > 0 and result["width"] > 0
 
 def test_recipes(tmp_path, digits):
-    doc = run_tiny("bench_recipes.py", tmp_path, "--digits", str(digits))
+    records = tmp_path / "records"
+    doc = run_tiny("bench_recipes.py", tmp_path, "--digits", str(digits), "--records", str(records))
     results = doc["results"]
+    # every record names the commit it ran on; one report gathers them and names the commits apart from its own
+    code = load_script("_common.py").START_CODE
+    assert {json.loads(p.read_text())["code"]["commit"] for p in records.glob("*.json")} == {code["commit"]}
+    assert list(results["commits"]) == [code["commit"] + ("+uncommitted" if code["dirty"] else "")]
+    old = records / "quickstart-0.json"
+    old.write_text(json.dumps({**json.loads(old.read_text()), "code": {"commit": "0ld0ld0", "dirty": False}}))
+    load_script("bench_recipes.py").main(["--tiny", "--report", "--records", str(records), "--out", str(tmp_path / "r")])
+    summary = json.loads(load_script("_common.py").result_path(tmp_path / "r", "recipes").read_text())["summary"]
+    assert any("other commits" in line and "0ld0ld0: quickstart 0" in line for line in summary), summary
     assert SCRIPTS["bench_recipes.py"][1] <= set(results)
     # one epoch per stage: every transition checked (the defaults' head -> all, the quickstart's head -> top -> all)
     for arm, stages in (("defaults", [1]), ("quickstart", [1, 2])):
