@@ -128,7 +128,9 @@ def _arrays(paths: Sequence[str | os.PathLike], preprocessing: dict[str, Any]) -
     return out
 
 
-def _quantize(ov, ov_model, info: dict[str, Any], calibration_images, validation_images, max_drop: float):
+def _int8_inputs(ov, ov_model, info: dict[str, Any], calibration_images, validation_images):
+    """What both int8 paths start from: nncf, the calibration and validation arrays, and the fp32 IR's decisions on
+    the validation images (the reference the agreement is measured against)."""
     try:
         import nncf  # lazy: optional (finetune[openvino])
     except ImportError as e:
@@ -139,7 +141,11 @@ def _quantize(ov, ov_model, info: dict[str, Any], calibration_images, validation
     if not calibration or not validation:
         raise FinetuneError("OpenVINO int8 needs readable calibration and validation images from the train split")
     reference = ov.Core().compile_model(ov_model, "CPU", FP32)
-    expected = [decisions(reference(x)[0], info) for x in validation]
+    return nncf, calibration, validation, [decisions(reference(x)[0], info) for x in validation]
+
+
+def _quantize(ov, ov_model, info: dict[str, Any], calibration_images, validation_images, max_drop: float):
+    nncf, calibration, validation, expected = _int8_inputs(ov, ov_model, info, calibration_images, validation_images)
     items = list(zip(validation, expected))
 
     def agreement(compiled, data) -> float:
@@ -171,17 +177,7 @@ def _quantize_aware(ov, ov_model, model: torch.nn.Module, example: torch.Tensor,
                     calibration_images, validation_images, max_drop: float, epochs: int):
     """int8 by quantisation-aware fine-tuning of ``model`` (the module the fp32 IR ``ov_model`` was converted from),
     as the module docstring says; returns the int8 IR."""
-    try:
-        import nncf  # lazy: optional (finetune[openvino])
-    except ImportError as e:
-        raise FinetuneError(f"OpenVINO int8 needs nncf ({e}): pip install 'finetune[openvino]'") from None
-    preprocessing = info["preprocessing"]
-    calibration = _arrays(calibration_images, preprocessing)
-    validation = _arrays(validation_images, preprocessing)
-    if not calibration or not validation:
-        raise FinetuneError("OpenVINO int8 needs readable calibration and validation images from the train split")
-    reference = ov.Core().compile_model(ov_model, "CPU", FP32)
-    expected = [decisions(reference(x)[0], info) for x in validation]
+    nncf, calibration, validation, expected = _int8_inputs(ov, ov_model, info, calibration_images, validation_images)
 
     def agreement(ir) -> float:
         compiled = ov.Core().compile_model(ir, "CPU")
