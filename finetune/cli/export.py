@@ -2,6 +2,8 @@
 plus its labels."""
 from __future__ import annotations
 
+import json
+
 from finetune.cli import whole_number
 
 DEFAULT_CALIBRATION = 256
@@ -81,8 +83,6 @@ def run(args) -> int:
     if args.format == "openvino":
         done = ""
         if args.quantize:
-            import json
-
             q = json.loads((path / "model.json").read_text(encoding="utf-8"))["quantization"]
             done = (f" (int8, {q['method']}" + (f", {q['epochs']} epoch(s): agreement with fp32 "
                                                 f"{q['agreement_before_fine_tuning']:.4f} before fine-tuning,"

@@ -144,13 +144,17 @@ def _int8_inputs(ov, ov_model, info: dict[str, Any], calibration_images, validat
     return nncf, calibration, validation, [decisions(reference(x)[0], info) for x in validation]
 
 
+def _agreement(compiled, items, info: dict[str, Any]) -> float:
+    """The share of decisions a compiled model makes as the fp32 model did, over ``(array, fp32 decisions)`` items."""
+    return float(np.mean([np.mean(decisions(compiled(x)[0], info) == ref) for x, ref in items]))
+
+
 def _quantize(ov, ov_model, info: dict[str, Any], calibration_images, validation_images, max_drop: float):
     nncf, calibration, validation, expected = _int8_inputs(ov, ov_model, info, calibration_images, validation_images)
     items = list(zip(validation, expected))
 
-    def agreement(compiled, data) -> float:
-        agree = [np.mean(decisions(compiled(x)[0], info) == ref) for x, ref in data]
-        return float(np.mean(agree))
+    def agreement(compiled, data) -> float:  # NNCF's validation_fn signature
+        return _agreement(compiled, data, info)
 
     try:
         quantized = nncf.quantize_with_accuracy_control(
@@ -180,8 +184,7 @@ def _quantize_aware(ov, ov_model, model: torch.nn.Module, example: torch.Tensor,
     nncf, calibration, validation, expected = _int8_inputs(ov, ov_model, info, calibration_images, validation_images)
 
     def agreement(ir) -> float:
-        compiled = ov.Core().compile_model(ir, "CPU")
-        return float(np.mean([np.mean(decisions(compiled(x)[0], info) == ref) for x, ref in zip(validation, expected)]))
+        return _agreement(ov.Core().compile_model(ir, "CPU"), zip(validation, expected), info)
 
     images = torch.from_numpy(np.concatenate(calibration))
     batches = [images[i:i + QAT_BATCH] for i in range(0, len(images), QAT_BATCH)]
