@@ -36,15 +36,17 @@ def run(args) -> int:
         raise FinetuneError(f"no image files found in {', '.join(args.paths)}")
     from finetune.models.checkpoint import load_checkpoint  # imports torch: after the arguments are checked
     from finetune.evaluation.explain import write_explanations
-    from finetune.inference.temperature import meta_temperatures
+    from finetune.inference.temperature import meta_temperature, meta_temperatures
     from finetune._device import resolve_device
 
     device = resolve_device(args.device)
     model, meta = load_checkpoint(args.checkpoint, map_location=device)
-    thresholds = (meta.get("thresholds") or [0.5] * len(meta["classes"])) if meta.get("task") == "multilabel" else None
+    multilabel = meta.get("task") == "multilabel"
+    thresholds = (meta.get("thresholds") or [0.5] * len(meta["classes"])) if multilabel else None
+    temperature = meta_temperature(meta) if not multilabel else meta_temperatures(meta)
     records = write_explanations(model, sources, args.out, classes=meta["classes"], preprocessing=meta["preprocessing"],
                                  target=args.target, device=device, batch_size=args.batch_size, thresholds=thresholds,
-                                 temperatures=meta_temperatures(meta))
+                                 temperature=1.0 if temperature is None else temperature)
     failed = sum(r["error"] is not None for r in records)
     for r in records:
         if r["error"] is None:

@@ -73,7 +73,7 @@ def supports_cam(model: nn.Module) -> bool:
 
 
 def grad_cam(model: nn.Module, images: torch.Tensor, targets: Sequence[int] | None = None, *,
-             multilabel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+             multilabel: bool = False, temperature: float | Sequence[float] = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Grad-CAM of a batch.
 
     Args:
@@ -82,6 +82,9 @@ def grad_cam(model: nn.Module, images: torch.Tensor, targets: Sequence[int] | No
         images: N×3×H×W, preprocessed, on the model's device.
         targets: the class to explain for each image; default the predicted one.
         multilabel: the probabilities are per-label sigmoids (a multi-label model), not a softmax.
+        temperature: the checkpoint's temperature (one, or one per label), dividing the logits before the
+            softmax or sigmoids, as ``finetune predict`` does; the maps do not depend on it (a scaled score has
+            scaled gradients, and each map is divided by its peak).
 
     Returns:
         ``(probabilities N×C, maps N×H×W in [0, 1])``, on the CPU.
@@ -110,7 +113,8 @@ def grad_cam(model: nn.Module, images: torch.Tensor, targets: Sequence[int] | No
     cam = torch.relu((weights * grid).sum(dim=1, keepdim=True))
     cam = nn.functional.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
     peak = cam.flatten(1).max(dim=1).values.clamp_min(1e-12).view(-1, 1, 1)
-    probabilities = logits.detach().sigmoid() if multilabel else logits.detach().softmax(dim=1)
+    scaled = logits.detach() / torch.as_tensor(np.asarray(temperature, dtype=np.float32), device=logits.device)
+    probabilities = scaled.sigmoid() if multilabel else scaled.softmax(dim=1)
     return probabilities.cpu(), (cam / peak).cpu()
 
 
@@ -125,6 +129,7 @@ def explain_images(
     device: str | torch.device = "cpu",
     batch_size: int = 16,
     multilabel: bool = False,
+    temperature: float | Sequence[float] = 1.0,
 ) -> tuple[list[Explanation | None], dict[int, str]]:
     """Grad-CAM of image files (or uint8 RGB arrays), in batches.
 
@@ -138,6 +143,7 @@ def explain_images(
         device: where the model runs.
         batch_size: images per forward and backward pass.
         multilabel: per-label sigmoid probabilities (:func:`grad_cam`).
+        temperature: the checkpoint's temperature(s) (:func:`grad_cam`).
 
     Returns:
         ``(explanations, errors)``: one :class:`Explanation` per source (``None`` where it could not be
@@ -166,7 +172,7 @@ def explain_images(
             chunk = [(i, x) for (i, _), x in zip(chunk, batch)]
         batch = batch.to(device)
         chosen = None if targets is None else [int(targets[i]) for i, _ in chunk]
-        probs, cams = grad_cam(model, batch, chosen, multilabel=multilabel)
+        probs, cams = grad_cam(model, batch, chosen, multilabel=multilabel, temperature=temperature)
         for row, (i, x) in enumerate(chunk):
             seen = ((x * std_t + mean_t).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
             target = int(probs[row].argmax()) if chosen is None else chosen[row]
@@ -234,7 +240,7 @@ def write_explanations(
     device: str | torch.device = "cpu",
     batch_size: int = 16,
     thresholds: Sequence[float] | None = None,
-    temperatures: Sequence[float] | None = None,
+    temperature: float | Sequence[float] = 1.0,
 ) -> list[dict[str, Any]]:
     """Grad-CAM overlays of image files, written into ``out_dir``.
 
@@ -255,8 +261,9 @@ def write_explanations(
         thresholds: a multi-label checkpoint's per-label thresholds: probabilities are then sigmoids, the default
             label explained is the most probable one, and each record lists ``labels``, those at or above their
             thresholds.
-        temperatures: a calibrated multi-label checkpoint's per-label temperatures, applied to the probabilities
-            (its thresholds are on that scale).
+        temperature: the checkpoint's temperature (``finetune calibrate``), or a calibrated multi-label
+            checkpoint's per-label temperatures (its thresholds are on that scale): the probabilities shown are
+            those ``finetune predict`` gives.
 
     Returns:
         The records of ``explanations.json``.
@@ -271,7 +278,7 @@ def write_explanations(
     targets = None if target is None else [list(classes).index(target)] * len(sources)
     explanations, errors = explain_images(model, sources, eval_transform(preprocessing), mean=preprocessing["mean"],
                                    std=preprocessing["std"], targets=targets, device=device, batch_size=batch_size,
-                                   multilabel=thresholds is not None)
+                                   multilabel=thresholds is not None, temperature=temperature)
     if len(errors) == len(sources):
         first = min(errors)
         raise FinetuneError(f"none of the {len(sources)} image(s) could be read (first: {sources[first]}: {errors[first]})")
@@ -283,9 +290,6 @@ def write_explanations(
                             "explained_probability": None, "overlay": None, "error": errors[i]})
             continue
         probs = e.probabilities
-        if temperatures is not None:  # sigmoid(logit / T) from sigmoid(logit)
-            p = np.clip(probs.astype(np.float64), 1e-12, 1 - 1e-12)
-            probs = 1 / (1 + np.exp(-np.log(p / (1 - p)) / np.asarray(temperatures)))
         predicted = int(probs.argmax())
         name = f"{i:04d}-{_safe_stem(source)}.png"
         picture = e.overlay()

@@ -159,3 +159,27 @@ def test_cli_explain_writes_overlays_json_and_an_escaped_page(tmp_path, checkpoi
 
     assert main(["explain", str(checkpoint), str(evil), "--out", str(out), "--class", "wolf"]) == 2
     assert "finetune explain: error: unknown class 'wolf'" in capsys.readouterr().err
+
+
+def test_cli_explain_shows_the_calibrated_probabilities_predict_gives(tmp_path, checkpoint, image_folder):
+    import shutil
+
+    import finetune
+    from finetune.cli import main
+
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(checkpoint, calibrated)
+    meta = json.loads((calibrated / "checkpoint.json").read_text())
+    meta["temperature"] = 4.0
+    (calibrated / "checkpoint.json").write_text(json.dumps(meta))
+    images = [str(image_folder / name / "00.png") for name in ("cat", "dog")]
+
+    assert main(["explain", str(calibrated), *images, "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+
+    records = json.loads((tmp_path / "out" / "explanations.json").read_text())
+    predicted = finetune.load(calibrated).predict(images)
+    uncalibrated = finetune.load(checkpoint).predict(images)
+    for record, p, raw in zip(records, predicted, uncalibrated):
+        assert record["predicted"] == p.label
+        assert record["probability"] == pytest.approx(p.probability, abs=1e-5)
+        assert abs(raw.probability - p.probability) > 1e-3  # the temperature changes what predict shows

@@ -149,6 +149,22 @@ def test_explain_takes_a_label_of_a_multilabel_checkpoint(trained, tmp_path):
     assert (tmp_path / "cam" / records[0]["overlay"]).is_file()
 
 
+def test_explain_of_a_calibrated_multilabel_checkpoint_shows_predicts_probabilities(run_copy, tmp_path):
+    run_dir, labels = run_copy
+    best = run_dir / "checkpoints" / "best"
+    meta = _meta(run_dir)
+    meta["temperatures"] = [0.25 + 0.5 * i for i in range(len(meta["classes"]))]  # one per label, all different
+    (best / "checkpoint.json").write_text(json.dumps(meta))
+    paths, _ = _val(run_dir, labels)
+    assert main(["explain", str(run_dir), *paths[:2], "--label", "d2", "--out", str(tmp_path / "cam")]) == 0
+    records = json.loads((tmp_path / "cam" / "explanations.json").read_text())
+    from finetune.inference.predictor import load
+
+    for r, prediction in zip(records, load(best).predict(paths[:2], threshold=0.0)):
+        assert r["explained_probability"] == pytest.approx(dict(zip(prediction.labels, prediction.probabilities))["d2"],
+                                                           abs=1e-5)
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
 def test_export_outputs_the_checkpoints_sigmoid_probabilities_with_its_thresholds(run_copy, fmt, tmp_path):
     run_dir, labels = run_copy
