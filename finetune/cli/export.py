@@ -58,7 +58,7 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from finetune.errors import FinetuneError
     from finetune.deploy.export import export_model  # lazy: `finetune --help` imports no torch
-    from finetune.deploy.onnx import metadata_path, quantization_images, read_onnx_info
+    from finetune.deploy.onnx import metadata_path, quantization_split, read_onnx_info
 
     if (args.calibration is not None or args.data) and not args.quantize:
         raise FinetuneError("--calibration and --data choose the images of static int8 quantisation: add --quantize int8")
@@ -72,11 +72,8 @@ def run(args) -> int:
     images: tuple | list = ()
     if args.quantize and args.calibration != 0 and args.format in ("onnx", "openvino"):
         # static: the accuracy searches (NNCF's, finetune.deploy.sensitivity's) need a validation sample too, both
-        # from the train split, disjoint; quantization_sample's order goes round the classes, so both halves cover them
-        n = args.calibration or DEFAULT_CALIBRATION
-        both = quantization_images(args.checkpoint, 2 * n, args.data)
-        n = n if len(both) >= 2 * n else max(1, len(both) // 2)  # a small train split: half and half
-        images, validation = both[:n], both[n:]
+        # from the train split, disjoint
+        images, validation = quantization_split(args.checkpoint, args.calibration or DEFAULT_CALIBRATION, args.data)
     path = export_model(args.checkpoint, format=args.format, out=args.out, quantize=args.quantize,
                         calibration_images=images, validation_images=validation, max_drop=args.max_drop,
                         qat_epochs=args.qat or 0)

@@ -1,8 +1,11 @@
 """Inference latency and throughput of one model on this machine: PyTorch eager, PyTorch compiled, ONNX
 Runtime fp32 and int8, side by side.
 
-From a checkpoint the ONNX models are exported into a temporary folder (int8: dynamic quantisation, as
-``finetune export --quantize int8`` does by default); an ``.onnx`` file given is used for its row instead
+From a checkpoint the ONNX models are exported into a temporary folder (int8: with ``calibration`` images, the
+static int8 ``finetune export --quantize int8`` makes by default, calibrated and searched on the checkpoint's train
+split, row ``onnxruntime int8 static``; without them, or where the training images are not here or the search
+cannot keep the budget, dynamic quantisation, row ``onnxruntime int8``, and ``int8`` says why); an ``.onnx`` file
+given is used for its row instead
 (fp32 or int8, as its metadata says), and the checkpoint it was exported from (when still there) gives the
 PyTorch rows and any ONNX model not given. Every backend gets the same random
 batch; the backends run in turns (A B C D, D C B A, ...) so a change in the machine's load hits them alike,
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 
 from finetune.deploy.export import export_model
-from finetune.deploy.onnx import OnnxModel, read_onnx_info
+from finetune.deploy.onnx import OnnxModel, quantization_split, read_onnx_info
 from finetune.deploy.openvino import OpenVINOModel, is_openvino_folder, read_openvino_info
 from finetune.errors import FinetuneError, first_line
 from finetune.models.checkpoint import is_hub_folder, load_checkpoint, read_meta, resolve_checkpoint
@@ -41,6 +44,9 @@ def benchmark(
     warmup: int = 2,
     devices: Optional[Sequence[str]] = None,
     aa: bool = False,
+    calibration: int = 0,
+    data: str | os.PathLike | None = None,
+    max_drop: float = 0.01,
 ) -> dict[str, Any]:
     """Time every backend on one model: a checkpoint (or run folder) and/or its ``.onnx`` exports.
 
@@ -56,9 +62,15 @@ def benchmark(
         aa: add ``onnxruntime fp32 (A/A)``, a second session of the same fp32 model timed in the same turns: its
             latency ratio to the first (``aa_ratio``) is how far two identical models differ here, the spread to
             read the speed-ups against.
+        calibration: from a checkpoint with no int8 ``.onnx`` given: static int8 calibrated on this many images
+            of the train split (of ``data``, default the checkpoint's run's), the search on as many others within
+            ``max_drop``, as ``finetune export --quantize int8 --calibration N`` does; 0: dynamic int8.
+        data: where those images are (default: the data the checkpoint's run trained on).
+        max_drop: the static search's budget (top-1 agreement with fp32).
 
     Returns:
-        ``{"sources", "checkpoint", "input_size", "threads", "iterations", "rows", "int8_speedup"}``; each row
+        ``{"sources", "checkpoint", "input_size", "threads", "iterations", "rows", "int8_speedup", "int8"}``
+        (``int8``: which int8 model was timed, and why, where it was exported here); each row
         holds ``backend``, ``device``, ``batch``, ``status`` (``ok`` or why it could not run),
         ``latency_ms`` (``median``, ``p90``) and ``images_per_s``; ``int8_speedup`` maps
         ``"DEVICE/BATCH"`` to ONNX Runtime fp32's median latency over int8's (dynamic, else static), and
@@ -100,6 +112,8 @@ def benchmark(
     why_no_checkpoint = "" if checkpoint else (
         f"no checkpoint: the one the .onnx came from ({info and info.get('source_checkpoint')}) is not here")
 
+    int8_note = next((f"{name.removeprefix('onnxruntime ')}: {path} (given)" for name, path in given_onnx.items()
+                      if "int8" in name), None)
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -110,9 +124,9 @@ def benchmark(
             if checkpoint:
                 if "onnxruntime fp32" not in onnx_files:
                     onnx_files["onnxruntime fp32"] = export_model(checkpoint, format="onnx", out=Path(tmp, "fp32.onnx"))
-                if "onnxruntime int8" not in onnx_files:
-                    onnx_files["onnxruntime int8"] = export_model(checkpoint, format="onnx", quantize="int8",
-                                                                  out=Path(tmp, "int8.onnx"))
+                if "onnxruntime int8" not in onnx_files and "onnxruntime int8 static" not in onnx_files:
+                    name, path, int8_note = _int8_export(checkpoint, Path(tmp), calibration, data, max_drop)
+                    onnx_files[name] = path
             input_size = list(meta["preprocessing"]["input_size"])
             rows = []
             for device in devices:
@@ -146,8 +160,31 @@ def benchmark(
     return {
         "sources": [str(s) for s in sources], "checkpoint": str(checkpoint) if checkpoint else None, "input_size": input_size,
         "threads": threads or torch.get_num_threads(), "iterations": iterations, "rows": rows,
-        "int8_speedup": speedup, **({"aa_ratio": aa_ratio} if aa else {}),
+        "int8_speedup": speedup, "int8": int8_note, **({"aa_ratio": aa_ratio} if aa else {}),
     }
+
+
+def _int8_export(checkpoint: Path, tmp: Path, calibration: int, data, max_drop: float) -> tuple[str, Path, str]:
+    """(row, file, what it is) of the int8 model a benchmark from a checkpoint times: static as ``finetune export``
+    makes it when ``calibration`` images can be had and the search keeps the budget, else dynamic, saying why."""
+    if calibration:
+        try:
+            images, validation = quantization_split(checkpoint, calibration, data)
+            path = export_model(checkpoint, format="onnx", quantize="int8", out=tmp / "int8-static.onnx",
+                                calibration_images=images, validation_images=validation, max_drop=max_drop)
+        except FinetuneError as e:
+            why = f"static int8 could not be made ({first_line(e)})"
+        else:
+            q = read_onnx_info(path)["quantization"]
+            searched = (f", top-1 agreement with fp32 {q['agreement_with_fp32']:.4f} on {q['validation_images']} "
+                        f"others" if "agreement_with_fp32" in q else "")
+            return "onnxruntime int8 static", path, (
+                f"int8 static (as finetune export --quantize int8 makes it): {len(images)} calibration images of the "
+                f"train split{searched}, layer groups kept in fp32: {', '.join(q['fp32_groups']) or 'none'}")
+    else:
+        why = "no calibration images asked for"
+    return "onnxruntime int8", export_model(checkpoint, format="onnx", quantize="int8", out=tmp / "int8.onnx"), (
+        f"int8 dynamic (the linear layers only): {why}")
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -168,6 +205,8 @@ def format_table(result: dict[str, Any]) -> str:
         device, batch, *which = key.split("/")
         text.append(f"{which[0] if which else 'int8'} speed-up over ONNX Runtime fp32 ({device}, batch {batch}): "
                     f"{value:.2f}x")
+    if result.get("int8"):
+        text.append(result["int8"])
     return "\n".join(text)
 
 

@@ -293,6 +293,20 @@ def quantization_images(checkpoint: str | os.PathLike, n: int, data: str | os.Pa
     return quantization_sample(manifest.items("train"), n)
 
 
+def quantization_split(checkpoint: str | os.PathLike, n: int,
+                       data: str | os.PathLike | None) -> tuple[list[str], list[str]]:
+    """Static int8's two samples of the train split (`quantization_images`): ``n`` images to calibrate on and
+    ``n`` others for the accuracy search; a train split with fewer than ``2 n`` is halved. The sample's order goes
+    round the classes, so both halves cover them.
+
+    Raises:
+        FinetuneError: as `quantization_images`.
+    """
+    both = quantization_images(checkpoint, 2 * n, data)
+    n = n if len(both) >= 2 * n else max(1, len(both) // 2)
+    return both[:n], both[n:]
+
+
 def calibration_subset(items: Sequence[tuple[str | os.PathLike, int]], n: int, seed: int = 0) -> list[str]:
     """`quantization_sample` under its old name, for one release (a DeprecationWarning)."""
     warnings.warn("finetune.export.calibration_subset is now finetune.deploy.onnx.quantization_sample; the old name "

@@ -226,3 +226,55 @@ def test_quantize_int8_is_static_with_the_search_by_default_and_dynamic_with_cal
                  "--out", str(tmp_path / "ov")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "OpenVINO int8 is static" in err and not (tmp_path / "ov").exists()
+
+
+def _no_compile(monkeypatch):
+    """torch.compile refused up front (its row says so): these tests are about the int8 row, not 30 s of kernels."""
+    def refuse(*args, **kwargs):
+        raise RuntimeError("not in this test")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+
+
+def test_benchmark_from_a_checkpoint_times_the_static_int8_export_makes(checkpoint, images, monkeypatch, capsys):
+    import importlib
+
+    bench = importlib.import_module("finetune.deploy.benchmark")  # the package re-exports a function of that name
+    _no_compile(monkeypatch)
+    calls = []
+    real = bench.export_model
+
+    def recording(*args, **kwargs):
+        path = real(*args, **kwargs)
+        calls.append({**kwargs, "method": (read_onnx_info(path).get("quantization") or {}).get("method")})
+        return path
+
+    monkeypatch.setattr(bench, "export_model", recording)
+    assert main(["benchmark", str(checkpoint), "--batch", "2", "--iterations", "1", "--calibration", "6",
+                 "--data", str(images), "--device", "cpu"]) == 0
+
+    int8 = [c for c in calls if c.get("quantize") == "int8"]
+    assert len(int8) == 1 and len(int8[0]["calibration_images"]) == 6 and len(int8[0]["validation_images"]) == 6
+    assert not set(int8[0]["calibration_images"]) & set(int8[0]["validation_images"])
+    assert int8[0]["method"] == "static"
+    out = capsys.readouterr().out
+    assert "onnxruntime int8 static" in out and "int8 speed-up over ONNX Runtime fp32 (cpu, batch 2)" in out
+    assert "int8 static (as finetune export --quantize int8 makes it): 6 calibration images" in out
+
+    assert main(["benchmark", str(checkpoint), "--data", str(images / "nope")]) == 2
+    assert f"finetune benchmark: error: --data {images / 'nope'}: no such file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("calibration", [None, 0])
+def test_benchmark_from_a_checkpoint_falls_back_to_dynamic_int8_and_says_why(checkpoint, monkeypatch, calibration):
+    from finetune.deploy.benchmark import benchmark
+
+    _no_compile(monkeypatch)
+    # None: the CLI's default of 256 images, but the checkpoint records no data to calibrate on
+    result = benchmark(checkpoint, batches=[2], iterations=1, warmup=1, devices=["cpu"],
+                       calibration=256 if calibration is None else calibration)
+    backends = {r["backend"] for r in result["rows"]}
+    assert "onnxruntime int8" in backends and "onnxruntime int8 static" not in backends
+    assert result["int8"].startswith("int8 dynamic (the linear layers only): ")
+    assert ("needs the training images" if calibration is None else "no calibration images asked for") in result["int8"]
+    assert set(result["int8_speedup"]) == {"cpu/2"}
