@@ -88,6 +88,15 @@ def calibrate_multilabel_checkpoint(
     """
     folder, logits, labels = _calibration_logits(checkpoint, items, device=device, batch_size=batch_size,
                                                  num_workers=num_workers, amp_dtype=amp_dtype)
+    return set_label_temperatures(folder, logits, labels)
+
+
+def set_label_temperatures(checkpoint: str | os.PathLike, logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Fit per-label temperatures on a multi-label checkpoint's raw ``logits`` of images with multi-hot
+    ``labels`` and store them in its ``checkpoint.json``, its thresholds moved to their scale; returns what
+    :func:`calibrate_multilabel_checkpoint` returns. The end of a training run calls it with the validation
+    logits it already has for the thresholds, so the split runs through the model once."""
+    folder = resolve_checkpoint(checkpoint)
     temperatures = fit_label_temperatures(logits, labels)
     meta = read_meta(folder)
     previous = meta_temperatures(meta)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from finetune._io import atomic_write_bytes, atomic_write_text
 from finetune.evaluation import evaluate
-from finetune.evaluation.calibrate import calibrate_checkpoint, calibrate_multilabel_checkpoint
+from finetune.evaluation.calibrate import calibrate_checkpoint, set_label_temperatures
 from finetune.evaluation.multilabel import tune_thresholds
 from finetune.evaluation.multilabel_evaluator import evaluate_multilabel
 from finetune.evaluation.plots import figure_png
@@ -198,13 +198,12 @@ def finish_multilabel(run_dir: Path, val_items: list, test_items: list, *, devic
     out: dict[str, Any] = {"thresholds": {"per_class": meta["thresholds"], "global": meta["threshold"],
                                           "val_f1": tuned["f1"]}}
     if calibrate:
-        out["calibration"] = calibrate_multilabel_checkpoint(folder, val_items, device=device, batch_size=batch_size,
-                                                             num_workers=num_workers, amp_dtype=amp_dtype)
+        out["calibration"] = set_label_temperatures(folder, logits, targets)  # the logits the thresholds came from
         log.info("calibration: per-label temperatures %s, val ECE %.4f -> %.4f",
                  ", ".join(f"{t:.2f}" for t in out["calibration"]["temperatures"]), out["calibration"]["ece_before"],
                  out["calibration"]["ece_after"])
     if test_items:
-        model, meta = load_checkpoint(folder, map_location=device)
+        meta = read_meta(folder)  # the thresholds (and temperatures) just written; the model is the one loaded
         metrics = evaluate_multilabel(model, test_items, class_names=meta["classes"], preprocessing=meta["preprocessing"],
                                       out_dir=run_dir / "eval", thresholds=meta["thresholds"],
                                       temperatures=meta_temperatures(meta), device=str(device), batch_size=batch_size,

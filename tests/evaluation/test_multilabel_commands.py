@@ -279,6 +279,12 @@ def test_int8_export_and_benchmark_of_a_multilabel_checkpoint(trained, tmp_path)
     result = benchmark([run_dir], batches=[2], iterations=2, warmup=1, devices=["cpu"])
     assert {r["backend"] for r in result["rows"] if r["status"] == "ok"} >= {"pytorch eager", "onnxruntime fp32",
                                                                            "onnxruntime int8"}
+    assert result["int8"].startswith("int8 dynamic")
+    # with calibration images, the benchmark times the static int8 that export makes of a multi-label checkpoint
+    result = benchmark([run_dir], batches=[2], iterations=2, warmup=1, devices=["cpu"], calibration=6, data=labels)
+    assert {r["backend"] for r in result["rows"] if r["status"] == "ok"} >= {"onnxruntime fp32",
+                                                                           "onnxruntime int8 static"}
+    assert result["int8"].startswith("int8 static (as finetune export --quantize int8 makes it): 6 calibration")
 
 
 def test_multilabel_defaults_are_one_stage_at_a_constant_lr_with_a_linear_head(tmp_path):
@@ -298,3 +304,36 @@ def test_multilabel_defaults_are_one_stage_at_a_constant_lr_with_a_linear_head(t
     # single-label data keeps the staged defaults and the spinal head
     single = train_cli.default_recipe(str(tmp_path / "folder"), "test_resnet", None, "false")
     assert [s["name"] for s in single["stages"]] == ["head", "all"] and single["model"]["head"] == "spinal"
+
+
+def test_the_end_of_a_calibrated_multilabel_run_reads_the_val_split_once_for_thresholds_and_temperatures(
+        run_copy, monkeypatch):
+    from finetune.evaluation import calibrate
+    from finetune.inference.predictor import predict_probabilities
+    from finetune.inference.temperature import fit_label_temperatures
+    from finetune.training import reporting
+
+    run_dir, labels = run_copy
+    paths, y = _val(run_dir, labels)
+    calls = []
+
+    def counting(model, paths, *args, **kwargs):
+        calls.append(predict_probabilities(model, paths, *args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(reporting, "predict_probabilities", counting)
+    monkeypatch.setattr(calibrate, "predict_probabilities", counting)
+    out = reporting.finish_multilabel(run_dir, list(zip(paths, y)), [], device="cpu", batch_size=16, num_workers=0,
+                                      amp_dtype=None, calibrate=True)
+    assert len(calls) == 1  # one forward of the val split serves the thresholds and the temperatures
+    indices, logits, _ = calls[0]
+    assert len(indices) == len(paths)
+    stored = _meta(run_dir)
+    expected = fit_label_temperatures(logits, y[indices])
+    assert stored["temperatures"] == pytest.approx(expected.tolist())
+    assert out["calibration"]["temperatures"] == stored["temperatures"]
+    assert out["calibration"]["num_samples"] == len(indices)
+    # the thresholds moved to the calibrated scale: the same logit cut, so the same labels are predicted
+    tuned, moved = (np.clip(np.array(t), 1e-12, 1 - 1e-12) for t in (out["thresholds"]["per_class"], stored["thresholds"]))
+    assert np.log(moved / (1 - moved)) * expected == pytest.approx(np.log(tuned / (1 - tuned)), rel=1e-6, abs=1e-9)
+    assert not np.allclose(moved, tuned)
