@@ -33,6 +33,7 @@ SCRIPTS = {
     "bench_loader.py": ("loader", None),
     "bench_split.py": ("split", None),
     "bench_multilabel.py": ("multilabel", {"defaults (spinal)", "defaults (linear)", "plain BCE loop"}),
+    "bench_export.py": ("export", {"quickstart", "resnet18 digits"}),
 }
 
 
@@ -377,6 +378,27 @@ def test_recipes(tmp_path, digits):
     assert set(results["fewshot"]) == {"fewshot spinal", "fewshot plain"}  # --tiny: the spinal head only
     plain = results["full"]["plain"]["runs"][0]
     assert plain["epochs_trained"] >= 1 and 0 <= plain["test_accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_export(tmp_path):
+    doc = run_tiny("bench_export.py", tmp_path)
+    assert set(doc["results"]) == SCRIPTS["bench_export.py"][1]
+    int8 = ("onnxruntime int8", "onnxruntime int8 static", "openvino int8", "openvino int8 qat")
+    for label, r in doc["results"].items():
+        # every deployment is scored on the same test images against the checkpoint it came from
+        assert {"pytorch (checkpoint)", "onnxruntime fp32", "openvino fp32", *int8} <= set(r["accuracy"]), label
+        assert all(0 <= a <= 1 for a in r["accuracy"].values()) and r["agreement"]["onnxruntime fp32"] == 1.0
+        assert r["quantization"]["onnxruntime int8 static"]["method"] == "static"
+        assert r["quantization"]["onnxruntime int8 static"]["calibration_images"] == 16  # --tiny's setting
+        assert r["sizes_mb"]["onnxruntime int8 static"] < r["sizes_mb"]["onnxruntime fp32"]
+        # the hub folder gives the checkpoint's logits back (the resnet's linear head: plain timm too)
+        assert max(r["hub"]["max_abs_logit_difference"].values()) < 1e-4
+        assert all(r["hub"]["test_predictions_equal"].values())
+        assert ("hub folder (plain timm)" in r["hub"]["max_abs_logit_difference"]) == (label == "resnet18 digits")
+        rows = {row["backend"] for row in r["benchmark"]["rows"] if row["status"] == "ok"}
+        assert {"onnxruntime fp32", "onnxruntime int8 static"} <= rows and r["benchmark"]["int8_speedup"]
+    assert any("A/A ratio" in line for line in doc["summary"])
 
 
 def test_results_md_is_what_render_results_makes_of_the_committed_json():
