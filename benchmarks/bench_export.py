@@ -274,8 +274,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "calibrated at the 99.999th percentile), then measures the top-1 agreement with fp32 on N other train "
         "images and returns layer groups to fp32 (stem, depthwise convolutions, head, four runs of the remaining "
         "blocks), the costliest first, until it is within --max-drop 0.01; results.quantization holds each search's "
-        "trace. Quantisation-aware training is not implemented.",
+        "trace.",
         "OpenVINO int8 is NNCF's quantize_with_accuracy_control with the same images and budget.",
+        f"OpenVINO int8 qat (`--format openvino --quantize int8 --qat {QAT_EPOCHS}`) is NNCF's int8 scheme on the "
+        f"PyTorch model, calibrated on the same images, then fine-tuned for {QAT_EPOCHS} passes over them to give the "
+        "fp32 model's outputs (distillation, no labels) and held to the same budget.",
     ]
     _common.write_result(
         args.out, "export", title="Deployment: int8 (ONNX Runtime, OpenVINO), OpenVINO and hub exports vs fp32",
