@@ -33,7 +33,6 @@ SCRIPTS = {
     "bench_loader.py": ("loader", None),
     "bench_split.py": ("split", None),
     "bench_multilabel.py": ("multilabel", {"defaults (spinal)", "defaults (linear)", "plain BCE loop"}),
-    "bench_export.py": ("export", {"quickstart", "resnet18 digits"}),
 }
 
 
@@ -380,25 +379,62 @@ def test_recipes(tmp_path, digits):
     assert plain["epochs_trained"] >= 1 and 0 <= plain["test_accuracy"] <= 1
 
 
-@pytest.mark.slow
-def test_export(tmp_path):
-    doc = run_tiny("bench_export.py", tmp_path)
-    assert set(doc["results"]) == SCRIPTS["bench_export.py"][1]
-    int8 = ("onnxruntime int8", "onnxruntime int8 static", "openvino int8", "openvino int8 qat")
-    for label, r in doc["results"].items():
-        # every deployment is scored on the same test images against the checkpoint it came from
-        assert {"pytorch (checkpoint)", "onnxruntime fp32", "openvino fp32", *int8} <= set(r["accuracy"]), label
-        assert all(0 <= a <= 1 for a in r["accuracy"].values()) and r["agreement"]["onnxruntime fp32"] == 1.0
-        assert r["quantization"]["onnxruntime int8 static"]["method"] == "static"
-        assert r["quantization"]["onnxruntime int8 static"]["calibration_images"] == 16  # --tiny's setting
-        assert r["sizes_mb"]["onnxruntime int8 static"] < r["sizes_mb"]["onnxruntime fp32"]
-        # the hub folder gives the checkpoint's logits back (the resnet's linear head: plain timm too)
-        assert max(r["hub"]["max_abs_logit_difference"].values()) < 1e-4
-        assert all(r["hub"]["test_predictions_equal"].values())
-        assert ("hub folder (plain timm)" in r["hub"]["max_abs_logit_difference"]) == (label == "resnet18 digits")
-        rows = {row["backend"] for row in r["benchmark"]["rows"] if row["status"] == "ok"}
-        assert {"onnxruntime fp32", "onnxruntime int8 static"} <= rows and r["benchmark"]["int8_speedup"]
-    assert any("A/A ratio" in line for line in doc["summary"])
+def _fake_measurement(fp32_ms: float, ms: dict, accuracy: dict, linear: bool) -> dict:
+    """What bench_export's measure returns, with the figures given: latency per backend at batch 2, accuracy per
+    model (the checkpoint's and each export's)."""
+    rows = [{"backend": "onnxruntime fp32", "batch": 2, "status": "ok",
+             "latency_ms": {"median": fp32_ms, "p90": fp32_ms * 1.1}, "images_per_s": 2000 / fp32_ms}]
+    rows += [{"backend": b, "batch": 2, "status": "ok", "latency_ms": {"median": m, "p90": m * 1.1},
+              "images_per_s": 2000 / m} for b, m in ms.items()]
+    hub = ["hub folder (finetune.load)", *(["hub folder (plain timm)"] if linear else [])]
+    return {"checkpoint": "ckpt", "backbone": "test_resnet", "head": "linear" if linear else "spinal", "input_px": 32,
+            "test_images": 20, "accuracy": accuracy, "agreement": {n: 1.0 for n in accuracy},
+            "sizes_mb": {n: 1.0 for n in accuracy}, "export_seconds": {n: 1.0 for n in accuracy},
+            "quantization": {"onnxruntime int8 static": {"fp32_groups": ["stem"] if linear else []}},
+            "hub": {"linear_head": linear, "max_abs_logit_difference": {n: 0.0 for n in hub},
+                    "test_predictions_equal": {n: True for n in hub}},
+            "benchmark": {"rows": rows, "aa_ratio": {"cpu/2": 1.05}}}
+
+
+def test_export_reports_the_ratios_and_accuracies_it_measured_with_verdicts_against_the_a_a_spread(tmp_path,
+                                                                                                   monkeypatch):
+    """bench_export's report from its measurements (the exports themselves are tested in tests/evaluation, and a
+    --tiny run costs a minute of exports): every figure printed is one measured, nothing typed into the script."""
+    script = load_script("bench_export.py")
+    names = ("pytorch (checkpoint)", "onnxruntime fp32", "onnxruntime int8", "onnxruntime int8 static",
+             "openvino fp32", "openvino int8", "openvino int8 qat", "hub folder (finetune.load)")
+    measured = {
+        # static 2.00x within budget: meets (the A/A spread 0.05 allows it); OpenVINO 0.80x: too slow; QAT 1.52x:
+        # inside the spread of the 1.5x goal; dynamic 2.50x but 3 points lost
+        "quickstart": _fake_measurement(10.0, {"onnxruntime int8": 4.0, "onnxruntime int8 static": 5.0,
+                                               "openvino int8": 12.5, "openvino int8 qat": 10 / 1.52},
+                                        dict(zip(names, (0.95, 0.95, 0.92, 0.945, 0.95, 0.95, 0.95, 0.95))), False),
+        "resnet18 digits": _fake_measurement(8.0, {"onnxruntime int8": 8.0, "onnxruntime int8 static": 2.0,
+                                                   "openvino int8": 4.0, "openvino int8 qat": 4.0},
+                                             {**dict(zip(names, (0.9, 0.9, 0.9, 0.895, 0.9, 0.9, 0.9, 0.9))),
+                                              "hub folder (plain timm)": 0.9}, True),
+    }
+    trained = []
+    monkeypatch.setattr(script, "train", lambda raw, run_dir, cache: trained.append(raw) or run_dir)
+    monkeypatch.setattr(script, "measure", lambda run, *a, **k: measured[
+        "quickstart" if Path(run).name == "quickstart" else "resnet18 digits"])
+    script.main(["--tiny", "--out", str(tmp_path)])
+    doc = json.loads(load_script("_common.py").result_path(tmp_path, "export").read_text())
+    assert [r["model"]["backbone"] for r in trained] == ["test_resnet", "test_resnet"]  # --tiny: both trained
+    quick, resnet = (line for line in doc["summary"] if "hub folder:" not in line)
+    assert "fp32 accuracy 0.9500), batch 2 vs ONNX Runtime fp32 (A/A ratio 1.05, one run)" in quick
+    assert "ONNX Runtime static int8 (fp32 groups: none) 2.00x, accuracy 0.9450 (-0.5 points): meets" in quick
+    assert "OpenVINO int8 (NNCF accuracy control) 0.80x, accuracy 0.9500 (+0.0 points): misses (too slow)" in quick
+    assert "(quantisation-aware, 2 epochs) 1.52x, accuracy 0.9500 (+0.0 points): within the A/A spread" in quick
+    assert "ONNX Runtime dynamic int8 2.50x, accuracy 0.9200 (-3.0 points): misses (loses 3.0 points)" in quick
+    assert "ONNX Runtime static int8 (fp32 groups: stem) 4.00x, accuracy 0.8950 (-0.5 points): meets" in resnet
+    assert "ONNX Runtime dynamic int8 1.00x" in resnet and "misses (too slow)" in resnet
+    hub = [line for line in doc["summary"] if "hub folder:" in line]
+    assert "hub folder (plain timm) 0" in hub[1] and "plain timm" not in hub[0]
+    latency = {t["caption"].split(":")[0]: t for t in doc["tables"] if "latency" in t["caption"]}
+    static = next(row for row in latency["resnet18 digits"]["rows"] if row[0] == "onnxruntime int8 static")
+    assert static[2] == 2.0 and static[5] == pytest.approx(4.0)
+    assert any("qat" in note and "--qat 2" in note for note in doc["notes"])
 
 
 def test_results_md_is_what_render_results_makes_of_the_committed_json():
