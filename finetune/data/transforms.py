@@ -117,10 +117,10 @@ def build_transform(
     if train and augment:
         steps += augment_ops(augment, input_size=(height, width), mean=mean)
     if device_normalize:
-        pipeline = A.Compose([*steps, A.ToTensorV2()])
+        pipeline = A.Compose([*steps, ToTensorV2()])
         pipeline.batch_normalize = BatchNormalize(mean, std)
         return pipeline
-    return A.Compose([*steps, Normalize(mean=tuple(mean), std=tuple(std)), A.ToTensorV2()])
+    return A.Compose([*steps, Normalize(mean=tuple(mean), std=tuple(std)), ToTensorV2()])
 
 
 class BatchNormalize:
@@ -295,6 +295,28 @@ class Normalize(A.Normalize):
         if self._table is not None and img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3:
             return cv2.LUT(img, self._table)
         return super().apply(img, **params)
+
+
+class ToTensorV2(A.ToTensorV2):
+    """``A.ToTensorV2`` whose 3×H×W image tensor is contiguous, its channels copied apart by OpenCV.
+
+    albumentations returns a transposed view of the H×W×3 array; the collate that stacks a batch of such views
+    then gathers every byte at a stride of 3, which took 115 µs of a 224 px uint8 sample's time, against 8 µs
+    for ``cv2.split`` into the planes of a 3×H×W array plus 13 µs to stack contiguous ones (numpy's copy of
+    the transpose: 42 µs). The values are the same; other shapes and dtypes OpenCV does not split go through a
+    numpy copy."""
+
+    def apply(self, img: np.ndarray, **params) -> torch.Tensor:
+        if img.ndim == 2:
+            return torch.from_numpy(np.ascontiguousarray(img[None]))
+        if img.ndim != 3:
+            return super().apply(img, **params)
+        planes = np.empty((img.shape[2], *img.shape[:2]), dtype=img.dtype)
+        views = list(planes)
+        split = img.dtype in (np.uint8, np.float32) and 1 < img.shape[2] <= 4
+        if not split or any(got is not view for got, view in zip(cv2.split(img, views), views)):
+            planes[...] = img.transpose(2, 0, 1)  # (OpenCV returns new arrays when it cannot write into ours)
+        return torch.from_numpy(planes)
 
 
 def preprocessing_transform(preprocessing: Mapping, *, train: bool = False,

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from finetune._device import forward_batches
+from finetune._workers import worker_init
 from finetune.data.datasets import DeviceBatches, collate_skip
 from finetune.data.device_decode import device_decoding
 from finetune.data.transforms import normalizer_of
@@ -59,6 +60,7 @@ def extract_features(backbone, dataset, *, device, amp_dtype, batch_size: int, n
     if loader is None:
         loader = DeviceBatches(DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                           collate_fn=collate_skip, pin_memory=device.type == "cuda",
+                                          worker_init_fn=worker_init,
                                           generator=torch.Generator().manual_seed(0)),  # leave the global RNG alone
                                device, _normalizer(dataset))
     labels, feats, _ = forward_batches(backbone, loader, device=device, amp_dtype=amp_dtype,
@@ -128,7 +130,7 @@ def extract_into(rows: np.ndarray, backbone, dataset, *, indices: Optional[range
     if loader is None:
         loader = DeviceBatches(DataLoader(_Indexed(dataset, indices), batch_size=batch_size, shuffle=False,
                                           num_workers=num_workers, collate_fn=collate_skip,
-                                          pin_memory=device.type == "cuda",
+                                          pin_memory=device.type == "cuda", worker_init_fn=worker_init,
                                           generator=torch.Generator().manual_seed(0)),  # leave the global RNG alone
                                device, _normalizer(dataset))
     forward_batches(backbone, loader, device=device, amp_dtype=amp_dtype, channels_last=channels_last,

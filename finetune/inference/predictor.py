@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from finetune._device import forward_batches, resolve_device
-from finetune._workers import inference_workers
+from finetune._workers import inference_workers, worker_init
 from finetune.data import (
     DeviceBatches,
     ImageDecodeError,
@@ -296,7 +296,8 @@ def predict_probabilities(
                              batch_size=batch_size, num_workers=workers)  # JPEG batches decoded on CUDA
     if loader is None:
         loader = DeviceBatches(DataLoader(_SourceDataset(sources, transform), batch_size=batch_size, num_workers=workers,
-                                          collate_fn=collate_skip, pin_memory=device.type == "cuda"),
+                                          collate_fn=collate_skip, pin_memory=device.type == "cuda",
+                                          worker_init_fn=worker_init),
                                device, normalizer_of(transform))
     indices, probs, _ = forward_batches(model, loader, device=device, amp_dtype=amp_dtype, progress=progress,
                                        softmax=not logits)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from finetune import _distributed as ddp
 from finetune._io import cache_root as cache_path_root
-from finetune._workers import auto_workers
+from finetune._workers import auto_workers, worker_init
 from finetune.data import (
     BalancedSampler,
     DeviceBatches,
@@ -171,7 +171,7 @@ def make_loader(dataset: Dataset, *, sampler, batch_size: int, num_workers, devi
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_skip,
         pin_memory=device.type == "cuda", prefetch_factor=prefetch if workers else None,
-        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0),
+        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0), worker_init_fn=worker_init,
         drop_last=drop_last_for(sampler, batch_size, train),
     )
 

@@ -155,3 +155,30 @@ def test_normalize_table_matches_albumentations():
     np.testing.assert_allclose(fast, reference.apply(image), rtol=0, atol=1e-5)
     as_float = image.astype(np.float32)
     np.testing.assert_allclose(ours.apply(as_float), reference.apply(as_float), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("image", [
+    np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3),
+    np.linspace(-1, 1, 5 * 7 * 3, dtype=np.float32).reshape(5, 7, 3),
+    np.arange(5 * 7 * 4, dtype=np.uint8).reshape(5, 7, 4),
+    np.arange(5 * 7, dtype=np.uint8).reshape(5, 7, 1),
+    np.arange(5 * 7, dtype=np.uint8).reshape(5, 7),
+    np.arange(5 * 7 * 3, dtype=np.uint16).reshape(5, 7, 3),
+    np.arange(5 * 14 * 3, dtype=np.uint8).reshape(5, 14, 3)[:, ::2],  # a strided view
+    np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)[:, ::-1],  # a flipped view
+], ids=["uint8", "float32", "rgba", "hw1", "hw", "uint16", "strided", "flipped"])
+def test_the_appended_to_tensor_gives_albumentations_values_as_a_contiguous_chw_tensor(image):
+    from finetune.data.transforms import ToTensorV2
+
+    out = ToTensorV2()(image=image)["image"]
+    expected = A.ToTensorV2()(image=image.copy())["image"]
+    assert out.is_contiguous() and out.dtype == expected.dtype and out.shape == expected.shape
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("device_normalize", [True, False])
+def test_pipelines_hand_the_collate_contiguous_chw_tensors(device_normalize):
+    # albumentations' own ToTensorV2 returns a transposed view, which the collate gathers at a stride of 3
+    transform = build_transform(True, input_size=32, mean=MEAN, std=STD, device_normalize=device_normalize)
+    out = apply(transform, np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    assert out.shape == (3, 32, 32) and out.is_contiguous()

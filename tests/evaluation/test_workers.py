@@ -5,6 +5,7 @@ import os
 import pytest
 
 import finetune.inference.predictor as inference
+from finetune._workers import worker_init
 from finetune.cli import main
 from finetune.config import parse_recipe
 from finetune.training.runner import run_training
@@ -19,6 +20,7 @@ def loader_workers(monkeypatch):
 
     def spy(*args, num_workers, **kwargs):
         seen.append(num_workers)
+        assert kwargs.get("worker_init_fn") is worker_init  # each worker keeps the memory it frees
         return real(*args, num_workers=0, **{k: v for k, v in kwargs.items() if k != "persistent_workers"})
 
     monkeypatch.setattr(inference, "DataLoader", spy)
