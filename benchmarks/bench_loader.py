@@ -7,8 +7,9 @@ torchvision ImageFolder + v2, with the same ops on the same files.
 Each variant is a DataLoader (batch 32, persistent workers) yielding the batch the model gets on this machine's
 device: RandomResizedCrop 224 (scale 0.08-1, ratio 3/4-4/3, bicubic) + horizontal flip, normalised:
 
-* ``finetune, files``: ``ImageDataset`` over the JPEGs (decode by ``load_image``), uint8 out of the workers,
-  normalised in the main process by ``DeviceBatches`` (on a GPU: on the device);
+* ``finetune, files``: ``ImageDataset`` over the JPEGs (decode by ``load_image``) in the training loader
+  (``make_loader``), uint8 out of the workers, normalised in the main process by ``DeviceBatches`` (on a GPU:
+  on the device);
 * ``finetune, store (raw)``: the same, read from the decoded-pixel store (``data.store: auto``: shorter side
   280 px before a 224 crop), no decode at all;
 * ``finetune, store (JPEG q95)``: the store's over-budget codec (what the old resize cache kept per file);
@@ -70,7 +71,8 @@ def loaders(root: Path, items, workers: int, cache: Path) -> tuple[dict, dict]:
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
-    from finetune.data import DeviceBatches, ImageDataset, build_store, build_transform, collate_skip, store_plan
+    from finetune.data import DeviceBatches, ImageDataset, build_store, build_transform, store_plan
+    from finetune.training.loaders import make_loader
 
     pipeline = build_transform(True, input_size=SIZE, mean=MEAN, std=STD, interpolation="bicubic",
                                ops=[{"name": "RandomResizedCrop", "size": (SIZE, SIZE), "scale": (0.08, 1.0)},
@@ -85,11 +87,11 @@ def loaders(root: Path, items, workers: int, cache: Path) -> tuple[dict, dict]:
     builds["jpeg"] = time.perf_counter() - start
     cpu = torch.device("cpu")
 
-    def ours(store):
+    def ours(store):  # the training loader (make_loader: its workers, prefetch and worker_init)
         dataset = ImageDataset(items, rest if store is not None else pipeline, seed=0, store=store)
-        return DeviceBatches(torch.utils.data.DataLoader(
-            dataset, batch_size=BATCH, shuffle=True, num_workers=workers, collate_fn=collate_skip,
-            persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0)), cpu, pipeline.batch_normalize)
+        sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(0))
+        return DeviceBatches(make_loader(dataset, sampler=sampler, batch_size=BATCH, num_workers=workers, device=cpu,
+                                         train=True), cpu, pipeline.batch_normalize)
 
     def timm_loader():
         return create_loader(TimmImageDataset(str(root)), input_size=(3, SIZE, SIZE), batch_size=BATCH,
