@@ -179,7 +179,9 @@ def finish_multilabel(run_dir: Path, val_items: list, test_items: list, *, devic
     split, written into ``checkpoints/best``; with ``calibrate``, per-label temperatures fitted on the same split
     (the thresholds moved to their scale); then the test split evaluated at them into ``run_dir/eval``
     (:func:`~finetune.evaluation.multilabel_evaluator.evaluate_multilabel`). Returns the summary's
-    ``thresholds``, ``calibration`` and ``test``."""
+    ``thresholds`` (``per_class`` as the checkpoint stores them, on the probabilities it predicts: ``scale``
+    says which, with the tuned ones as ``per_class_uncalibrated`` once calibrated; ``global`` is the one
+    threshold best for all labels on the uncalibrated probabilities), ``calibration`` and ``test``."""
     folder = run_dir / "checkpoints" / "best"
     model, meta = load_checkpoint(folder, map_location=device)
     model.eval()
@@ -196,9 +198,12 @@ def finish_multilabel(run_dir: Path, val_items: list, test_items: list, *, devic
     log.info("multi-label thresholds tuned on %d val images: global %.3f, per label %s", len(targets), tuned["global"],
              ", ".join(f"{t:.2f}" for t in tuned["per_class"]))
     out: dict[str, Any] = {"thresholds": {"per_class": meta["thresholds"], "global": meta["threshold"],
-                                          "val_f1": tuned["f1"]}}
+                                          "val_f1": tuned["f1"], "scale": "uncalibrated"}}
     if calibrate:
         out["calibration"] = set_label_temperatures(folder, logits, targets)  # the logits the thresholds came from
+        # the summary's per-label thresholds are the checkpoint's: on the calibrated probabilities predict gives
+        out["thresholds"].update(per_class=read_meta(folder)["thresholds"], per_class_uncalibrated=meta["thresholds"],
+                                 scale="calibrated")
         log.info("calibration: per-label temperatures %s, val ECE %.4f -> %.4f",
                  ", ".join(f"{t:.2f}" for t in out["calibration"]["temperatures"]), out["calibration"]["ece_before"],
                  out["calibration"]["ece_after"])

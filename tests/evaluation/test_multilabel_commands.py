@@ -334,6 +334,8 @@ def test_the_end_of_a_calibrated_multilabel_run_reads_the_val_split_once_for_thr
     assert out["calibration"]["temperatures"] == stored["temperatures"]
     assert out["calibration"]["num_samples"] == len(indices)
     # the thresholds moved to the calibrated scale: the same logit cut, so the same labels are predicted
-    tuned, moved = (np.clip(np.array(t), 1e-12, 1 - 1e-12) for t in (out["thresholds"]["per_class"], stored["thresholds"]))
+    assert out["thresholds"]["per_class"] == stored["thresholds"] and out["thresholds"]["scale"] == "calibrated"
+    tuned, moved = (np.clip(np.array(t), 1e-12, 1 - 1e-12)
+                    for t in (out["thresholds"]["per_class_uncalibrated"], stored["thresholds"]))
     assert np.log(moved / (1 - moved)) * expected == pytest.approx(np.log(tuned / (1 - tuned)), rel=1e-6, abs=1e-9)
     assert not np.allclose(moved, tuned)
