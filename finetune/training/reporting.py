@@ -201,14 +201,14 @@ def finish_multilabel(run_dir: Path, val_items: list, test_items: list, *, devic
                                           "val_f1": tuned["f1"], "scale": "uncalibrated"}}
     if calibrate:
         out["calibration"] = set_label_temperatures(folder, logits, targets)  # the logits the thresholds came from
+        tuned_thresholds, meta = meta["thresholds"], read_meta(folder)  # the temperatures, the thresholds moved
         # the summary's per-label thresholds are the checkpoint's: on the calibrated probabilities predict gives
-        out["thresholds"].update(per_class=read_meta(folder)["thresholds"], per_class_uncalibrated=meta["thresholds"],
+        out["thresholds"].update(per_class=meta["thresholds"], per_class_uncalibrated=tuned_thresholds,
                                  scale="calibrated")
         log.info("calibration: per-label temperatures %s, val ECE %.4f -> %.4f",
                  ", ".join(f"{t:.2f}" for t in out["calibration"]["temperatures"]), out["calibration"]["ece_before"],
                  out["calibration"]["ece_after"])
-    if test_items:
-        meta = read_meta(folder)  # the thresholds (and temperatures) just written; the model is the one loaded
+    if test_items:  # at the thresholds (and temperatures) just written, with the model already loaded
         metrics = evaluate_multilabel(model, test_items, class_names=meta["classes"], preprocessing=meta["preprocessing"],
                                       out_dir=run_dir / "eval", thresholds=meta["thresholds"],
                                       temperatures=meta_temperatures(meta), device=str(device), batch_size=batch_size,
