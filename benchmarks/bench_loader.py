@@ -87,11 +87,11 @@ def loaders(root: Path, items, workers: int, cache: Path) -> tuple[dict, dict]:
     builds["jpeg"] = time.perf_counter() - start
     cpu = torch.device("cpu")
 
-    def ours(store):  # the training loader (make_loader: its workers, prefetch and worker_init)
+    def ours(store):  # the training loader (make_loader as training builds it: workers, prefetch, worker_init, buffer pool)
         dataset = ImageDataset(items, rest if store is not None else pipeline, seed=0, store=store)
         sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(0))
         return DeviceBatches(make_loader(dataset, sampler=sampler, batch_size=BATCH, num_workers=workers, device=cpu,
-                                         train=True), cpu, pipeline.batch_normalize)
+                                         train=True, reuse_buffers=True), cpu, pipeline.batch_normalize)
 
     def timm_loader():
         return create_loader(TimmImageDataset(str(root)), input_size=(3, SIZE, SIZE), batch_size=BATCH,
@@ -119,9 +119,17 @@ def _decode_rgb(path: str):
 
 
 def epoch_rate(loader) -> float:
+    """Images/s of one epoch of ``loader``; a batch from finetune's workers' buffer pool (a fourth item, its
+    ticket) is handed back once counted, as the DeviceBatches that reads it in training does."""
+    pool = getattr(loader, "collate_fn", None)
+    release = getattr(pool, "release", None)
+    if release is not None:
+        pool.reclaim()
     count, start = 0, time.perf_counter()
     for batch in loader:
         count += len(batch[0])
+        if release is not None and len(batch) == 4:
+            release(batch[3])
     return count / (time.perf_counter() - start)
 
 

@@ -35,9 +35,9 @@ from finetune._workers import inference_workers, worker_init
 from finetune.data import (
     DeviceBatches,
     ImageDecodeError,
-    collate_skip,
     load_image,
     preprocessing_transform,
+    worker_collate,
 )
 from finetune.data.device_decode import device_decoding
 from finetune.data.transforms import normalizer_of
@@ -295,10 +295,11 @@ def predict_probabilities(
     loader = device_decoding([(s, i) for i, s in enumerate(sources)], transform, device=device,
                              batch_size=batch_size, num_workers=workers)  # JPEG batches decoded on CUDA
     if loader is None:
+        normalize = normalizer_of(transform)
         loader = DeviceBatches(DataLoader(_SourceDataset(sources, transform), batch_size=batch_size, num_workers=workers,
-                                          collate_fn=collate_skip, pin_memory=device.type == "cuda",
-                                          worker_init_fn=worker_init),
-                               device, normalizer_of(transform))
+                                          collate_fn=worker_collate(workers, device=device, normalize=normalize),
+                                          pin_memory=device.type == "cuda", worker_init_fn=worker_init),
+                               device, normalize)
     indices, probs, _ = forward_batches(model, loader, device=device, amp_dtype=amp_dtype, progress=progress,
                                        softmax=not logits)
     unread = sorted(set(range(len(sources))) - set(indices.tolist()))

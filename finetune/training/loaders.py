@@ -21,12 +21,14 @@ from finetune._io import cache_root as cache_path_root
 from finetune._workers import auto_workers, worker_init
 from finetune.data import (
     BalancedSampler,
+    BatchPool,
     DeviceBatches,
     ImageDataset,
     Manifest,
     collate_skip,
     manifest_root,
     prepare_manifest,
+    reuses_buffers,
     build_store,
     preprocessing_transform,
     store_plan,
@@ -155,21 +157,30 @@ def split_dataset(items: list[tuple[Path, int]], transform: Callable, *, store, 
 
 
 def make_loader(dataset: Dataset, *, sampler, batch_size: int, num_workers, device: torch.device,
-                local_processes: int = 1, train: bool = False) -> DataLoader:
+                local_processes: int = 1, train: bool = False, reuse_buffers: bool = False) -> DataLoader:
     """A DataLoader batching with ``collate_skip``, with :func:`auto_workers` workers: this machine's CPUs
     shared between the ``local_processes`` ranks on it (torchrun's ``LOCAL_WORLD_SIZE``; the global world
-    size would leave most cores idle on a cluster of many machines)."""
+    size would leave most cores idle on a cluster of many machines).
+
+    With ``reuse_buffers`` (for a loader `DeviceBatches` reads: it hands the buffers back) the workers collate
+    into shared-memory buffers they reuse (:class:`~finetune.data.BatchPool`, ``prefetch + 1`` batches each),
+    where /dev/shm has room for them."""
 
     workers = auto_workers(num_workers, local_processes)
     prefetch = PREFETCH_FACTOR
+    collate = collate_skip
     if workers:
-        workers, prefetch = shm_budget(workers, _batch_bytes(dataset, batch_size), prefetch=prefetch)
+        batch_bytes = _batch_bytes(dataset, batch_size)
+        workers, prefetch = shm_budget(workers, batch_bytes, prefetch=prefetch)
+        if reuse_buffers and workers and shm_budget(workers, batch_bytes, prefetch=prefetch + 1, notice=False) == \
+                (workers, prefetch + 1):
+            collate = BatchPool(workers, slots=prefetch + 1)
     # Workers persist across the epochs of a stage: the dataset keeps its epoch (which seeds the
     # augmentation) in shared memory, so set_epoch reaches them. The loader gets its own generator:
     # otherwise each new iterator draws its workers' base seed from the global RNG, and dropout in a
     # resumed run would see a different stream than in an uninterrupted one.
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_skip,
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
         pin_memory=device.type == "cuda", prefetch_factor=prefetch if workers else None,
         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0), worker_init_fn=worker_init,
         drop_last=drop_last_for(sampler, batch_size, train),
@@ -177,7 +188,7 @@ def make_loader(dataset: Dataset, *, sampler, batch_size: int, num_workers, devi
 
 
 def shm_budget(workers: int, batch_bytes: int, *, prefetch: int = PREFETCH_FACTOR,
-               shm: str = SHM_PATH) -> tuple[int, int]:
+               shm: str = SHM_PATH, notice: bool = True) -> tuple[int, int]:
     """Workers and batches prefetched per worker whose batches fit in half of the free ``shm``.
 
     Worker batches travel through shared memory (``/dev/shm``): ``workers x prefetch`` of them at once.
@@ -199,7 +210,7 @@ def shm_budget(workers: int, batch_bytes: int, *, prefetch: int = PREFETCH_FACTO
     new_prefetch = min(prefetch, fit // workers)
     new_workers = workers if new_prefetch else min(workers, fit)
     new_prefetch = max(new_prefetch, 1)
-    if (new_workers, new_prefetch) not in _shm_noticed:
+    if notice and (new_workers, new_prefetch) not in _shm_noticed:
         _shm_noticed.add((new_workers, new_prefetch))
         log.warning("%s has %d MB free, too little for %d workers x %d batches of %.1f MB: using %d workers x %d "
                     "(give the container more, e.g. docker run --shm-size=2g)", shm, 2 * budget >> 20, workers,
@@ -235,9 +246,11 @@ def image_loader(dataset: ImageDataset, *, train: bool, balance: bool, seed: int
         sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed)
     else:
         sampler = ShardSampler(len(dataset), dist.rank, dist.world_size)
+    normalize = normalizer_of(dataset.transform)
     loader = make_loader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers, device=device,
-                         local_processes=dist.local_world_size, train=train)
-    return DeviceBatches(loader, device, normalizer_of(dataset.transform))
+                         local_processes=dist.local_world_size, train=train,
+                         reuse_buffers=reuses_buffers(device, normalize))
+    return DeviceBatches(loader, device, normalize)
 
 
 def feature_loaders(train: Dataset, val: Dataset, *, batch_size: int, eval_batch_size: int, seed: int,

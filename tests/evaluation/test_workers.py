@@ -1,5 +1,6 @@
 """`finetune eval`, `finetune predict` and the test evaluation after training decode with the training's
-worker policy (``auto``: the CPU cores, at most 8), not on one process."""
+worker policy (``auto``: the CPU cores, at most 8), not on one process, each worker collating into the
+shared-memory buffers of a `BatchPool`."""
 import os
 
 import pytest
@@ -8,6 +9,7 @@ import finetune.inference.predictor as inference
 from finetune._workers import worker_init
 from finetune.cli import main
 from finetune.config import parse_recipe
+from finetune.data import BatchPool
 from finetune.training.runner import run_training
 
 
@@ -21,6 +23,8 @@ def loader_workers(monkeypatch):
     def spy(*args, num_workers, **kwargs):
         seen.append(num_workers)
         assert kwargs.get("worker_init_fn") is worker_init  # each worker keeps the memory it frees
+        # workers write their uint8 batches into buffers they reuse, handed back once normalised
+        assert isinstance(kwargs["collate_fn"], BatchPool) == (num_workers > 0)
         return real(*args, num_workers=0, **{k: v for k, v in kwargs.items() if k != "persistent_workers"})
 
     monkeypatch.setattr(inference, "DataLoader", spy)
