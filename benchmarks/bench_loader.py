@@ -8,11 +8,13 @@ Each variant is a DataLoader (batch 32, persistent workers) yielding the batch t
 device: RandomResizedCrop 224 (scale 0.08-1, ratio 3/4-4/3, bicubic) + horizontal flip, normalised:
 
 * ``finetune, files``: ``ImageDataset`` over the JPEGs (decode by ``load_image``) in the training loader
-  (``make_loader``), uint8 out of the workers, normalised in the main process by ``DeviceBatches`` (on a GPU:
-  on the device);
+  (``make_loader`` as training builds it, the workers collating into their buffer pool), uint8 out of the
+  workers, normalised in the main process by ``DeviceBatches`` (on a GPU: on the device);
 * ``finetune, store (raw)``: the same, read from the decoded-pixel store (``data.store: auto``: shorter side
   280 px before a 224 crop), no decode at all;
 * ``finetune, store (JPEG q95)``: the store's over-budget codec (what the old resize cache kept per file);
+* ``finetune, store (raw), no buffer pool``: the raw store with each batch collated into a new shared-memory
+  file, as before the workers' ``BatchPool`` (``make_loader(reuse_buffers=False)``);
 * ``timm create_loader``: ``timm.data.create_loader`` over ``timm.data.ImageDataset`` of the same folder,
   ``is_training``, colour jitter off, with its prefetcher (uint8 ``fast_collate``, normalised by its
   ``PrefetchLoader``);
@@ -87,11 +89,12 @@ def loaders(root: Path, items, workers: int, cache: Path) -> tuple[dict, dict]:
     builds["jpeg"] = time.perf_counter() - start
     cpu = torch.device("cpu")
 
-    def ours(store):  # the training loader (make_loader as training builds it: workers, prefetch, worker_init, buffer pool)
+    def ours(store, pool=True):  # the training loader (make_loader as training builds it: workers, prefetch,
+        # worker_init and, unless pool is False, the workers' buffer pool)
         dataset = ImageDataset(items, rest if store is not None else pipeline, seed=0, store=store)
         sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(0))
         return DeviceBatches(make_loader(dataset, sampler=sampler, batch_size=BATCH, num_workers=workers, device=cpu,
-                                         train=True, reuse_buffers=True), cpu, pipeline.batch_normalize)
+                                         train=True, reuse_buffers=pool), cpu, pipeline.batch_normalize)
 
     def timm_loader():
         return create_loader(TimmImageDataset(str(root)), input_size=(3, SIZE, SIZE), batch_size=BATCH,
@@ -109,6 +112,7 @@ def loaders(root: Path, items, workers: int, cache: Path) -> tuple[dict, dict]:
     assert raw.meta["codec"] == "raw" and jpeg.meta["codec"].startswith("jpeg")
     return {"finetune, files": lambda: ours(None), "finetune, files (A/A)": lambda: ours(None),
             "finetune, store (raw)": lambda: ours(raw), "finetune, store (JPEG q95)": lambda: ours(jpeg),
+            "finetune, store (raw), no buffer pool": lambda: ours(raw, pool=False),
             "timm create_loader": timm_loader, "torchvision ImageFolder + v2": torchvision_loader}, builds
 
 
@@ -164,6 +168,8 @@ def measure(root: Path, items, workers: int, rounds: int, cache: Path) -> dict:
                                                                     speeds["timm create_loader"])),
         "ratio_files_vs_timm": _common.spread(_common.paired_ratios(files, speeds["timm create_loader"])),
         "ratio_a_a": _common.spread(_common.paired_ratios(speeds["finetune, files (A/A)"], files)),
+        "ratio_pool": _common.spread(_common.paired_ratios(speeds["finetune, store (raw)"],
+                                                           speeds["finetune, store (raw), no buffer pool"])),
         "bytes_per_image_to_device": sent,
         "store_build_s": builds,
         "raw_images_per_s": speeds,
@@ -203,27 +209,30 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def report(args, results: dict, argv, wall: float) -> None:
-    names = ["finetune, files", "finetune, store (raw)", "finetune, store (JPEG q95)", "timm create_loader",
-             "torchvision ImageFolder + v2"]
+    names = ["finetune, files", "finetune, store (raw)", "finetune, store (JPEG q95)",
+             "finetune, store (raw), no buffer pool", "timm create_loader", "torchvision ImageFolder + v2"]
     ready = ["finetune, store (raw), normalised", "timm create_loader, normalised"]
     rows, summary, byte_rows = [], [], []
     for case, r in results.items():
         ips = r["images_per_s"]
         rows.append([case, *(ips[n]["median"] for n in names + ready), r["ratio_store_vs_files"]["median"],
-                     r["ratio_store_vs_timm"]["median"], f"{r['ratio_a_a']['min']:.2f}-{r['ratio_a_a']['max']:.2f}"])
+                     r["ratio_store_vs_timm"]["median"], r["ratio_pool"]["median"],
+                     f"{r['ratio_a_a']['min']:.2f}-{r['ratio_a_a']['max']:.2f}"])
         byte_rows.append([case, *(r["bytes_per_image_to_device"][n] for n in names),
                           f"{r['store_build_s']['raw']:.1f} / {r['store_build_s']['jpeg']:.1f}"])
         summary.append(
             f"{case}: store {ips['finetune, store (raw)']['median']:.0f} img/s = "
             f"{r['ratio_store_vs_files']['median']:.2f}x finetune from files, "
             f"{r['ratio_store_vs_timm']['median']:.2f}x timm create_loader (A/A {r['ratio_a_a']['min']:.2f}-"
-            f"{r['ratio_a_a']['max']:.2f}); {r['images_per_s_per_worker']['finetune, store (raw)']:.0f} img/s per worker.")
+            f"{r['ratio_a_a']['max']:.2f}); {r['images_per_s_per_worker']['finetune, store (raw)']:.0f} img/s per worker; "
+            f"the workers' buffer pool {r['ratio_pool']['median']:.2f}x the store without it.")
     tables = [
         _common.table(f"Train loader images/s, side by side in one run (median of {args.rounds} interleaved epochs): "
                       "the batches the workers deliver, then two made ready for the model (normalised in the main "
                       "process of this CPU run; on a GPU, on the device). Ratios: median of per-epoch ratios of "
-                      "delivered batches; A/A: finetune from files against itself, min-max.",
-                      ["images, workers", *names, *ready, "store / files", "store / timm", "A/A"], rows),
+                      "delivered batches (pool: the store with the workers' buffer pool / without it, a new "
+                      "shared-memory file per batch); A/A: finetune from files against itself, min-max.",
+                      ["images, workers", *names, *ready, "store / files", "store / timm", "pool", "A/A"], rows),
         _common.table("Bytes per image crossing to the device (the batch tensor), and the store's one-off build "
                       "seconds (raw / JPEG).", ["images, workers", *names, "store build s"], byte_rows),
     ]

@@ -115,6 +115,7 @@ def test_loader(tmp_path):
         assert sent["finetune, store (raw)"] == sent["finetune, files"] == 3 * 224 * 224  # uint8 to the device
         assert sent["torchvision ImageFolder + v2"] == 4 * 3 * 224 * 224  # float32
         assert case["ratio_store_vs_files"]["median"] > 0 and case["store_build_s"]["raw"] >= 0
+        assert "finetune, store (raw), no buffer pool" in case["images_per_s"] and case["ratio_pool"]["median"] > 0
 
 
 @pytest.mark.slow
