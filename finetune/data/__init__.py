@@ -11,8 +11,8 @@ NumPy), not torch, timm and albumentations, which the datasets and transforms br
 * `manifest`: the split manifest (`Manifest`) and its CSV; `prepare`: `prepare_manifest` (find, scan,
   split: what a run calls), `split_like_run` (the split a checkpoint's run made) and `inspect_dataset`.
 * `transforms`: albumentations pipelines (`build_transform`) and a checkpoint's preprocessing.
-* `datasets`: `ImageDataset`, the one collate `collate_skip` (and `BatchPool`, its buffer-reusing form for
-  workers), `DeviceBatches`, class balance (`BalancedSampler`, weights).
+* `datasets`: `ImageDataset`, the one collate `collate_skip`, `DeviceBatches`, class balance (`BalancedSampler`, weights).
+* `batch_pool`: `BatchPool`, `collate_skip` in workers into shared-memory buffers they reuse.
 * `cards`: dataset cards and the embedded digits sample (`write_digits`).
 """
 import importlib
@@ -26,14 +26,14 @@ _PUBLIC = {
     "load_card": "finetune.data.cards",
     "write_digits": "finetune.data.cards",
     "BalancedSampler": "finetune.data.datasets",
-    "BatchPool": "finetune.data.datasets",
+    "BatchPool": "finetune.data.batch_pool",
     "DeviceBatches": "finetune.data.datasets",
     "ImageDataset": "finetune.data.datasets",
     "class_counts": "finetune.data.datasets",
     "class_weights": "finetune.data.datasets",
     "collate_skip": "finetune.data.datasets",
-    "reuses_buffers": "finetune.data.datasets",
-    "worker_collate": "finetune.data.datasets",
+    "reuses_buffers": "finetune.data.batch_pool",
+    "worker_collate": "finetune.data.batch_pool",
     "DEFAULT_MAX_PIXELS": "finetune.data.decode",
     "IMAGE_EXTENSIONS": "finetune.data.decode",
     "ImageDecodeError": "finetune.data.decode",

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from finetune._device import forward_batches
 from finetune._workers import worker_init
-from finetune.data.datasets import DeviceBatches, worker_collate
+from finetune.data.batch_pool import worker_collate
+from finetune.data.datasets import DeviceBatches
 from finetune.data.device_decode import device_decoding
 from finetune.data.transforms import normalizer_of
 from finetune.errors import FinetuneError

@@ -214,9 +214,9 @@ def test_a_ticket_comes_back_whatever_the_pin_memory_thread_made_of_it(monkeypat
     """PyTorch before 2.3 pins a batch's plain tuples into lists: release takes the ticket either way."""
     from types import SimpleNamespace
 
-    import finetune.data.datasets as datasets
+    import finetune.data.batch_pool as batch_pool
 
-    monkeypatch.setattr(datasets, "get_worker_info", lambda: SimpleNamespace(id=0))  # collate as worker 0 would
+    monkeypatch.setattr(batch_pool, "get_worker_info", lambda: SimpleNamespace(id=0))  # collate as worker 0 would
     pool = BatchPool(workers=1, slots=1)
     images = _Images(8)
     first = pool([images[i] for i in range(4)])
