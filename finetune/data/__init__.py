@@ -11,7 +11,8 @@ NumPy), not torch, timm and albumentations, which the datasets and transforms br
 * `manifest`: the split manifest (`Manifest`) and its CSV; `prepare`: `prepare_manifest` (find, scan,
   split: what a run calls), `split_like_run` (the split a checkpoint's run made) and `inspect_dataset`.
 * `transforms`: albumentations pipelines (`build_transform`) and a checkpoint's preprocessing.
-* `datasets`: `ImageDataset`, the one collate `collate_skip`, `DeviceBatches`, class balance (`BalancedSampler`, weights).
+* `datasets`: `ImageDataset`, the one collate `collate_skip`, `DeviceBatches`, class balance (`BalancedSampler`,
+  weights).
 * `batch_pool`: `BatchPool`, `collate_skip` in workers into shared-memory buffers they reuse.
 * `cards`: dataset cards and the embedded digits sample (`write_digits`).
 """

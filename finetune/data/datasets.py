@@ -3,8 +3,8 @@
 `DeviceBatches`: a loader's batches moved to the device (from pinned memory, ``non_blocking``) and
 normalised there, the next batch's copy overlapping the current step on a CUDA side stream.
 
-`BatchPool`: `collate_skip` into shared-memory batches each loader worker reuses once `DeviceBatches` has
-handed them back, instead of a fresh shared-memory file per batch.
+`DeviceBatches` also hands back the buffers of a `~finetune.data.batch_pool.BatchPool`: the workers'
+`collate_skip` into shared-memory batches they reuse.
 
 `ImageDataset`: decoded, augmented samples that skip unreadable files instead of crashing or substituting.
 
@@ -140,10 +140,10 @@ class DeviceBatches:
     batch is normalised whole, in the calling process. ``labels`` stay where the loader left them (metrics
     gather them on the CPU; the train step moves them).
 
-    A loader whose ``collate_fn`` is a :class:`~finetune.data.batch_pool.BatchPool` yields ``(inputs, labels, skipped, ticket)``; the
-    ticket is released as soon as the batch made ready no longer shares the worker's buffer (on CUDA once it
-    is copied to the device; on the CPU once normalised into a new tensor), the pool reclaims every buffer
-    when an epoch starts, and the batch comes out as the usual three items.
+    A loader whose ``collate_fn`` is a :class:`~finetune.data.batch_pool.BatchPool` yields ``(inputs, labels,
+    skipped, ticket)``; the ticket is released as soon as the batch made ready no longer shares the worker's
+    buffer (on CUDA once it is copied to the device; on the CPU once normalised into a new tensor), the pool
+    reclaims every buffer when an epoch starts, and the batch comes out as the usual three items.
 
     The wrapped loader's attributes (``sampler``, ``dataset``, ``batch_size``...) read through, so a stage
     reseeds its sampler and dataset as before.
@@ -176,7 +176,7 @@ class DeviceBatches:
 
     def __iter__(self):
         pool = getattr(self.loader, "collate_fn", None)
-        if hasattr(pool, "reclaim"):  # a BatchPool: the batches of an epoch left unfinished are dropped, their buffers free
+        if hasattr(pool, "reclaim"):  # a BatchPool: an unfinished epoch's batches are dropped, their buffers free
             pool.reclaim()
         if self.device.type != "cuda":
             for batch in self.loader:
