@@ -141,9 +141,11 @@ def reuses_buffers(device: torch.device | str, normalize: Callable | None) -> bo
 
 def worker_collate(workers: int, *, device: torch.device | str, normalize: Callable | None,
                    prefetch: int = 2) -> Callable:
-    """The collate of a loader `DeviceBatches` reads: a :class:`BatchPool` of ``prefetch + 1`` buffers per
-    worker where they come back (:func:`reuses_buffers`), else `collate_skip`. ``prefetch`` is the
-    DataLoader's ``prefetch_factor`` (its default, 2)."""
+    """The collate of a one-pass loader `DeviceBatches` reads (evaluation, extraction, prediction): a
+    :class:`BatchPool` of ``prefetch`` buffers per worker where they come back (:func:`reuses_buffers`), else
+    `collate_skip`. ``prefetch`` is the DataLoader's ``prefetch_factor`` (its default, 2): as many batches as the
+    workers have in flight anyway, so the pool takes no more shared memory than PyTorch's own batches would
+    (the training loader, which checks /dev/shm for room, keeps one more per worker)."""
     if workers and reuses_buffers(device, normalize):
-        return BatchPool(workers, slots=prefetch + 1)
+        return BatchPool(workers, slots=prefetch)
     return collate_skip
