@@ -227,3 +227,21 @@ def test_a_ticket_comes_back_whatever_the_pin_memory_thread_made_of_it(monkeypat
     assert len(second) == 4 and second[3] == first[3]  # the one buffer, reused
     assert second[0].untyped_storage().data_ptr() == first[0].untyped_storage().data_ptr()
     assert torch.equal(second[0], torch.stack([_image(i) for i in range(4, 8)]))
+
+
+def test_workers_started_by_spawn_get_their_pipes():
+    """Python 3.14 starts workers by forkserver, macOS by spawn: the pool is pickled into them, pipes and all."""
+    from torch.utils.data import TensorDataset
+
+    images = torch.stack([_image(i) for i in range(16)])
+    pool = BatchPool(workers=1, slots=3)
+    loader = DataLoader(TensorDataset(images, torch.arange(16)), batch_size=4, num_workers=1, collate_fn=pool,
+                        prefetch_factor=2, persistent_workers=True, multiprocessing_context="spawn")
+    keys = []
+    for _ in range(2):
+        pool.reclaim()
+        for inputs, labels, skipped, ticket in loader:  # four items: every batch in a pooled buffer
+            assert torch.equal(inputs, images[labels])
+            keys.append(tuple(ticket))
+            pool.release(ticket)
+    assert len(keys) == 8 and len(set(keys)) <= 3
