@@ -63,7 +63,10 @@ class BatchPool:
         self.slots = slots
         self.free = [multiprocessing.get_context().Pipe(duplex=False) for _ in range(workers)]
         for _, writer in self.free:
-            os.set_blocking(writer.fileno(), False)
+            try:
+                os.set_blocking(writer.fileno(), False)
+            except (OSError, ValueError, AttributeError):  # a platform whose pipes have no such mode: they block
+                pass
         self._reset(None)
 
     def _reset(self, pid: int | None) -> None:
