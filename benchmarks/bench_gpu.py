@@ -25,6 +25,9 @@ run cut short still leaves the parts it finished:
    same photos through finetune's train loader (RandomResizedCrop + flip, uint8 to the device, normalised
    there), from the files and from the pixel store, against the same steps on synthetic batches already on the
    device; the GPU's utilisation sampled during each (``torch.cuda.utilization``, where NVML is there).
+5. **Automatic batch size** (``training.batch_size: auto``): the batch the runner's search finds for the head
+   stage (cached features) and the ``all`` stage of ``--auto-model`` at 224 px, and whether three real AdamW steps
+   at each run without running out of memory, with their peak memory. (Run before part 4.)
 
 timm's published training figures (``results/benchmark-train-amp-*.csv`` in timm's repository) exist only for
 an RTX 3090; they are printed beside ours with the MFU they imply on that card, the only like-for-like
@@ -355,6 +358,78 @@ def measure_folder_training(name: str, args, device: torch.device, amp_dtype, wo
     }
 
 
+def measure_auto_batch(args, device: torch.device, amp_dtype) -> dict[str, Any]:
+    """``training.batch_size: auto`` for the default recipe's two stages of ``--auto-model`` (the default head,
+    ``--auto-classes`` classes): the head stage on cached features, then ``all``; each found by the runner's own
+    search (``auto_batch.find_batch``, fraction 0.85, at most 1024), then checked by three real AdamW steps at that
+    batch with the stage's parameters training. On the CPU (the smoke test) the search runs against a fake memory
+    limit of ``--auto-fake-limit`` samples (``find_batch`` measures CUDA memory), and the steps at its result."""
+    from finetune._device import autocast
+    from finetune.config.schema import TrainingConfig
+    from finetune.models import create_model
+    from finetune.training import auto_batch
+
+    torch.manual_seed(0)
+    model = create_model(args.auto_model, args.auto_classes, pretrained=False).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    defaults = TrainingConfig()
+    fraction, maximum = defaults.auto_batch_fraction, defaults.auto_batch_max
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    stages = {}
+    for stage, cached in (("head (cached features)", True), ("all", False)):
+        module = model.head if cached else model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in module.parameters():
+            p.requires_grad_(True)
+        shape = (model.num_features,) if cached else (3, args.size, args.size)
+        start = time.perf_counter()
+        if device.type == "cuda":
+            batch = auto_batch.find_batch(module, shape, channels_last=not cached, fraction=fraction, device=device,
+                                          amp_dtype=amp_dtype, maximum=maximum)
+        else:
+            batch = auto_batch.search_batch_size(lambda b: b <= args.auto_fake_limit, maximum=maximum)
+        search_s = time.perf_counter() - start
+        stages[stage] = {"batch": batch, "search_s": search_s,
+                         **_check_steps(module, shape, batch, device, amp_dtype, autocast, cached)}
+        if total:
+            stages[stage]["peak_fraction"] = stages[stage]["peak_bytes"] / total
+        print(f"  auto batch, {stage}: {batch} in {search_s:.1f} s; three steps: "
+              f"{'ok' if stages[stage]['steps_ok'] else 'out of memory'}", file=sys.stderr)
+    return {"model": args.auto_model, "classes": args.auto_classes, "size": args.size, "fraction": fraction,
+            "maximum": maximum, "total_memory_bytes": total, "fake_limit": None if total else args.auto_fake_limit,
+            "stages": stages}
+
+
+def _check_steps(module: nn.Module, shape, batch: int, device: torch.device, amp_dtype, autocast,
+                 cached: bool) -> dict[str, Any]:
+    """Three AdamW steps of ``module`` on random batches of ``batch``: whether they ran, and the peak memory."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    ok = True
+    try:
+        for _ in range(3):
+            x = torch.randn(batch, *shape, device=device)
+            if not cached:
+                x = x.contiguous(memory_format=torch.channels_last)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, amp_dtype):
+                loss = module(x).float().logsumexp(1).mean()
+            loss.backward()
+            optimizer.step()
+        sync(device)
+    except torch.cuda.OutOfMemoryError:
+        ok = False
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    del optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"steps_ok": ok, "peak_bytes": peak}
+
+
 def _utilisation(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None
@@ -411,6 +486,19 @@ def report(args, argv, device, amp_dtype, peak, results: dict[str, Any], wall_st
             util = f["gpu_utilisation_percent"].get(variant)
             folder_rows.append([name, variant, ips[variant]["median"],
                                 frac.get(variant, {}).get("median", 1.0), "n/a" if util is None else f"{util:.0f}%"])
+    auto_rows = []
+    a = results.get("auto_batch")
+    if a:
+        limit = (f"{a['fraction']:.0%} of {a['total_memory_bytes'] / 2**30:.0f} GiB" if a["total_memory_bytes"]
+                 else f"a fake limit of {a['fake_limit']} samples (no GPU)")
+        found = ", ".join(f"{stage} {r['batch']}" for stage, r in a["stages"].items())
+        ok = all(r["steps_ok"] for r in a["stages"].values())
+        summary.append(f"batch_size auto ({a['model']}, {a['size']} px, {precision}, {limit}): {found}; three AdamW "
+                       f"steps at each: {'no out-of-memory' if ok else 'OUT OF MEMORY'}.")
+        for stage, r in a["stages"].items():
+            auto_rows.append([a["model"], stage, r["batch"], r["search_s"], "ok" if r["steps_ok"] else "out of memory",
+                              "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.1f} GiB",
+                              "n/a" if r.get("peak_fraction") is None else f"{r['peak_fraction']:.0%}"])
     tables = []
     if rows:
         tables.append(_common.table(
@@ -435,6 +523,12 @@ def report(args, argv, device, amp_dtype, peak, results: dict[str, Any], wall_st
             f"Training from the JPEG folder, side by side in one run ({args.folder_steps} steps of batch {args.batch} per "
             "round): img/s, the fraction of the synthetic-batch img/s, mean GPU utilisation.",
             ["model", "input", "img/s", "fraction of synthetic", "GPU utilisation"], folder_rows))
+    if auto_rows:
+        tables.append(_common.table(
+            "training.batch_size: auto, the default recipe's two stages: the batch the runner's search finds (at most "
+            "1024), its seconds, and three AdamW steps at that batch: whether they ran, their peak memory and its "
+            "share of the card's.",
+            ["model", "stage", "batch", "search s", "three steps", "peak memory", "of the card"], auto_rows))
     if not tables:
         return
     _common.write_result(
@@ -462,11 +556,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     p.add_argument("--extract-rounds", type=int, default=2)
     p.add_argument("--folder-steps", type=int, default=30, help="training steps from the JPEG folder per round")
     p.add_argument("--folder-rounds", type=int, default=2)
+    p.add_argument("--auto-model", default="resnet50", help="the model of the automatic batch size part")
+    p.add_argument("--auto-classes", type=int, default=225)
+    p.add_argument("--auto-fake-limit", type=int, default=24,
+                   help="on the CPU only: the samples the automatic batch search is told fit")
     p.add_argument("--budget", type=float, default=300, help="seconds; a part that would start after it is skipped")
     args = p.parse_args(argv)
     if args.tiny:
         args.size, args.batch, args.steps, args.rounds = 32, 4, 2, 2
-        args.models, args.extract_model = ["test_resnet"], "test_resnet"
+        args.models, args.extract_model, args.auto_model = ["test_resnet"], "test_resnet", "test_resnet"
         args.extract_classes, args.extract_per_class, args.extract_batch, args.extract_rounds = 2, 3, 4, 1
         args.folder_steps, args.folder_rounds = 2, 1
     from finetune._device import configure_cuda
@@ -501,6 +599,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
             notes.append(f"extraction: skipped, past the {args.budget:.0f} s budget.")
         else:
             results["extraction"] = measure_extraction(args, device, amp_dtype, Path(tmp), photos)
+            report(args, argv, device, amp_dtype, peak, results, wall, notes)
+        if time.perf_counter() - wall > args.budget:
+            notes.append(f"automatic batch size: skipped, past the {args.budget:.0f} s budget.")
+        else:
+            results["auto_batch"] = measure_auto_batch(args, device, amp_dtype)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             report(args, argv, device, amp_dtype, peak, results, wall, notes)
         for name in args.models:
             if time.perf_counter() - wall > args.budget:

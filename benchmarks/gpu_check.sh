@@ -10,16 +10,16 @@
 # OUTDIR/RESULTS.md         the RESULTS.md section they become, its pass count read from the XML
 # OUTDIR/SUMMARY.md         test counts, exit statuses, the figures' summary lines, how to publish them
 #
-# At most 8 minutes: the tests get GPU_CHECK_TESTS_S seconds (default 230), the benchmark
-# GPU_CHECK_BENCH_S (default 190); each part is stopped at its limit and what it wrote so far stays.
+# At most 8 minutes: the tests get GPU_CHECK_TESTS_S seconds (default 200), the benchmark
+# GPU_CHECK_BENCH_S (default 260); each part is stopped at its limit and what it wrote so far stays.
 # Publish the figures and the test log: cp -r OUTDIR/results/gpu benchmarks/results/ && python benchmarks/_common.py
 set -uo pipefail
 
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-$(command -v python || command -v python3)}
-TESTS_S=${GPU_CHECK_TESTS_S:-230}
-BENCH_S=${GPU_CHECK_BENCH_S:-190}
+TESTS_S=${GPU_CHECK_TESTS_S:-200}
+BENCH_S=${GPU_CHECK_BENCH_S:-260}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$REPO" || exit 2
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # the checked-out code, whatever is installed

@@ -108,6 +108,33 @@ def memory_fits(model: nn.Module, trainable: Sequence[nn.Parameter], example: Ca
     return fits
 
 
+def find_batch(module: nn.Module, shape: Sequence[int], *, channels_last: bool, fraction: float,
+               device: torch.device, amp_dtype: torch.dtype | None, maximum: int,
+               total_memory: int | None = None) -> int:
+    """The largest batch of random inputs of ``shape`` (C×H×W images, or a feature vector) whose forward and
+    backward pass through ``module`` (its parameters that require gradients) fits ``fraction`` of the GPU's
+    memory: :func:`memory_fits` searched by :func:`search_batch_size` up to ``maximum``, with ``module`` in
+    training mode and its buffers (BatchNorm statistics) put back afterwards, so the search leaves no trace."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+
+    def example(batch: int) -> torch.Tensor:
+        x = torch.randn(batch, *shape, device=device)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}
+    mode = module.training
+    module.train()
+    try:
+        fits = memory_fits(module, trainable, example, fraction=fraction, device=device, amp_dtype=amp_dtype,
+                           total_memory=total_memory)
+        return search_batch_size(fits, maximum=maximum)
+    finally:
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                b.copy_(buffers[name])
+        module.train(mode)
+
+
 def recorded_batches(run_dir: Path) -> dict[int, int]:
     path = run_dir / RECORD_FILE
     if not path.is_file():

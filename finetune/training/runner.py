@@ -271,27 +271,11 @@ class Runner:
 
     def _search_batch(self, cached: bool) -> int:
         module = self.model.head if cached else self.model
-        trainable = [p for p in module.parameters() if p.requires_grad]
         shape = (self.model.num_features,) if cached else tuple(self.preprocessing["input_size"])
-        channels_last = self.cfg.channels_last and not cached
-
-        def example(batch: int) -> torch.Tensor:
-            x = torch.randn(batch, *shape, device=self.device)
-            return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-        buffers = {name: b.detach().clone() for name, b in module.named_buffers()}  # BatchNorm statistics
-        mode = module.training
-        module.train()
-        try:
-            fits = auto_batch.memory_fits(module, trainable, example, fraction=self.cfg.auto_batch_fraction,
-                                          device=self.device, amp_dtype=self.amp_dtype)
-            maximum = min(self.cfg.auto_batch_max, max(1, len(self.items("train")) // self.dist.world_size))
-            return auto_batch.search_batch_size(fits, maximum=maximum)
-        finally:
-            with torch.no_grad():
-                for name, b in module.named_buffers():
-                    b.copy_(buffers[name])
-            module.train(mode)
+        maximum = min(self.cfg.auto_batch_max, max(1, len(self.items("train")) // self.dist.world_size))
+        return auto_batch.find_batch(module, shape, channels_last=self.cfg.channels_last and not cached,
+                                     fraction=self.cfg.auto_batch_fraction, device=self.device, amp_dtype=self.amp_dtype,
+                                     maximum=maximum)
 
     def _eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model

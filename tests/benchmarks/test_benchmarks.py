@@ -27,7 +27,7 @@ SCRIPTS = {
     "bench_recipes.py": ("recipes", {"transitions", "full", "fewshot", "settings"}),
     "bench_audit.py": ("audit", {"figures", "runs"}),
     "bench_setup.py": ("setup", {"bird225 (pre-split)", "caltech (one folder, split)"}),
-    "bench_gpu.py": ("gpu", {"train", "extraction", "folder", "device", "precision", "peak_tflops"}),
+    "bench_gpu.py": ("gpu", {"train", "extraction", "folder", "auto_batch", "device", "precision", "peak_tflops"}),
     "bench_checkpoint.py": ("checkpoint", {"layouts", "target"}),
     "bench_extract_memory.py": ("extract_memory", {"variants", "target"}),
     "bench_loader.py": ("loader", None),
@@ -268,6 +268,10 @@ def test_gpu_bench_runs_on_the_cpu_when_tiny(tmp_path):
     assert all(v["median"] > 0 for v in extraction["images_per_s"].values())
     folder = results["folder"]["test_resnet"]
     assert set(folder["fraction_of_synthetic"]) == {"from JPEG files", "from the pixel store"}
+    auto = results["auto_batch"]  # on the CPU: the search against the fake limit, then three steps at its result
+    assert auto["fake_limit"] == 24 and auto["total_memory_bytes"] is None
+    assert {stage: r["batch"] for stage, r in auto["stages"].items()} == {"head (cached features)": 24, "all": 24}
+    assert all(r["steps_ok"] for r in auto["stages"].values())
     assert all(v["median"] > 0 for v in folder["images_per_s"].values()) and folder["steps"] == 2
 
 

@@ -360,3 +360,33 @@ def test_bench_gpu_measures_on_the_default_cuda_device(tmp_path, monkeypatch):
     assert train["images_per_s"]["finetune"]["median"] > 0 and train["images_per_s"]["plain"]["median"] > 0
     doc = json.loads((tmp_path / "results" / "gpu" / "gpu.json").read_text())
     assert doc["machine"]["gpu"] == torch.cuda.get_device_name(0)
+
+
+def test_auto_batch_search_measures_the_cards_memory():
+    """The search's CUDA path against a memory budget set low (128 MB over what the process holds already): the
+    batch it finds fits, twice it does not, measured the way it measures (peak allocated in a forward and backward
+    pass, plus AdamW's state)."""
+    from finetune.models import create_model
+    from finetune.training import auto_batch
+
+    device = torch.device("cuda")
+    model = create_model("test_resnet", 10, pretrained=False).to(device).to(memory_format=torch.channels_last)
+    fraction = 0.5
+    total = int((torch.cuda.memory_allocated(device) + 128 * 2**20) / fraction)
+    batch = auto_batch.find_batch(model, (3, SIZE, SIZE), channels_last=True, fraction=fraction, device=device,
+                                  amp_dtype=torch.bfloat16, maximum=1 << 16, total_memory=total)
+    assert 1 <= batch < 1 << 16
+    state = 2 * sum(p.numel() * 4 for p in model.parameters())
+
+    def peak(b: int) -> int:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        x = torch.randn(b, 3, SIZE, SIZE, device=device).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().sum().backward()
+        torch.cuda.synchronize(device)
+        model.zero_grad(set_to_none=True)
+        return torch.cuda.max_memory_allocated(device) + state
+
+    assert peak(batch) <= fraction * total < peak(2 * batch)
