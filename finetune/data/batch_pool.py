@@ -37,7 +37,7 @@ class BatchPool:
     thread rebuilds a batch's tuples, as lists in older PyTorch). The consumer, `DeviceBatches`, calls
     :meth:`release` with the ticket once it no longer reads ``inputs`` (on CUDA when the batch is on the
     device; on the CPU when normalising made a new tensor of it), and :meth:`reclaim` when it starts an epoch:
-    by then the DataLoader has dropped the batches of an epoch left unfinished, whose buffers no one will read.
+    the DataLoader then drops the batches of an epoch left unfinished, so no one reads their buffers again.
     Both are written to the worker's pipe, which it reads before taking a buffer (a worker still making the
     dropped batches when it reads a reclaim keeps the buffer it takes next out until the following epoch).
 
