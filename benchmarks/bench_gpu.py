@@ -364,8 +364,7 @@ def measure_auto_batch(args, device: torch.device, amp_dtype) -> dict[str, Any]:
     search (``auto_batch.find_batch``, fraction 0.85, at most 1024), then checked by three real AdamW steps at that
     batch with the stage's parameters training. On the CPU (the smoke test) the search runs against a fake memory
     limit of ``--auto-fake-limit`` samples (``find_batch`` measures CUDA memory), and the steps at its result."""
-    from finetune._device import autocast
-    from finetune.config.schema import TrainingConfig
+    from finetune.config import TrainingConfig
     from finetune.models import create_model
     from finetune.training import auto_batch
 
@@ -391,7 +390,7 @@ def measure_auto_batch(args, device: torch.device, amp_dtype) -> dict[str, Any]:
             batch = auto_batch.search_batch_size(lambda b: b <= args.auto_fake_limit, maximum=maximum)
         search_s = time.perf_counter() - start
         stages[stage] = {"batch": batch, "search_s": search_s,
-                         **_check_steps(module, shape, batch, device, amp_dtype, autocast, cached)}
+                         **_check_steps(module, shape, batch, device, amp_dtype, channels_last=not cached)}
         if total:
             stages[stage]["peak_fraction"] = stages[stage]["peak_bytes"] / total
         print(f"  auto batch, {stage}: {batch} in {search_s:.1f} s; three steps: "
@@ -401,9 +400,11 @@ def measure_auto_batch(args, device: torch.device, amp_dtype) -> dict[str, Any]:
             "stages": stages}
 
 
-def _check_steps(module: nn.Module, shape, batch: int, device: torch.device, amp_dtype, autocast,
-                 cached: bool) -> dict[str, Any]:
+def _check_steps(module: nn.Module, shape, batch: int, device: torch.device, amp_dtype, *,
+                 channels_last: bool) -> dict[str, Any]:
     """Three AdamW steps of ``module`` on random batches of ``batch``: whether they ran, and the peak memory."""
+    from finetune._device import autocast
+
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     if device.type == "cuda":
@@ -413,7 +414,7 @@ def _check_steps(module: nn.Module, shape, batch: int, device: torch.device, amp
     try:
         for _ in range(3):
             x = torch.randn(batch, *shape, device=device)
-            if not cached:
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
             with autocast(device, amp_dtype):

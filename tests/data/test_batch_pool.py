@@ -126,7 +126,7 @@ def test_in_the_main_process_it_is_collate_skip():
     assert len(got) == 3 and torch.equal(got[0], want[0]) and got[2] == 1
 
 
-def test_make_loader_pools_only_when_asked_and_shm_has_room(monkeypatch, tmp_path):
+def test_make_loader_pools_only_when_asked_and_shm_has_room(monkeypatch):
     from finetune.training import loaders
 
     dataset = _Images(16)
