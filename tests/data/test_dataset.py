@@ -45,6 +45,18 @@ def test_augmentation_is_the_same_for_the_same_seed_epoch_and_index(train_set):
     assert torch.equal(train_set[5][0], first)
 
 
+def test_the_seed_changes_the_augmentation(train_set):
+    other = ImageDataset(train_set.items, train_set.transform, seed=4)
+    assert not torch.equal(other[5][0], train_set[5][0])
+
+
+def test_a_pipeline_set_after_the_first_sample_draws_from_the_sample_streams_too(train_set):
+    first = train_set[5][0]  # the dataset's generators now exist
+    train_set.transform = build_transform(True, input_size=16, mean=MEAN, std=STD, ops=AUGMENT)
+    assert torch.equal(train_set[5][0], first)
+    assert torch.equal(train_set[5][0], first)
+
+
 def test_samples_of_one_epoch_get_different_augmentations(train_set):
     # Two samples made from the same file must still be augmented differently.
     train_set.items[1] = train_set.items[0]
