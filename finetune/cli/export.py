@@ -41,10 +41,10 @@ def add_parser(subparsers) -> None:
                         f"--format onnx --calibration 0: dynamic int8 instead (the linear layers only, no images "
                         f"needed)")
     p.add_argument("--max-drop", type=float, default=0.01, metavar="D",
-                   help="static int8 (--format onnx --calibration N, or --format openvino): the largest drop in top-1 "
-                        "agreement with the fp32 model, on a validation sample of the train split, that the search "
-                        "may leave (onnx: layer groups back to fp32, most costly first; openvino: NNCF's accuracy "
-                        "control; default 0.01)")
+                   help="static int8 (--format onnx --calibration N, or --format openvino): how far below 1 the int8 "
+                        "model's score against the fp32 model, on a validation sample of the train split, the search "
+                        "may leave (onnx: the share of fp32 decisions kept with margin, layer groups back to fp32 most "
+                        "costly first; openvino: top-1 agreement, NNCF's accuracy control; default 0.01)")
     p.add_argument("--qat", type=whole_number(1), metavar="EPOCHS",
                    help="--format openvino --quantize int8: quantisation-aware fine-tuning instead of post-training "
                         "quantisation, for a model that cannot otherwise stay within --max-drop: NNCF's int8 model "
@@ -96,8 +96,9 @@ def run(args) -> int:
         q = read_onnx_info(path)["quantization"]
         done = f" (int8, static: {len(images)} calibration images"
         if "agreement_with_fp32" in q:
-            done += (f"; top-1 agreement with fp32 {q['agreement_with_fp32']:.4f} on {q['validation_images']} "
-                     f"others, layer groups kept in fp32: {', '.join(q['fp32_groups']) or 'none'}")
+            done += (f"; on {q['validation_images']} others, top-1 agreement with fp32 {q['agreement_with_fp32']:.4f}"
+                     + (f", decisions kept with margin {q['kept_with_margin']:.4f}" if "kept_with_margin" in q else "")
+                     + f"; layer groups kept in fp32: {', '.join(q['fp32_groups']) or 'none'}")
         done += ")"
     elif args.quantize:
         done = " (int8, dynamic: the linear layers)"

@@ -58,7 +58,7 @@ def _write_int8_onnx(model: torch.nn.Module | Path, example: torch.Tensor | None
     """The fp32 ONNX export (of ``model``, or the file ``model``), pre-processed (shape inference, graph
     optimisation) and quantised to int8: dynamically without ``calibration_images``; statically with them, and
     with ``validation_images`` (another sample of the train split) the layer groups whose quantisation costs
-    most go back to fp32 until the top-1 agreement with fp32 on them is within ``max_drop``
+    most go back to fp32 until the share of fp32 decisions kept with margin on them is within ``max_drop`` of 1
     (:mod:`finetune.deploy.sensitivity`; ``info["quantization"]`` records the search)."""
     try:
         import onnx  # lazy: optional (finetune[export])
@@ -133,18 +133,21 @@ def _quantize_static(prepared: Path, quantized: Path, tmp: Path, info: dict[str,
         return np.concatenate([session.run([name], {"input": np.stack(validation[i:i + 32])})[0]
                                for i in range(0, len(validation), 32)])
 
-    reference = sensitivity.decisions(outputs(prepared), info)
+    reference = outputs(prepared)
     candidate = tmp / "candidate.onnx"
 
-    def agreement(kept: frozenset[str]) -> float:
+    def kept_with_margin(kept: frozenset[str]) -> float:
         quantise(sensitivity.exclusions(groups, sorted(kept)), candidate)
-        return sensitivity.agreement(sensitivity.decisions(outputs(candidate), info), reference)
+        return sensitivity.kept_with_margin(outputs(candidate), reference, info)
 
-    kept, reached, trace = sensitivity.search_fp32_groups(groups, agreement, max_drop)
+    kept, reached, trace = sensitivity.search_fp32_groups(groups, kept_with_margin, max_drop)
     quantise(sensitivity.exclusions(groups, kept), quantized)
+    agreement = sensitivity.agreement(sensitivity.decisions(outputs(quantized), info),
+                                      sensitivity.decisions(reference, info))
     info["quantization"].update(
         search="layer-group sensitivity (finetune.deploy.sensitivity)", max_drop=max_drop,
-        validation_images=len(validation), fp32_groups=kept, agreement_with_fp32=reached,
+        measure="decisions kept with margin (finetune.deploy.sensitivity.kept_with_margin)",
+        validation_images=len(validation), fp32_groups=kept, kept_with_margin=reached, agreement_with_fp32=agreement,
         groups={g: len(members) for g, members in groups.items()}, trace=trace)
 
 

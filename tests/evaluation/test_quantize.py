@@ -135,7 +135,7 @@ def test_sensitivity_search_keeps_in_fp32_the_group_whose_quantisation_is_made_t
     cost = {"stem": 0.004, "depthwise": 0.05, "head": 0.0, "blocks 1/2": 0.002, "blocks 2/2": 0.0}
     asked = []
 
-    def agreement(kept):  # a fake evaluation: each quantised group costs its share of agreement
+    def agreement(kept):  # a fake evaluation: each quantised group costs its share of the score
         asked.append(set(kept))
         return 1.0 - sum(c for g, c in cost.items() if g not in kept)
 
@@ -158,6 +158,52 @@ def test_sensitivity_search_stops_at_all_int8_when_within_budget_and_fails_in_on
     with pytest.raises(FinetuneError, match=r"every\s+layer group \(stem, head\) in fp32, over --max-drop 0.01") as e:
         search_fp32_groups(["stem", "head"], lambda kept: 0.9, 0.01)
     assert "\n" not in str(e.value)
+
+
+def test_a_decision_is_kept_with_margin_only_when_twice_the_largest_error_is_below_its_margin():
+    from finetune.deploy.sensitivity import agreement, decisions, kept_with_margin
+
+    reference = np.array([[3.0, 0.0, 0.0],    # margin 3
+                          [1.0, 0.0, 0.2],    # margin 0.8
+                          [0.0, 2.0, 1.9],    # margin 0.1
+                          [0.0, 0.0, 5.0]])   # margin 5
+    error = np.array([[0.5, -0.5, 0.0],   # 2 x 0.5 < 3: kept
+                      [-0.3, 0.1, 0.1],   # 2 x 0.3 < 0.8: kept
+                      [0.0, 0.0, 0.06],   # same top-1, but 2 x 0.06 > 0.1: not kept
+                      [0.0, 2.6, 0.0]])   # 2 x 2.6 > 5, same top-1: not kept
+    got = reference + error
+    assert agreement(decisions(got, {}), decisions(reference, {})) == 1.0  # plain agreement sees nothing
+    assert kept_with_margin(got, reference, {}) == 0.5
+    assert kept_with_margin(reference, reference, {}) == 1.0
+    # multi-label: per (image, label), the image's largest error against the label's distance from its threshold
+    info = {"task": "multilabel", "thresholds": [0.5, 0.3]}
+    probs = np.array([[0.9, 0.31], [0.6, 0.1]])
+    moved = probs + np.array([[-0.05, 0.0], [0.0, 0.15]])  # errors 0.05 and 0.15; distances 0.4, 0.01 | 0.1, 0.2
+    assert agreement(decisions(moved, info), decisions(probs, info)) == 1.0
+    assert kept_with_margin(moved, probs, info) == pytest.approx(2 / 4)  # (0, 0) and (1, 1) kept
+
+
+def test_the_search_returns_a_group_to_fp32_where_int8_agrees_on_every_image_but_eats_its_margins():
+    """The quickstart bug: the fully int8 model agreed with fp32 on every (fit) train image of the search, and lost
+    2.6 points on test; judged by margins the search keeps the group whose int8 error eats them."""
+    from finetune.deploy.sensitivity import agreement, decisions, kept_with_margin, search_fp32_groups
+
+    n = 200
+    top = np.arange(n) % 10
+    reference = np.zeros((n, 10))
+    reference[np.arange(n), top] = 4.0  # fit images: margin 4 ...
+    reference[np.arange(10), (top[:10] + 1) % 10] = 3.0  # ... and 1 on 5% of them
+    error = {"stem": np.zeros((n, 10)), "head": np.full((n, 10), 0.01)}  # what each group adds while int8
+    error["stem"][np.arange(n), (top + 5) % 10] = 0.6  # lifts a third class: a margin under 1.2 is eaten, none flips
+
+    def output(kept):
+        return reference + sum(e for g, e in error.items() if g not in kept)
+
+    int8 = output(frozenset())
+    assert agreement(decisions(int8, {}), decisions(reference, {})) == 1.0  # the old measure: nothing lost
+    assert kept_with_margin(int8, reference, {}) == pytest.approx(0.95)
+    kept, reached, _ = search_fp32_groups(error, lambda kept: kept_with_margin(output(kept), reference, {}), 0.01)
+    assert kept == ["stem"] and reached == 1.0
 
 
 def test_layer_groups_of_an_efficientnet_export_find_stem_depthwise_and_head(exported):
@@ -196,8 +242,9 @@ def test_static_int8_keeps_the_groups_the_search_returns_in_fp32(checkpoint, ima
     out = export_model(checkpoint, format="onnx", quantize="int8", out=tmp_path / "m.int8.onnx",
                        calibration_images=both[0::2], validation_images=both[1::2], max_drop=0.01)
     q = read_onnx_info(out)["quantization"]
-    assert q["fp32_groups"][0] == "head" and q["agreement_with_fp32"] >= 0.99
-    assert q["trace"][0] == {"fp32_groups": [], "agreement": pytest.approx(q["trace"][0]["agreement"])}
+    assert q["fp32_groups"][0] == "head" and q["kept_with_margin"] >= 0.99
+    assert q["agreement_with_fp32"] >= q["kept_with_margin"]  # every decision kept with margin is the same decision
+    assert q["trace"][0] == {"fp32_groups": [], "score": pytest.approx(q["trace"][0]["score"])}
     graph = onnx.load(str(out)).graph
     # a quantised op's weight arrives through a DequantizeLinear; the head's Gemm reads its fp32 weight directly
     produced_by_dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
