@@ -94,6 +94,7 @@ def test_keep_freed_memory_stops_each_batch_page_faulting_again():
 def test_image_loaders_start_their_workers_with_worker_init(monkeypatch):
     import torch
 
+    import finetune.data.batch_pool as batch_pool
     import finetune.features.extract as extract
     from finetune._workers import worker_init
     from finetune.training.loaders import make_loader
@@ -102,9 +103,9 @@ def test_image_loaders_start_their_workers_with_worker_init(monkeypatch):
     loader = make_loader(dataset, sampler=range(4), batch_size=2, num_workers=1, device=torch.device("cpu"))
     assert loader.worker_init_fn is worker_init
     seen = []
-    real = extract.DataLoader
-    monkeypatch.setattr(extract, "DataLoader",
-                        lambda *a, **k: seen.append(k.get("worker_init_fn")) or real(*a, **{**k, "num_workers": 0}))
+    real = batch_pool.DataLoader
+    monkeypatch.setattr(batch_pool, "DataLoader", lambda *a, **k: seen.append(k.get("worker_init_fn")) or
+                        real(*a, **{**k, "num_workers": 0, "prefetch_factor": None}))
     extract.extract_features(torch.nn.Flatten(), dataset, device=torch.device("cpu"), amp_dtype=None, batch_size=2,
                              num_workers=1)
     assert seen == [worker_init]

@@ -13,7 +13,8 @@ NumPy), not torch, timm and albumentations, which the datasets and transforms br
 * `transforms`: albumentations pipelines (`build_transform`) and a checkpoint's preprocessing.
 * `datasets`: `ImageDataset`, the one collate `collate_skip`, `DeviceBatches`, class balance (`BalancedSampler`,
   weights).
-* `batch_pool`: `BatchPool`, `collate_skip` in workers into shared-memory buffers they reuse.
+* `batch_pool`: `BatchPool`, `collate_skip` in workers into shared-memory buffers they reuse; the /dev/shm
+  budget of workers' batches (`shm_budget`); the loader of one pass in order (`one_pass_loader`).
 * `cards`: dataset cards and the embedded digits sample (`write_digits`).
 """
 import importlib
@@ -33,7 +34,9 @@ _PUBLIC = {
     "class_counts": "finetune.data.datasets",
     "class_weights": "finetune.data.datasets",
     "collate_skip": "finetune.data.datasets",
+    "one_pass_loader": "finetune.data.batch_pool",
     "reuses_buffers": "finetune.data.batch_pool",
+    "shm_budget": "finetune.data.batch_pool",
     "worker_collate": "finetune.data.batch_pool",
     "DEFAULT_MAX_PIXELS": "finetune.data.decode",
     "IMAGE_EXTENSIONS": "finetune.data.decode",

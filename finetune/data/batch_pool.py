@@ -1,8 +1,10 @@
 """`BatchPool`: DataLoader workers collate into shared-memory batch buffers they reuse once `DeviceBatches`
 has handed them back, instead of into a new shared-memory file per batch; `worker_collate` picks it for a
-loader."""
+loader. `shm_budget`: the workers and prefetch whose batches fit /dev/shm; `one_pass_loader`: the loader of
+evaluation, extraction and prediction."""
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing
 import os
@@ -10,9 +12,17 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-from torch.utils.data import default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
-from finetune.data.datasets import collate_skip
+from finetune._workers import worker_init
+from finetune.data.datasets import DeviceBatches, collate_skip
+
+log = logging.getLogger("finetune")
+
+SHM_PATH = "/dev/shm"
+_shm_noticed: set[tuple[int, int]] = set()
+ONE_PASS_PREFETCH = 2
+"""Batches each worker of a one-pass loader prefetches: the DataLoader's default."""
 
 
 class Ticket(NamedTuple):
@@ -143,12 +153,71 @@ def reuses_buffers(device: torch.device | str, normalize: Callable | None) -> bo
 
 
 def worker_collate(workers: int, *, device: torch.device | str, normalize: Callable | None,
-                   prefetch: int = 2) -> Callable:
+                   prefetch: int = ONE_PASS_PREFETCH) -> Callable:
     """The collate of a one-pass loader `DeviceBatches` reads (evaluation, extraction, prediction): a
     :class:`BatchPool` of ``prefetch`` buffers per worker where they come back (:func:`reuses_buffers`), else
     `collate_skip`. ``prefetch`` is the DataLoader's ``prefetch_factor`` (its default, 2): as many batches as the
     workers have in flight anyway, so the pool takes no more shared memory than PyTorch's own batches would
-    (the training loader, which checks /dev/shm for room, keeps one more per worker)."""
+    (the training loader keeps one more per worker where /dev/shm has room)."""
     if workers and reuses_buffers(device, normalize):
         return BatchPool(workers, slots=prefetch)
     return collate_skip
+
+
+def one_pass_loader(dataset: Dataset, *, batch_size: int, num_workers: int, device: torch.device | str,
+                    normalize: Callable | None) -> DeviceBatches:
+    """The loader of a pass over ``dataset`` in order (evaluation, extraction, prediction): its batches on
+    ``device``, normalised there by ``normalize`` (`DeviceBatches`), the workers collating with
+    :func:`worker_collate`. Workers and prefetch fit /dev/shm (:func:`shm_budget`, as the training loader's
+    do): Docker's 64 MB takes two batches of 256 images at 224 px, and the workers die of a bus error beyond.
+    The loader has a generator of its own, so the global RNG is left as it was."""
+    device = torch.device(device)
+    prefetch = ONE_PASS_PREFETCH
+    if num_workers:
+        num_workers, prefetch = shm_budget(num_workers, sample_batch_bytes(dataset, batch_size), prefetch=prefetch)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=worker_collate(num_workers, device=device, normalize=normalize, prefetch=prefetch),
+                        prefetch_factor=prefetch if num_workers else None, pin_memory=device.type == "cuda",
+                        worker_init_fn=worker_init, generator=torch.Generator().manual_seed(0))
+    return DeviceBatches(loader, device, normalize)
+
+
+def shm_budget(workers: int, batch_bytes: int, *, prefetch: int,
+               shm: str = SHM_PATH, notice: bool = True) -> tuple[int, int]:
+    """Workers and batches prefetched per worker whose batches fit in half of the free ``shm``.
+
+    Worker batches travel through shared memory (``/dev/shm``): ``workers x prefetch`` of them at once.
+    Docker gives containers 64 MB, which a few workers prefetching 224 px batches exceed (the loader then
+    dies with a bus error). When they do not fit, prefetch fewer batches, then use fewer workers (none:
+    load in the main process), with a one-line notice.
+
+    Returns:
+        ``(workers, prefetch)``; as given when ``shm`` cannot be read or has room.
+    """
+    try:
+        stat = os.statvfs(shm)
+    except OSError:
+        return workers, prefetch
+    budget = stat.f_bavail * stat.f_frsize // 2
+    if workers * prefetch * batch_bytes <= budget:
+        return workers, prefetch
+    fit = budget // max(batch_bytes, 1)  # batches that fit at once
+    new_prefetch = min(prefetch, fit // workers)
+    new_workers = workers if new_prefetch else min(workers, fit)
+    new_prefetch = max(new_prefetch, 1)
+    if notice and (new_workers, new_prefetch) not in _shm_noticed:
+        _shm_noticed.add((new_workers, new_prefetch))
+        log.warning("%s has %d MB free, too little for %d workers x %d batches of %.1f MB: using %d workers x %d "
+                    "(give the container more, e.g. docker run --shm-size=2g)", shm, 2 * budget >> 20, workers,
+                    prefetch, batch_bytes / 2**20, new_workers, new_prefetch)
+    return new_workers, new_prefetch
+
+
+def sample_batch_bytes(dataset: Dataset, batch_size: int) -> int:
+    """Bytes of one batch, from the first few samples that load (an unreadable one is ``None``)."""
+    for i in range(min(len(dataset), 8)):
+        sample = dataset[i]
+        if sample is not None:
+            tensors = [t for t in sample if isinstance(t, torch.Tensor)]
+            return batch_size * sum(t.element_size() * t.nelement() for t in tensors)
+    return 0

@@ -9,12 +9,10 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from finetune._device import forward_batches
-from finetune._workers import worker_init
-from finetune.data.batch_pool import worker_collate
-from finetune.data.datasets import DeviceBatches
+from finetune.data.batch_pool import one_pass_loader
 from finetune.data.device_decode import device_decoding
 from finetune.data.transforms import normalizer_of
 from finetune.errors import FinetuneError
@@ -59,12 +57,8 @@ def extract_features(backbone, dataset, *, device, amp_dtype, batch_size: int, n
     it on or off)."""
     loader = _device_decoded(dataset, range(len(dataset)), device, batch_size, num_workers, device_decode)
     if loader is None:
-        normalize = _normalizer(dataset)
-        loader = DeviceBatches(DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                          collate_fn=worker_collate(num_workers, device=device, normalize=normalize),
-                                          pin_memory=device.type == "cuda", worker_init_fn=worker_init,
-                                          generator=torch.Generator().manual_seed(0)),  # leave the global RNG alone
-                               device, normalize)
+        loader = one_pass_loader(dataset, batch_size=batch_size, num_workers=num_workers, device=device,
+                                 normalize=_normalizer(dataset))
     labels, feats, _ = forward_batches(backbone, loader, device=device, amp_dtype=amp_dtype,
                                        channels_last=channels_last, softmax=False)
     if not len(labels):
@@ -130,13 +124,8 @@ def extract_into(rows: np.ndarray, backbone, dataset, *, indices: Optional[range
     indices = range(len(dataset)) if indices is None else indices
     loader = _device_decoded(dataset, indices, device, batch_size, num_workers, None, by_index=True)
     if loader is None:
-        normalize = _normalizer(dataset)
-        loader = DeviceBatches(DataLoader(_Indexed(dataset, indices), batch_size=batch_size, shuffle=False,
-                                          num_workers=num_workers,
-                                          collate_fn=worker_collate(num_workers, device=device, normalize=normalize),
-                                          pin_memory=device.type == "cuda", worker_init_fn=worker_init,
-                                          generator=torch.Generator().manual_seed(0)),  # leave the global RNG alone
-                               device, normalize)
+        loader = one_pass_loader(_Indexed(dataset, indices), batch_size=batch_size, num_workers=num_workers,
+                                 device=device, normalize=_normalizer(dataset))
     forward_batches(backbone, loader, device=device, amp_dtype=amp_dtype, channels_last=channels_last,
                     softmax=False, sink=sink)
     release_pages(rows)

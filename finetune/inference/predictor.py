@@ -28,17 +28,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from finetune._device import forward_batches, resolve_device
-from finetune._workers import inference_workers, worker_init
-from finetune.data import (
-    DeviceBatches,
-    ImageDecodeError,
-    load_image,
-    preprocessing_transform,
-    worker_collate,
-)
+from finetune._workers import inference_workers
+from finetune.data import ImageDecodeError, load_image, one_pass_loader, preprocessing_transform
 from finetune.data.device_decode import device_decoding
 from finetune.data.transforms import normalizer_of
 from finetune.errors import FinetuneError
@@ -295,11 +289,8 @@ def predict_probabilities(
     loader = device_decoding([(s, i) for i, s in enumerate(sources)], transform, device=device,
                              batch_size=batch_size, num_workers=workers)  # JPEG batches decoded on CUDA
     if loader is None:
-        normalize = normalizer_of(transform)
-        loader = DeviceBatches(DataLoader(_SourceDataset(sources, transform), batch_size=batch_size, num_workers=workers,
-                                          collate_fn=worker_collate(workers, device=device, normalize=normalize),
-                                          pin_memory=device.type == "cuda", worker_init_fn=worker_init),
-                               device, normalize)
+        loader = one_pass_loader(_SourceDataset(sources, transform), batch_size=batch_size, num_workers=workers,
+                                 device=device, normalize=normalizer_of(transform))
     indices, probs, _ = forward_batches(model, loader, device=device, amp_dtype=amp_dtype, progress=progress,
                                        softmax=not logits)
     unread = sorted(set(range(len(sources))) - set(indices.tolist()))

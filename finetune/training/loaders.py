@@ -7,7 +7,6 @@ Every loader batches with :func:`~finetune.data.collate_skip` and takes its work
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from finetune import _distributed as ddp
 from finetune._io import cache_root as cache_path_root
 from finetune._workers import auto_workers, worker_init
+from finetune.data.batch_pool import sample_batch_bytes, shm_budget
 from finetune.data import (
     BalancedSampler,
     BatchPool,
@@ -42,8 +42,6 @@ from finetune.errors import FinetuneError
 log = logging.getLogger("finetune")
 
 PREFETCH_FACTOR = 4
-SHM_PATH = "/dev/shm"
-_shm_noticed: set[tuple[int, int]] = set()
 
 
 @dataclass
@@ -170,7 +168,7 @@ def make_loader(dataset: Dataset, *, sampler, batch_size: int, num_workers, devi
     prefetch = PREFETCH_FACTOR
     collate = collate_skip
     if workers:
-        batch_bytes = _batch_bytes(dataset, batch_size)
+        batch_bytes = sample_batch_bytes(dataset, batch_size)
         workers, prefetch = shm_budget(workers, batch_bytes, prefetch=prefetch)
         if reuse_buffers and workers and shm_budget(workers, batch_bytes, prefetch=prefetch + 1, notice=False) == \
                 (workers, prefetch + 1):
@@ -185,47 +183,6 @@ def make_loader(dataset: Dataset, *, sampler, batch_size: int, num_workers, devi
         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(0), worker_init_fn=worker_init,
         drop_last=drop_last_for(sampler, batch_size, train),
     )
-
-
-def shm_budget(workers: int, batch_bytes: int, *, prefetch: int = PREFETCH_FACTOR,
-               shm: str = SHM_PATH, notice: bool = True) -> tuple[int, int]:
-    """Workers and batches prefetched per worker whose batches fit in half of the free ``shm``.
-
-    Worker batches travel through shared memory (``/dev/shm``): ``workers x prefetch`` of them at once.
-    Docker gives containers 64 MB, which a few workers prefetching 224 px batches exceed (the loader then
-    dies with a bus error). When they do not fit, prefetch fewer batches, then use fewer workers (none:
-    load in the main process), with a one-line notice.
-
-    Returns:
-        ``(workers, prefetch)``; as given when ``shm`` cannot be read or has room.
-    """
-    try:
-        stat = os.statvfs(shm)
-    except OSError:
-        return workers, prefetch
-    budget = stat.f_bavail * stat.f_frsize // 2
-    if workers * prefetch * batch_bytes <= budget:
-        return workers, prefetch
-    fit = budget // max(batch_bytes, 1)  # batches that fit at once
-    new_prefetch = min(prefetch, fit // workers)
-    new_workers = workers if new_prefetch else min(workers, fit)
-    new_prefetch = max(new_prefetch, 1)
-    if notice and (new_workers, new_prefetch) not in _shm_noticed:
-        _shm_noticed.add((new_workers, new_prefetch))
-        log.warning("%s has %d MB free, too little for %d workers x %d batches of %.1f MB: using %d workers x %d "
-                    "(give the container more, e.g. docker run --shm-size=2g)", shm, 2 * budget >> 20, workers,
-                    prefetch, batch_bytes / 2**20, new_workers, new_prefetch)
-    return new_workers, new_prefetch
-
-
-def _batch_bytes(dataset: Dataset, batch_size: int) -> int:
-    """Bytes of one batch, from the first few samples that load (an unreadable one is ``None``)."""
-    for i in range(min(len(dataset), 8)):
-        sample = dataset[i]
-        if sample is not None:
-            tensors = [t for t in sample if isinstance(t, torch.Tensor)]
-            return batch_size * sum(t.element_size() * t.nelement() for t in tensors)
-    return 0
 
 
 def drop_last_for(sampler, batch_size: int, train: bool) -> bool:

@@ -142,7 +142,7 @@ def test_make_loader_pools_only_when_asked_and_shm_has_room(monkeypatch):
         f_frsize = 1
         f_bavail = 2 * 2 * loaders.PREFETCH_FACTOR * 4 * torch.Size(SHAPE).numel()
 
-    monkeypatch.setattr(loaders.os, "statvfs", lambda path: Full)
+    monkeypatch.setattr(os, "statvfs", lambda path: Full)
     loader = loaders.make_loader(dataset, sampler=range(16), batch_size=4, num_workers=2, device=cpu,
                                  reuse_buffers=True)
     assert loader.num_workers == 2 and loader.prefetch_factor == loaders.PREFETCH_FACTOR
@@ -191,7 +191,7 @@ def test_feature_extraction_through_pooled_workers_equals_in_process(monkeypatch
     from PIL import Image
 
     import finetune.features.extract as extract
-    from finetune.data import ImageDataset, build_transform
+    from finetune.data import ImageDataset, batch_pool, build_transform
 
     items = []
     for i in range(10):
@@ -200,8 +200,8 @@ def test_feature_extraction_through_pooled_workers_equals_in_process(monkeypatch
         items.append((path, i % 3))
     dataset = ImageDataset(items, build_transform(False, input_size=16, mean=MEAN, std=STD, device_normalize=True))
     collates = []
-    real = extract.DataLoader
-    monkeypatch.setattr(extract, "DataLoader", lambda *a, **k: collates.append(k["collate_fn"]) or real(*a, **k))
+    real = batch_pool.DataLoader
+    monkeypatch.setattr(batch_pool, "DataLoader", lambda *a, **k: collates.append(k["collate_fn"]) or real(*a, **k))
     kwargs = dict(device=torch.device("cpu"), amp_dtype=None, batch_size=3)
     pooled, labels = extract.extract_features(torch.nn.Flatten(), dataset, num_workers=2, **kwargs)
     alone, labels_alone = extract.extract_features(torch.nn.Flatten(), dataset, num_workers=0, **kwargs)

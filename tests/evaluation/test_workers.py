@@ -5,11 +5,12 @@ import os
 
 import pytest
 
-import finetune.inference.predictor as inference
+import finetune.data.batch_pool as batch_pool
 from finetune._workers import worker_init
 from finetune.cli import main
 from finetune.config import parse_recipe
 from finetune.data import BatchPool
+from finetune.inference import load
 from finetune.training.runner import run_training
 
 
@@ -18,16 +19,17 @@ def loader_workers(monkeypatch):
     """The num_workers of every loader eval and predict build (run with 0 workers to stay fast), on a
     machine with 3 cores."""
     seen = []
-    real = inference.DataLoader
+    real = batch_pool.DataLoader
 
     def spy(*args, num_workers, **kwargs):
         seen.append(num_workers)
         assert kwargs.get("worker_init_fn") is worker_init  # each worker keeps the memory it frees
         # workers write their uint8 batches into buffers they reuse, handed back once normalised
         assert isinstance(kwargs["collate_fn"], BatchPool) == (num_workers > 0)
-        return real(*args, num_workers=0, **{k: v for k, v in kwargs.items() if k != "persistent_workers"})
+        kept = {k: v for k, v in kwargs.items() if k not in ("persistent_workers", "prefetch_factor")}
+        return real(*args, num_workers=0, **kept)
 
-    monkeypatch.setattr(inference, "DataLoader", spy)
+    monkeypatch.setattr(batch_pool, "DataLoader", spy)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     return seen
 
@@ -49,7 +51,7 @@ def test_eval_and_predict_commands_honour_num_workers(checkpoint, image_folder, 
 
 
 def test_a_single_batch_is_decoded_in_process(checkpoint, image_folder, loader_workers):
-    inference.load(checkpoint).predict(sorted(image_folder.rglob("*.png")), batch_size=64, num_workers="auto")
+    load(checkpoint).predict(sorted(image_folder.rglob("*.png")), batch_size=64, num_workers="auto")
     assert loader_workers == [0]  # no batch to overlap with: starting workers would only cost time
 
 

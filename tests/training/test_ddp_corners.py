@@ -168,7 +168,7 @@ def test_each_rank_shares_its_own_machines_cpus(local_world, expected, tmp_path,
     from finetune.training import loaders
 
     monkeypatch.setattr(loaders, "shm_budget", lambda workers, *a, **k: (workers, 2))  # any /dev/shm: inherited
-    monkeypatch.setattr(loaders, "_batch_bytes", lambda *a: 0)  # by the forked ranks
+    monkeypatch.setattr(loaders, "sample_batch_bytes", lambda *a: 0)  # by the forked ranks
     from PIL import Image
 
     for i in range(64):
