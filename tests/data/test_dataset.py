@@ -51,7 +51,7 @@ def test_the_seed_changes_the_augmentation(train_set):
 
 
 def test_a_pipeline_set_after_the_first_sample_draws_from_the_sample_streams_too(train_set):
-    first = train_set[5][0]  # the first pipeline seeded, and drawn from
+    first = train_set[5][0]  # the dataset's generators now exist, seeded for this sample and drawn from
     train_set.transform = build_transform(True, input_size=16, mean=MEAN, std=STD, ops=AUGMENT)
     assert torch.equal(train_set[5][0], first)
 
