@@ -175,12 +175,11 @@ def test_a_decision_is_kept_with_margin_only_when_twice_the_largest_error_is_bel
     assert agreement(decisions(got, {}), decisions(reference, {})) == 1.0  # plain agreement sees nothing
     assert kept_with_margin(got, reference, {}) == 0.5
     assert kept_with_margin(reference, reference, {}) == 1.0
-    # multi-label: per (image, label), the image's largest error against the label's distance from its threshold
+    # multi-label: plain agreement over (image, label) decisions, each at its label's threshold
     info = {"task": "multilabel", "thresholds": [0.5, 0.3]}
     probs = np.array([[0.9, 0.31], [0.6, 0.1]])
-    moved = probs + np.array([[-0.05, 0.0], [0.0, 0.15]])  # errors 0.05 and 0.15; distances 0.4, 0.01 | 0.1, 0.2
-    assert agreement(decisions(moved, info), decisions(probs, info)) == 1.0
-    assert kept_with_margin(moved, probs, info) == pytest.approx(2 / 4)  # (0, 0) and (1, 1) kept
+    moved = probs + np.array([[-0.05, -0.02], [0.0, 0.25]])  # (0, 1) falls under its threshold, (1, 1) rises over
+    assert kept_with_margin(moved, probs, info) == agreement(decisions(moved, info), decisions(probs, info)) == 0.5
 
 
 def test_the_search_returns_a_group_to_fp32_where_int8_agrees_on_every_image_but_eats_its_margins():
