@@ -12,7 +12,8 @@ search is written here, over coarse groups rather than single ops (a few quantis
   of consecutive ops (the backbone's early to late stages).
 
 What the search measures (:func:`kept_with_margin`) is stricter than top-1 agreement: an image's decision counts as
-kept only when the int8 model's largest output error could not flip it, whichever outputs that error hit. The
+kept only when the int8 model's largest output error could not flip it, whichever outputs that error hit (a
+multi-label export is still scored by plain agreement; see the function). The
 search's images come from the train split, which the model has fit: their margins are wide, so plain agreement on
 them can stay at 1.0 while unseen images, with narrower margins, flip. An image's int8 error depends little on how
 well it was fit; judged against each image's margin, it says what narrower margins would do, where agreement says
