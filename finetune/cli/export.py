@@ -95,10 +95,10 @@ def run(args) -> int:
     if args.quantize and images:
         q = read_onnx_info(path)["quantization"]
         done = f" (int8, static: {len(images)} calibration images"
-        if "agreement_with_fp32" in q:
-            done += (f"; on {q['validation_images']} others, top-1 agreement with fp32 {q['agreement_with_fp32']:.4f}"
-                     + (f", decisions kept with margin {q['kept_with_margin']:.4f}" if "kept_with_margin" in q else "")
-                     + f"; layer groups kept in fp32: {', '.join(q['fp32_groups']) or 'none'}")
+        if "agreement_with_fp32" in q:  # the search ran (absent: no readable validation images)
+            done += (f"; on {q['validation_images']} others, top-1 agreement with fp32 {q['agreement_with_fp32']:.4f}, "
+                     f"decisions kept with margin {q['kept_with_margin']:.4f}; layer groups kept in fp32: "
+                     f"{', '.join(q['fp32_groups']) or 'none'}")
         done += ")"
     elif args.quantize:
         done = " (int8, dynamic: the linear layers)"
